@@ -1,0 +1,212 @@
+//! The tape. A [`Graph`] is a `Vec` of nodes in the order ops ran; each node
+//! holds its value and, when some input needs a gradient, a hand-written
+//! backward closure mapping the output gradient to one gradient per input.
+//! [`Graph::backward`] walks the nodes in reverse. Nothing is global: drop the
+//! graph and everything it saved for backward is freed.
+
+use std::collections::HashMap;
+
+use anyhow::{ensure, Result};
+
+use crate::nn::{ParamId, ParamStore};
+use crate::ops;
+use crate::tensor::Tensor;
+
+/// A handle to a node of one graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Var(pub(crate) usize);
+
+/// Output gradient in, one optional gradient per recorded input out.
+pub type BackwardFn = Box<dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>>>;
+
+struct Node {
+    value: Tensor,
+    needs_grad: bool,
+    backward: Option<(Vec<Var>, BackwardFn)>,
+}
+
+pub struct Graph {
+    nodes: Vec<Node>,
+    params: HashMap<ParamId, Var>,
+    grad_enabled: bool,
+}
+
+impl Default for Graph {
+    fn default() -> Self {
+        Graph::new()
+    }
+}
+
+impl Graph {
+    /// A graph that records backward closures (training).
+    pub fn new() -> Self {
+        Graph {
+            nodes: Vec::new(),
+            params: HashMap::new(),
+            grad_enabled: true,
+        }
+    }
+
+    /// A graph that records no backward closures (evaluation), so nothing is
+    /// saved for a backward pass; values live until the graph drops.
+    pub fn inference() -> Self {
+        Graph {
+            grad_enabled: false,
+            ..Graph::new()
+        }
+    }
+
+    pub fn grad_enabled(&self) -> bool {
+        self.grad_enabled
+    }
+
+    /// A value no gradient flows to (inputs, labels, noise).
+    pub fn constant(&mut self, value: Tensor) -> Var {
+        self.push(value, false, None)
+    }
+
+    /// A leaf that receives a gradient (used by tests and gradient checks).
+    pub fn leaf(&mut self, value: Tensor) -> Var {
+        let g = self.grad_enabled;
+        self.push(value, g, None)
+    }
+
+    /// The graph variable of a parameter; the same parameter used twice (a
+    /// recurrent cell over T steps) is one variable, so its gradients add up.
+    pub fn param(&mut self, store: &ParamStore, id: ParamId) -> Var {
+        if let Some(&v) = self.params.get(&id) {
+            return v;
+        }
+        let v = self.leaf(store.value(id).clone());
+        self.params.insert(id, v);
+        v
+    }
+
+    pub fn value(&self, v: Var) -> &Tensor {
+        &self.nodes[v.0].value
+    }
+
+    pub fn shape(&self, v: Var) -> &[usize] {
+        self.nodes[v.0].value.shape()
+    }
+
+    pub fn needs_grad(&self, v: Var) -> bool {
+        self.nodes[v.0].needs_grad
+    }
+
+    /// Record an op's output. `backward` is kept only when some input needs a
+    /// gradient; it returns one entry per input (None where none flows).
+    pub fn record<F>(&mut self, value: Tensor, inputs: &[Var], backward: F) -> Var
+    where
+        F: Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static,
+    {
+        let needs = self.grad_enabled && inputs.iter().any(|&v| self.nodes[v.0].needs_grad);
+        if needs {
+            self.push(value, true, Some((inputs.to_vec(), Box::new(backward))))
+        } else {
+            self.push(value, false, None)
+        }
+    }
+
+    fn push(&mut self, value: Tensor, needs_grad: bool, backward: Option<(Vec<Var>, BackwardFn)>) -> Var {
+        self.nodes.push(Node {
+            value,
+            needs_grad,
+            backward,
+        });
+        Var(self.nodes.len() - 1)
+    }
+
+    /// Gradients of the one-element `loss` with respect to every leaf that
+    /// needs one. Gradients of intermediate nodes are freed as soon as they
+    /// have been passed on, which keeps backward's peak memory low.
+    pub fn backward(&self, loss: Var) -> Result<Gradients> {
+        let lv = self.value(loss);
+        ensure!(
+            lv.numel() == 1,
+            "backward needs a one-element loss, got shape {:?}; reduce it with sum or mean first",
+            lv.shape()
+        );
+        self.backward_from(loss, Tensor::full(lv.shape(), 1.0, &lv.device()))
+    }
+
+    /// Backward from any node, seeded with `seed` as its gradient (a
+    /// vector-Jacobian product; gradient checks use it).
+    pub fn backward_from(&self, out: Var, seed: Tensor) -> Result<Gradients> {
+        seed.expect_shape(self.shape(out), "backward seed")?;
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.nodes.len()];
+        grads[out.0] = Some(seed);
+        for i in (0..=out.0).rev() {
+            let Some((inputs, backward)) = &self.nodes[i].backward else {
+                continue;
+            };
+            let Some(g) = grads[i].take() else { continue };
+            let in_grads = backward(&g)?;
+            ensure!(
+                in_grads.len() == inputs.len(),
+                "internal: backward of node {i} returned {} gradients for {} inputs",
+                in_grads.len(),
+                inputs.len()
+            );
+            for (&v, ig) in inputs.iter().zip(in_grads) {
+                let Some(ig) = ig else { continue };
+                if !self.nodes[v.0].needs_grad {
+                    continue;
+                }
+                ensure!(
+                    ig.shape() == self.nodes[v.0].value.shape(),
+                    "internal: gradient shape {:?} differs from value shape {:?}",
+                    ig.shape(),
+                    self.nodes[v.0].value.shape()
+                );
+                grads[v.0] = Some(match grads[v.0].take() {
+                    None => ig,
+                    Some(acc) => ops::elementwise::add_same(&acc, &ig)?,
+                });
+            }
+        }
+        // Keep leaf gradients only.
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.backward.is_some() || !n.needs_grad {
+                grads[i] = None;
+            }
+        }
+        Ok(Gradients {
+            grads,
+            params: self.params.clone(),
+        })
+    }
+}
+
+/// Leaf gradients from one backward pass.
+pub struct Gradients {
+    grads: Vec<Option<Tensor>>,
+    params: HashMap<ParamId, Var>,
+}
+
+impl Gradients {
+    pub fn get(&self, v: Var) -> Option<&Tensor> {
+        self.grads.get(v.0).and_then(|g| g.as_ref())
+    }
+
+    /// The gradient of a parameter, if it took part in the loss.
+    pub fn param(&self, id: ParamId) -> Option<&Tensor> {
+        self.params.get(&id).and_then(|&v| self.get(v))
+    }
+
+    /// Replace every parameter gradient by `f(gradient)` (clipping).
+    pub fn map_params(&mut self, mut f: impl FnMut(&Tensor) -> Result<Tensor>) -> Result<()> {
+        for &v in self.params.values() {
+            if let Some(g) = &self.grads[v.0] {
+                self.grads[v.0] = Some(f(g)?);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn param_grads(&self) -> impl Iterator<Item = (ParamId, &Tensor)> {
+        self.params
+            .iter()
+            .filter_map(|(&id, &v)| self.get(v).map(|g| (id, g)))
+    }
+}

@@ -1,0 +1,6 @@
+//! Data: image sources (in memory, procedural, tiled store), datasets and
+//! loaders.
+
+pub mod source;
+
+pub use source::{ImageSource, InMemoryImage};

@@ -1,0 +1,154 @@
+//! The CPU reference backend: storage with byte accounting, and the GEMM
+//! every matmul and convolution on the CPU goes through.
+
+use std::sync::Arc;
+
+use super::MemCounter;
+
+#[derive(Clone, Debug, Default)]
+pub struct CpuDevice {
+    pub(crate) mem: Arc<MemCounter>,
+}
+
+impl CpuDevice {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Host storage of one tensor; its bytes count as live until it drops.
+pub struct CpuStorage {
+    data: Vec<f32>,
+    mem: Arc<MemCounter>,
+}
+
+impl CpuStorage {
+    pub(crate) fn new(data: Vec<f32>, mem: Arc<MemCounter>) -> Self {
+        mem.alloc(data.len() * 4);
+        CpuStorage { data, mem }
+    }
+
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    pub(crate) fn device(&self) -> CpuDevice {
+        CpuDevice {
+            mem: self.mem.clone(),
+        }
+    }
+}
+
+impl Drop for CpuStorage {
+    fn drop(&mut self) {
+        self.mem.free(self.data.len() * 4);
+    }
+}
+
+/// Row-major matrix operand: `data` is `rows x cols` unless `trans`, in which
+/// case the stored matrix is `cols x rows` and is read transposed.
+#[derive(Clone, Copy)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub trans: bool,
+}
+
+impl<'a> Mat<'a> {
+    pub fn n(data: &'a [f32]) -> Self {
+        Mat { data, trans: false }
+    }
+    pub fn t(data: &'a [f32]) -> Self {
+        Mat { data, trans: true }
+    }
+}
+
+/// `c (m x n) = a (m x k) * b (k x n) + (accumulate ? c : 0)`, row-major.
+/// Threads with rayon above a size where it pays.
+pub fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
+    assert!(a.data.len() >= m * k && b.data.len() >= k * n && c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // gemm takes (column stride, row stride) per operand.
+    let (a_cs, a_rs) = if a.trans { (m as isize, 1) } else { (1, k as isize) };
+    let (b_cs, b_rs) = if b.trans { (k as isize, 1) } else { (1, n as isize) };
+    let flops = 2 * m * n * k;
+    let par = if flops >= 1 << 18 && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index gemm derives from
+    // (m, n, k) and the strides, which describe dense row-major storage.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], ta: bool, b: &[f32], tb: bool) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0;
+                for p in 0..k {
+                    let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                    let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                    s += av * bv;
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn sgemm_matches_naive_loop_for_all_transposes() {
+        let (m, n, k) = (7, 5, 9);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let want = naive(m, n, k, &a, ta, &b, tb);
+            let mut c = vec![1.0; m * n];
+            let am = Mat { data: &a, trans: ta };
+            let bm = Mat { data: &b, trans: tb };
+            sgemm(m, n, k, am, bm, &mut c, false);
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-4, "{ta} {tb}: {x} vs {y}");
+            }
+            sgemm(m, n, k, am, bm, &mut c, true);
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - 2.0 * y).abs() < 1e-4);
+            }
+        }
+    }
+}

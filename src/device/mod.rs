@@ -1,0 +1,99 @@
+//! Devices own tensor storage. Every allocation goes through a device, which
+//! counts live and peak bytes in one [`MemCounter`]: all memory figures the
+//! project reports come from here.
+
+pub mod cpu;
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+pub use cpu::CpuDevice;
+
+/// Live and peak bytes of tensor storage on one device.
+#[derive(Debug, Default)]
+pub struct MemCounter {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl MemCounter {
+    pub(crate) fn alloc(&self, bytes: usize) {
+        let live = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(live, Ordering::Relaxed);
+    }
+
+    pub(crate) fn free(&self, bytes: usize) {
+        self.live.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    pub fn stats(&self) -> MemStats {
+        MemStats {
+            live_bytes: self.live.load(Ordering::Relaxed),
+            peak_bytes: self.peak.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Restart peak tracking from the bytes live now.
+    pub fn reset_peak(&self) {
+        self.peak
+            .store(self.live.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of a [`MemCounter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemStats {
+    pub live_bytes: usize,
+    pub peak_bytes: usize,
+}
+
+/// Where tensors live. Cloning a device is cheap and shares its counter.
+#[derive(Clone)]
+pub enum Device {
+    Cpu(CpuDevice),
+}
+
+impl Device {
+    /// A fresh CPU device with its own memory counter.
+    pub fn cpu() -> Device {
+        Device::Cpu(CpuDevice::new())
+    }
+
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, Device::Cpu(_))
+    }
+
+    pub fn memory(&self) -> MemStats {
+        self.counter().stats()
+    }
+
+    pub fn reset_peak(&self) {
+        self.counter().reset_peak()
+    }
+
+    pub(crate) fn counter(&self) -> &Arc<MemCounter> {
+        match self {
+            Device::Cpu(d) => &d.mem,
+        }
+    }
+
+    /// Whether two handles refer to the same device (same counter).
+    pub fn same(&self, other: &Device) -> bool {
+        Arc::ptr_eq(self.counter(), other.counter())
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu(_) => write!(f, "cpu ({} threads)", rayon::current_num_threads()),
+        }
+    }
+}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}

@@ -1,0 +1,25 @@
+//! saccade: a small GPU compute engine whose first model is Variational
+//! Saccading (Ramapuram et al.). See DESIGN.md in the shared folder and
+//! README.md for the tour.
+//!
+//! Layers, from the bottom:
+//! - [`device`]: where storage lives (CPU now; CUDA next) and how many bytes are live.
+//! - [`tensor`]: a contiguous f32 NCHW tensor = shape + shared storage.
+//! - [`ops`]: one file per op family, each with forward, backward and the
+//!   CPU reference loop (and, with the CUDA backend, the launcher).
+//! - [`autograd`]: the tape that records ops and runs their backward in reverse.
+//! - [`nn`], [`optim`]: parameters, layers, Adam and clipping.
+
+pub mod autograd;
+pub mod data;
+pub mod device;
+pub mod gradcheck;
+pub mod nn;
+pub mod ops;
+pub mod optim;
+pub mod tensor;
+
+pub use anyhow::{Error, Result};
+pub use autograd::{Gradients, Graph, Var};
+pub use device::Device;
+pub use tensor::Tensor;

@@ -1,0 +1,111 @@
+//! Named parameters and the layers built from them. A model owns a
+//! [`ParamStore`]; layers hold [`ParamId`]s into it and, on each forward,
+//! fetch their variables from the [`Graph`](crate::Graph).
+
+use anyhow::{bail, Result};
+
+use crate::tensor::Tensor;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ParamId(usize);
+
+impl ParamId {
+    /// Position in its store (dense, from 0).
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+pub struct Param {
+    pub name: String,
+    pub value: Tensor,
+    /// False for buffers such as batch-norm running statistics: saved in
+    /// checkpoints, never touched by the optimizer.
+    pub trainable: bool,
+}
+
+#[derive(Default)]
+pub struct ParamStore {
+    params: Vec<Param>,
+}
+
+impl ParamStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a trainable parameter; names must be unique (they key checkpoints).
+    pub fn add(&mut self, name: &str, value: Tensor) -> ParamId {
+        self.push(name, value, true)
+    }
+
+    /// Add a non-trainable buffer.
+    pub fn add_buffer(&mut self, name: &str, value: Tensor) -> ParamId {
+        self.push(name, value, false)
+    }
+
+    fn push(&mut self, name: &str, value: Tensor, trainable: bool) -> ParamId {
+        assert!(
+            self.params.iter().all(|p| p.name != name),
+            "duplicate parameter name {name}"
+        );
+        self.params.push(Param {
+            name: name.to_string(),
+            value,
+            trainable,
+        });
+        ParamId(self.params.len() - 1)
+    }
+
+    pub fn value(&self, id: ParamId) -> &Tensor {
+        &self.params[id.0].value
+    }
+
+    pub fn get(&self, id: ParamId) -> &Param {
+        &self.params[id.0]
+    }
+
+    /// Replace a value, keeping its shape.
+    pub fn set(&mut self, id: ParamId, value: Tensor) -> Result<()> {
+        let p = &mut self.params[id.0];
+        if p.value.shape() != value.shape() {
+            bail!(
+                "parameter {}: new value has shape {:?}, expected {:?}",
+                p.name,
+                value.shape(),
+                p.value.shape()
+            );
+        }
+        p.value = value;
+        Ok(())
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = ParamId> {
+        (0..self.params.len()).map(ParamId)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (ParamId, &Param)> {
+        self.params.iter().enumerate().map(|(i, p)| (ParamId(i), p))
+    }
+
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_trainable(&self) -> usize {
+        self.params
+            .iter()
+            .filter(|p| p.trainable)
+            .map(|p| p.value.numel())
+            .sum()
+    }
+
+    pub fn find(&self, name: &str) -> Option<ParamId> {
+        self.params.iter().position(|p| p.name == name).map(ParamId)
+    }
+}

@@ -1,0 +1,380 @@
+//! Elementwise ops: activations and other unary maps, and the four
+//! arithmetic ops with NumPy broadcasting.
+
+use anyhow::{bail, Result};
+
+use super::{par_fill, reduce::sum_to_shape};
+use crate::autograd::{Graph, Var};
+use crate::tensor::{fmt_shape, Storage, Tensor};
+
+/// SELU's constants (Klambauer et al. 2017).
+const SELU_ALPHA: f32 = 1.673_263_2;
+const SELU_SCALE: f32 = 1.050_701;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    Relu,
+    Elu(f32),
+    Selu,
+    Sigmoid,
+    Tanh,
+    Softplus,
+    Exp,
+    Log,
+    /// `a * x + b`.
+    Affine(f32, f32),
+}
+
+fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// `log(1 + e^x)` without overflow.
+pub(crate) fn softplus(x: f32) -> f32 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+impl Unary {
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Unary::Relu => x.max(0.0),
+            Unary::Elu(a) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    a * x.exp_m1()
+                }
+            }
+            Unary::Selu => SELU_SCALE * if x > 0.0 { x } else { SELU_ALPHA * x.exp_m1() },
+            Unary::Sigmoid => sigmoid(x),
+            Unary::Tanh => x.tanh(),
+            Unary::Softplus => softplus(x),
+            Unary::Exp => x.exp(),
+            Unary::Log => x.ln(),
+            Unary::Affine(a, b) => a * x + b,
+        }
+    }
+
+    /// d apply / dx, given the input `x` and the output `y = apply(x)`.
+    pub fn derivative(self, x: f32, y: f32) -> f32 {
+        match self {
+            Unary::Relu => (x > 0.0) as u8 as f32,
+            Unary::Elu(a) => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    y + a
+                }
+            }
+            Unary::Selu => {
+                if x > 0.0 {
+                    SELU_SCALE
+                } else {
+                    y + SELU_SCALE * SELU_ALPHA
+                }
+            }
+            Unary::Sigmoid => y * (1.0 - y),
+            Unary::Tanh => 1.0 - y * y,
+            Unary::Softplus => sigmoid(x),
+            Unary::Exp => y,
+            Unary::Log => 1.0 / x,
+            Unary::Affine(a, _) => a,
+        }
+    }
+}
+
+pub fn unary_forward(x: &Tensor, op: Unary) -> Result<Tensor> {
+    match x.storage() {
+        Storage::Cpu(_) => {
+            let xs = x.cpu()?;
+            x.same_shape(par_fill(xs.len(), |i| op.apply(xs[i])))
+        }
+    }
+}
+
+/// Gradient of the input from the input, the output and the output gradient.
+pub fn unary_backward(x: &Tensor, y: &Tensor, gy: &Tensor, op: Unary) -> Result<Tensor> {
+    match x.storage() {
+        Storage::Cpu(_) => {
+            let (xs, ys, gs) = (x.cpu()?, y.cpu()?, gy.cpu()?);
+            x.same_shape(par_fill(xs.len(), |i| gs[i] * op.derivative(xs[i], ys[i])))
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+impl Binary {
+    fn apply(self, a: f32, b: f32) -> f32 {
+        match self {
+            Binary::Add => a + b,
+            Binary::Sub => a - b,
+            Binary::Mul => a * b,
+            Binary::Div => a / b,
+        }
+    }
+}
+
+/// The NumPy broadcast of two shapes, or an error naming both.
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+    let r = a.len().max(b.len());
+    let mut out = vec![0; r];
+    for i in 0..r {
+        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => bail!(
+                "shapes {} and {} do not broadcast (axis {i}: {da} vs {db})",
+                fmt_shape(a),
+                fmt_shape(b)
+            ),
+        };
+    }
+    Ok(out)
+}
+
+/// Strides of `shape` read in the index space of `out` (0 on broadcast axes).
+fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let mut strides = vec![0; out.len()];
+    let off = out.len() - shape.len();
+    let mut s = 1;
+    for i in (0..shape.len()).rev() {
+        if shape[i] != 1 {
+            strides[i + off] = s;
+        }
+        s *= shape[i];
+    }
+    strides
+}
+
+pub fn binary_forward(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
+    let shape = broadcast_shape(a.shape(), b.shape())?;
+    match a.storage() {
+        Storage::Cpu(_) => {
+            let (xa, xb) = (a.cpu()?, b.cpu()?);
+            let n: usize = shape.iter().product();
+            let data = if a.shape() == b.shape() {
+                par_fill(n, |i| op.apply(xa[i], xb[i]))
+            } else if b.numel() == 1 {
+                par_fill(n, |i| op.apply(xa[i], xb[0]))
+            } else {
+                let (sa, sb) = (
+                    broadcast_strides(a.shape(), &shape),
+                    broadcast_strides(b.shape(), &shape),
+                );
+                par_fill(n, |i| {
+                    let (mut rem, mut ia, mut ib) = (i, 0, 0);
+                    for d in (0..shape.len()).rev() {
+                        let k = rem % shape[d];
+                        rem /= shape[d];
+                        ia += k * sa[d];
+                        ib += k * sb[d];
+                    }
+                    op.apply(xa[ia], xb[ib])
+                })
+            };
+            Tensor::from_vec(data, &shape, &a.device())
+        }
+    }
+}
+
+/// `a + b` for equal shapes (gradient accumulation).
+pub fn add_same(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape() != b.shape() {
+        bail!(
+            "add_same: shapes {} and {} differ",
+            fmt_shape(a.shape()),
+            fmt_shape(b.shape())
+        );
+    }
+    binary_forward(a, b, Binary::Add)
+}
+
+/// Gradients of a broadcasting binary op with respect to both inputs.
+pub fn binary_backward(a: &Tensor, b: &Tensor, gy: &Tensor, op: Binary) -> Result<(Tensor, Tensor)> {
+    let (ga, gb) = match op {
+        Binary::Add => (gy.clone(), gy.clone()),
+        Binary::Sub => (gy.clone(), unary_forward(gy, Unary::Affine(-1.0, 0.0))?),
+        Binary::Mul => (
+            binary_forward(gy, b, Binary::Mul)?,
+            binary_forward(gy, a, Binary::Mul)?,
+        ),
+        Binary::Div => {
+            // d(a/b)/da = 1/b; d(a/b)/db = -(a/b)/b, so gb = -(gy/b) * (a/b).
+            let ga = binary_forward(gy, b, Binary::Div)?;
+            let ab = binary_forward(a, b, Binary::Div)?;
+            let t = binary_forward(&ga, &ab, Binary::Mul)?;
+            (ga, unary_forward(&t, Unary::Affine(-1.0, 0.0))?)
+        }
+    };
+    Ok((sum_to_shape(&ga, a.shape())?, sum_to_shape(&gb, b.shape())?))
+}
+
+impl Graph {
+    pub fn unary(&mut self, x: Var, op: Unary) -> Result<Var> {
+        let xv = self.value(x).clone();
+        let y = unary_forward(&xv, op)?;
+        let yv = y.clone();
+        Ok(self.record(y, &[x], move |g| Ok(vec![Some(unary_backward(&xv, &yv, g, op)?)])))
+    }
+
+    pub fn relu(&mut self, x: Var) -> Result<Var> {
+        self.unary(x, Unary::Relu)
+    }
+    pub fn elu(&mut self, x: Var) -> Result<Var> {
+        self.unary(x, Unary::Elu(1.0))
+    }
+    pub fn selu(&mut self, x: Var) -> Result<Var> {
+        self.unary(x, Unary::Selu)
+    }
+    pub fn sigmoid(&mut self, x: Var) -> Result<Var> {
+        self.unary(x, Unary::Sigmoid)
+    }
+    pub fn tanh(&mut self, x: Var) -> Result<Var> {
+        self.unary(x, Unary::Tanh)
+    }
+    pub fn softplus(&mut self, x: Var) -> Result<Var> {
+        self.unary(x, Unary::Softplus)
+    }
+    pub fn exp(&mut self, x: Var) -> Result<Var> {
+        self.unary(x, Unary::Exp)
+    }
+    pub fn log(&mut self, x: Var) -> Result<Var> {
+        self.unary(x, Unary::Log)
+    }
+    /// `a * x + b` with constant `a`, `b`.
+    pub fn affine(&mut self, x: Var, a: f32, b: f32) -> Result<Var> {
+        self.unary(x, Unary::Affine(a, b))
+    }
+
+    pub fn binary(&mut self, a: Var, b: Var, op: Binary) -> Result<Var> {
+        let (av, bv) = (self.value(a).clone(), self.value(b).clone());
+        let y = binary_forward(&av, &bv, op)?;
+        Ok(self.record(y, &[a, b], move |g| {
+            let (ga, gb) = binary_backward(&av, &bv, g, op)?;
+            Ok(vec![Some(ga), Some(gb)])
+        }))
+    }
+
+    pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
+        self.binary(a, b, Binary::Add)
+    }
+    pub fn sub(&mut self, a: Var, b: Var) -> Result<Var> {
+        self.binary(a, b, Binary::Sub)
+    }
+    pub fn mul(&mut self, a: Var, b: Var) -> Result<Var> {
+        self.binary(a, b, Binary::Mul)
+    }
+    pub fn div(&mut self, a: Var, b: Var) -> Result<Var> {
+        self.binary(a, b, Binary::Div)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{check_op, rand_tensor, Check};
+    use crate::Device;
+
+    fn check_unary(op: Unary, lo: f32, hi: f32) {
+        let dev = Device::cpu();
+        let x = Tensor::uniform(&[3, 7], lo, hi, &mut crate::gradcheck::rng(1), &dev);
+        check_op(&[x], Check::default(), |g, v| g.unary(v[0], op)).unwrap();
+    }
+
+    #[test]
+    fn gradcheck_relu() {
+        // Keep away from the kink at 0 where finite differences are meaningless.
+        let dev = Device::cpu();
+        let mut xs = rand_tensor(&[4, 5], 2, &dev).to_vec().unwrap();
+        xs.iter_mut().for_each(|v| *v += 0.2 * v.signum());
+        let x = Tensor::from_vec(xs, &[4, 5], &dev).unwrap();
+        check_op(&[x], Check::default(), |g, v| g.relu(v[0])).unwrap();
+    }
+
+    #[test]
+    fn gradcheck_elu() {
+        check_unary(Unary::Elu(1.0), -3.0, -0.05);
+        check_unary(Unary::Elu(0.7), 0.05, 3.0);
+    }
+
+    #[test]
+    fn gradcheck_selu() {
+        check_unary(Unary::Selu, -3.0, -0.05);
+        check_unary(Unary::Selu, 0.05, 3.0);
+    }
+
+    #[test]
+    fn gradcheck_sigmoid_tanh_softplus_exp_log_affine() {
+        check_unary(Unary::Sigmoid, -4.0, 4.0);
+        check_unary(Unary::Tanh, -2.0, 2.0);
+        check_unary(Unary::Softplus, -5.0, 5.0);
+        check_unary(Unary::Exp, -2.0, 2.0);
+        check_unary(Unary::Log, 0.3, 3.0);
+        check_unary(Unary::Affine(-1.5, 0.25), -2.0, 2.0);
+    }
+
+    #[test]
+    fn gradcheck_binary_broadcasting() {
+        let dev = Device::cpu();
+        for op in [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div] {
+            for (sa, sb) in [
+                (vec![2, 3, 4], vec![2, 3, 4]),
+                (vec![2, 3, 4], vec![4]),
+                (vec![2, 1, 4], vec![3, 1]),
+                (vec![1], vec![2, 3]),
+                (vec![2, 3, 5, 5], vec![1, 3, 1, 1]),
+            ] {
+                let a = rand_tensor(&sa, 3, &dev);
+                // Divisors away from zero.
+                let b = Tensor::uniform(&sb, 0.5, 2.0, &mut crate::gradcheck::rng(4), &dev);
+                check_op(&[a, b], Check::default(), |g, v| g.binary(v[0], v[1], op))
+                    .unwrap_or_else(|e| panic!("{op:?} {sa:?} {sb:?}: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_matches_reference_loop_and_rejects_mismatch() {
+        let dev = Device::cpu();
+        let a = rand_tensor(&[2, 1, 4], 5, &dev);
+        let b = rand_tensor(&[3, 1], 6, &dev);
+        let y = binary_forward(&a, &b, Binary::Sub).unwrap();
+        assert_eq!(y.shape(), &[2, 3, 4]);
+        let (av, bv, yv) = (a.to_vec().unwrap(), b.to_vec().unwrap(), y.to_vec().unwrap());
+        for i in 0..2 {
+            for j in 0..3 {
+                for k in 0..4 {
+                    assert_eq!(yv[(i * 3 + j) * 4 + k], av[i * 4 + k] - bv[j]);
+                }
+            }
+        }
+        let e = binary_forward(&a, &rand_tensor(&[5], 1, &dev), Binary::Add).unwrap_err();
+        assert!(e.to_string().contains("do not broadcast"), "{e}");
+    }
+
+    #[test]
+    fn activations_match_closed_forms() {
+        let u = |op: Unary, x: f32| op.apply(x);
+        assert_eq!(u(Unary::Relu, -1.0), 0.0);
+        assert!((u(Unary::Elu(1.0), -1.0) - ((-1.0f32).exp() - 1.0)).abs() < 1e-7);
+        assert!((u(Unary::Selu, 1.0) - 1.050_701).abs() < 1e-6);
+        assert!((u(Unary::Softplus, 50.0) - 50.0).abs() < 1e-6);
+        assert!((u(Unary::Softplus, -50.0)).abs() < 1e-20);
+        assert!((u(Unary::Sigmoid, -100.0)).abs() < 1e-30);
+    }
+}

@@ -1,0 +1,208 @@
+//! `Tensor`: a shape plus shared, immutable, contiguous f32 storage (NCHW for
+//! images). Ops never write into an existing tensor; they make new ones, so a
+//! clone is an `Arc` bump and the tape can keep what backward needs.
+
+use std::fmt;
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Result};
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::device::cpu::CpuStorage;
+use crate::device::{CpuDevice, Device};
+
+pub enum Storage {
+    Cpu(CpuStorage),
+}
+
+#[derive(Clone)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    storage: Arc<Storage>,
+}
+
+/// `[2, 3, 4]` style, for error messages.
+pub fn fmt_shape(shape: &[usize]) -> String {
+    format!("{shape:?}")
+}
+
+impl Tensor {
+    /// Wrap host data; `data.len()` must equal the product of `shape`.
+    pub fn from_vec(data: Vec<f32>, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        ensure!(
+            data.len() == n,
+            "tensor data has {} values but shape {} needs {n}",
+            data.len(),
+            fmt_shape(shape)
+        );
+        Ok(match device {
+            Device::Cpu(d) => Tensor::from_cpu(data, shape, d),
+        })
+    }
+
+    pub(crate) fn from_cpu(data: Vec<f32>, shape: &[usize], dev: &CpuDevice) -> Tensor {
+        debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+        Tensor {
+            shape: shape.to_vec(),
+            storage: Arc::new(Storage::Cpu(CpuStorage::new(data, dev.mem.clone()))),
+        }
+    }
+
+    pub fn zeros(shape: &[usize], device: &Device) -> Tensor {
+        Tensor::full(shape, 0.0, device)
+    }
+
+    pub fn full(shape: &[usize], value: f32, device: &Device) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(vec![value; n], shape, device).expect("length matches shape")
+    }
+
+    pub fn scalar(value: f32, device: &Device) -> Tensor {
+        Tensor::full(&[1], value, device)
+    }
+
+    /// Standard normal values times `std`.
+    pub fn randn(shape: &[usize], std: f32, rng: &mut impl Rng, device: &Device) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data = (0..n)
+            .map(|_| std * Distribution::<f32>::sample(&StandardNormal, rng))
+            .collect::<Vec<f32>>();
+        Tensor::from_vec(data, shape, device).expect("length matches shape")
+    }
+
+    /// Uniform values in `[lo, hi)`.
+    pub fn uniform(shape: &[usize], lo: f32, hi: f32, rng: &mut impl Rng, device: &Device) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data = (0..n).map(|_| rng.random_range(lo..hi)).collect::<Vec<f32>>();
+        Tensor::from_vec(data, shape, device).expect("length matches shape")
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// Size of axis `i`; negative `i` counts from the end.
+    pub fn dim(&self, i: isize) -> usize {
+        let r = self.shape.len() as isize;
+        self.shape[(if i < 0 { r + i } else { i }) as usize]
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    pub fn device(&self) -> Device {
+        match &*self.storage {
+            Storage::Cpu(s) => Device::Cpu(s.device()),
+        }
+    }
+
+    /// The host slice of a CPU tensor.
+    pub fn cpu(&self) -> Result<&[f32]> {
+        match &*self.storage {
+            Storage::Cpu(s) => Ok(s.data()),
+        }
+    }
+
+    /// Copy the values to a host `Vec`, from any device.
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        Ok(self.cpu()?.to_vec())
+    }
+
+    /// The single value of a one-element tensor.
+    pub fn item(&self) -> Result<f32> {
+        ensure!(
+            self.numel() == 1,
+            "item() needs a one-element tensor, got shape {}",
+            fmt_shape(&self.shape)
+        );
+        Ok(self.to_vec()?[0])
+    }
+
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if self.device().same(device) {
+            return Ok(self.clone());
+        }
+        Tensor::from_vec(self.to_vec()?, &self.shape, device)
+    }
+
+    /// Same storage, new shape with the same number of elements.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != self.numel() {
+            bail!(
+                "cannot reshape {} ({} values) to {} ({n} values)",
+                fmt_shape(&self.shape),
+                self.numel(),
+                fmt_shape(shape)
+            );
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: self.storage.clone(),
+        })
+    }
+
+    /// A new tensor of the same shape on the same device.
+    pub fn same_shape(&self, data: Vec<f32>) -> Result<Tensor> {
+        Tensor::from_vec(data, &self.shape, &self.device())
+    }
+
+    /// Fail with a message naming `what` unless the shapes are equal.
+    pub fn expect_shape(&self, shape: &[usize], what: &str) -> Result<()> {
+        ensure!(
+            self.shape == shape,
+            "{what}: expected shape {}, got {}",
+            fmt_shape(shape),
+            fmt_shape(&self.shape)
+        );
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor{:?} on {}", self.shape, self.device())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_bytes_are_counted_live_and_peak() {
+        let dev = Device::cpu();
+        let a = Tensor::zeros(&[10, 10], &dev);
+        assert_eq!(dev.memory().live_bytes, 400);
+        {
+            let _b = Tensor::zeros(&[100], &dev);
+            let _c = a.reshape(&[100]).unwrap(); // shares storage: no new bytes
+            assert_eq!(dev.memory().live_bytes, 800);
+        }
+        assert_eq!(dev.memory().live_bytes, 400);
+        assert_eq!(dev.memory().peak_bytes, 800);
+        dev.reset_peak();
+        assert_eq!(dev.memory().peak_bytes, 400);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_not_panics() {
+        let dev = Device::cpu();
+        let e = Tensor::from_vec(vec![1.0; 5], &[2, 3], &dev).unwrap_err();
+        assert!(e.to_string().contains("[2, 3]"), "{e}");
+        let t = Tensor::zeros(&[2, 3], &dev);
+        assert!(t.reshape(&[4]).is_err());
+        assert!(t.item().is_err());
+    }
+}
