@@ -11,13 +11,17 @@
 //! - [`nn`], [`optim`]: parameters, layers, Adam and clipping.
 
 pub mod autograd;
+pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod gradcheck;
+pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod tensor;
+pub mod train;
+pub mod viz;
 
 pub use anyhow::{Error, Result};
 pub use autograd::{Gradients, Graph, Var};

@@ -1,3 +1,438 @@
-fn main() {
-    println!("saccade");
+//! The `saccade` command line: parses flags, calls the library, prints.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use saccade::data::{self, Split};
+use saccade::models::SaccadeConfig;
+use saccade::train::{self, TrainConfig, Trainer};
+use saccade::Device;
+
+#[derive(Parser)]
+#[command(
+    name = "saccade",
+    version,
+    about = "Variational saccading: classify huge images by learning where to look",
+    long_about = "Variational saccading (Ramapuram et al.): a recurrent latent-variable model looks at a \
+                  cheap proxy of an image (a 32x32 downsample) and learns where to crop the full-resolution \
+                  image; only the crops are ever read at full resolution.\n\n\
+                  Start with `saccade train` (trains on the vendored cluttered MNIST with defaults sized \
+                  for a laptop CPU), then `saccade eval --checkpoint runs/latest/checkpoint.safetensors`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (defaults: cluttered-mnist, 100x100, auto device).
+    Train(TrainArgs),
+    /// Evaluate a checkpoint: accuracy, per-class accuracy, confusions.
+    Eval(EvalArgs),
+    /// Classify image files with a checkpoint and draw where it looked.
+    Predict(PredictArgs),
+    /// Generate, import and inspect datasets.
+    #[command(subcommand)]
+    Data(data::commands::DataCommand),
+    /// Show the compute devices found.
+    Device,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum DeviceChoice {
+    /// A GPU if one is usable, else the CPU (says why).
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Preset {
+    /// Sized to train in about 15 minutes on a 2-core CPU.
+    Small,
+    /// The paper's setting: 64x64 crops, hidden 256, batch 100, 60 epochs.
+    Paper,
+}
+
+#[derive(Args)]
+struct DeviceArgs {
+    /// Compute device.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Dataset: a generated task (see `saccade data generate --help`) or a store folder.
+    #[arg(long, default_value = "cluttered-mnist")]
+    dataset: String,
+    #[arg(long, value_enum, default_value_t = Preset::Small)]
+    preset: Preset,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Passes over the training set.
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Adam learning rate.
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Training images (generated datasets).
+    #[arg(long)]
+    train_size: Option<usize>,
+    /// Validation images (generated datasets).
+    #[arg(long)]
+    valid_size: Option<usize>,
+    /// Test images (generated datasets).
+    #[arg(long)]
+    test_size: Option<usize>,
+    /// Glimpses per image (T).
+    #[arg(long)]
+    glimpses: Option<usize>,
+    /// Crop side in pixels (L).
+    #[arg(long)]
+    crop: Option<usize>,
+    /// Largest glimpse as a fraction of the image side.
+    #[arg(long)]
+    max_scale: Option<f32>,
+    /// Weight of the VRNN terms (proxy NLL + KL) against the classification loss.
+    #[arg(long)]
+    beta: Option<f32>,
+    /// Multiply the classification loss by the VRNN terms (the authors' code) instead of adding them (the paper).
+    #[arg(long)]
+    multiplicative: bool,
+    /// Fix the posterior variance to this value instead of learning it (paper ablation, e.g. 0.6).
+    #[arg(long)]
+    fixed_variance: Option<f32>,
+    /// Proxy side in pixels.
+    #[arg(long, default_value_t = 32)]
+    proxy_size: usize,
+    /// Standard deviation of Gaussian noise added to the proxy (robustness ablation).
+    #[arg(long, default_value_t = 0.0)]
+    proxy_noise: f32,
+    /// Clip gradient values to [-c, c] (0: off).
+    #[arg(long)]
+    clip_value: Option<f32>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Output folder for the checkpoint, metrics.jsonl and saccades.png.
+    #[arg(long, default_value = "runs/latest")]
+    out: PathBuf,
+    /// Continue from a checkpoint written by an earlier run.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Print one JSON object with the figures as the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Dataset to evaluate on (default: the checkpoint's, test split).
+    #[arg(long)]
+    dataset: Option<String>,
+    #[arg(long)]
+    test_size: Option<usize>,
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// PNG, JPEG or TIFF files, or a store folder.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Write the images with their saccades drawn to this PNG.
+    #[arg(long)]
+    viz: Option<PathBuf>,
+    /// Classes to list per image.
+    #[arg(long, default_value_t = 3)]
+    top: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+/// A failure with its exit code: 2 for usage and environment errors.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Failure { code: 1, error }
+    }
+}
+
+fn select_device(args: &DeviceArgs) -> Result<Device, Failure> {
+    if let Some(n) = args.threads {
+        // Only fails when a pool already exists, which is harmless.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    match args.device {
+        DeviceChoice::Cpu => Ok(Device::cpu()),
+        DeviceChoice::Auto => {
+            eprintln!("device: cpu (this build has no CUDA backend yet)");
+            Ok(Device::cpu())
+        }
+        DeviceChoice::Cuda => Err(Failure {
+            code: 2,
+            error: anyhow::anyhow!(
+                "--device cuda: this build has no CUDA backend yet; use --device cpu or --device auto"
+            ),
+        }),
+    }
+}
+
+/// Ctrl-C raises the flag; the training loop then writes a checkpoint and stops.
+fn stop_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping: writing a checkpoint (press Ctrl-C again to quit now)");
+    });
+    flag
+}
+
+fn run_train(a: TrainArgs) -> Result<(), Failure> {
+    let device = select_device(&a.device)?;
+    let started = std::time::Instant::now();
+    let mut trainer = match &a.resume {
+        Some(path) => {
+            let mut t = Trainer::from_checkpoint(path, device.clone())?;
+            if let Some(e) = a.epochs {
+                t.cfg.epochs = e;
+            }
+            eprintln!(
+                "resuming {} at epoch {} step {}",
+                path.display(),
+                t.progress.epoch + 1,
+                t.progress.step
+            );
+            t
+        }
+        None => Trainer::new(train_config(&a)?, device.clone()),
+    };
+    let sizes = data::Sizes::from_flags(a.train_size, a.valid_size, a.test_size, a.preset == Preset::Paper);
+    let opts = data::DataOptions {
+        seed: trainer.cfg.seed,
+        sizes,
+        proxy_size: trainer.cfg.model.proxy_size,
+        proxy_noise: a.proxy_noise,
+    };
+    let spec = trainer.cfg.dataset.clone();
+    let train_set = data::open_dataset(&spec, Split::Train, &opts)?;
+    let valid_set = data::open_dataset(&spec, Split::Valid, &opts)?;
+    let test_set = data::open_dataset(&spec, Split::Test, &opts)?;
+    check_compatible(&trainer.cfg.model, train_set.as_ref())?;
+    if !a.json {
+        eprintln!(
+            "training on {spec}: {} train / {} valid / {} test images of {:?}, {} classes; {} parameters; device {device}",
+            train_set.len(),
+            valid_set.len(),
+            test_set.len(),
+            train_set.image_size(),
+            train_set.num_classes(),
+            trainer.model.params.num_trainable()
+        );
+    }
+    let stop = stop_flag();
+    let fit = trainer.fit(&train_set, Some(&valid_set), &a.out, !a.json, &stop)?;
+    if fit.interrupted {
+        eprintln!(
+            "stopped; continue with: saccade train --resume {}",
+            fit.last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+        );
+        return Err(Failure {
+            code: 130,
+            error: anyhow::anyhow!("interrupted"),
+        });
+    }
+    let report = trainer.evaluate(&test_set, !a.json)?;
+    let viz = a.out.join("saccades.png");
+    train::save_saccade_picture(&trainer.model, &test_set, 8, &viz)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let peak = fit.epochs.iter().map(|e| e.peak_bytes).max().unwrap_or(0);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "command": "train",
+                "dataset": spec,
+                "test_accuracy": report.accuracy,
+                "valid_accuracy": fit.epochs.last().map(|e| e.valid_accuracy),
+                "epochs": fit.epochs,
+                "seconds": seconds,
+                "peak_bytes": peak,
+                "device": device.to_string(),
+                "checkpoint": fit.last_checkpoint,
+                "saccades_png": viz,
+            })
+        );
+    } else {
+        println!(
+            "test accuracy {:.2}% on {} images; {:.0}s; peak tensor memory {:.1} MiB; wrote {} and {}",
+            100.0 * report.accuracy,
+            report.samples,
+            seconds,
+            peak as f64 / (1 << 20) as f64,
+            a.out.join("checkpoint.safetensors").display(),
+            viz.display()
+        );
+    }
+    Ok(())
+}
+
+fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let probe = data::describe(&a.dataset)?;
+    let paper = a.preset == Preset::Paper;
+    let mut m = if paper {
+        SaccadeConfig::paper(probe.channels, probe.num_classes)
+    } else {
+        SaccadeConfig::small(probe.channels, probe.num_classes)
+    };
+    m.proxy_size = a.proxy_size;
+    m.glimpses = a.glimpses.unwrap_or(m.glimpses);
+    m.crop = a.crop.unwrap_or(m.crop);
+    m.scale_max = a.max_scale.unwrap_or(m.scale_max);
+    m.beta = a.beta.unwrap_or(m.beta);
+    m.multiplicative = a.multiplicative;
+    m.fixed_variance = a.fixed_variance;
+    if m.glimpses == 0 || m.crop < 4 || !(m.scale_max > m.scale_min && m.scale_max <= 1.0) {
+        bail!("need --glimpses >= 1, --crop >= 4 and {} < --max-scale <= 1", m.scale_min);
+    }
+    if let Some(v) = a.fixed_variance {
+        if v <= 0.0 {
+            bail!("--fixed-variance must be positive, got {v}");
+        }
+    }
+    Ok(TrainConfig {
+        model: m,
+        dataset: a.dataset.clone(),
+        epochs: a.epochs.unwrap_or(if paper { 60 } else { 3 }),
+        batch_size: a.batch_size.unwrap_or(if paper { 100 } else { 32 }),
+        lr: a.lr.unwrap_or(if paper { 1e-4 } else { 1e-3 }),
+        clip_value: a.clip_value.unwrap_or(if paper { 0.25 } else { 0.0 }),
+        clip_norm: 10.0,
+        seed: a.seed,
+    })
+}
+
+fn check_compatible(m: &SaccadeConfig, d: &dyn data::Dataset) -> Result<()> {
+    if m.channels != d.channels() || m.num_classes != d.num_classes() {
+        bail!(
+            "the model has {} channels and {} classes but the dataset has {} and {}",
+            m.channels,
+            m.num_classes,
+            d.channels(),
+            d.num_classes()
+        );
+    }
+    Ok(())
+}
+
+fn run_eval(a: EvalArgs) -> Result<(), Failure> {
+    let device = select_device(&a.device)?;
+    let t = Trainer::from_checkpoint(&a.checkpoint, device)?;
+    let spec = a.dataset.unwrap_or_else(|| t.cfg.dataset.clone());
+    let opts = data::DataOptions {
+        seed: t.cfg.seed,
+        sizes: data::Sizes::from_flags(None, None, a.test_size, false),
+        proxy_size: t.cfg.model.proxy_size,
+        proxy_noise: 0.0,
+    };
+    let test = data::open_dataset(&spec, Split::Test, &opts)?;
+    check_compatible(&t.cfg.model, test.as_ref())?;
+    let r = t.evaluate(&test, !a.json)?;
+    if a.json {
+        println!("{}", serde_json::json!({"command": "eval", "dataset": spec, "report": r}));
+        return Ok(());
+    }
+    println!("accuracy {:.2}% on {} test images of {spec}", 100.0 * r.accuracy, r.samples);
+    let mut worst: Vec<(usize, f64)> = r.per_class_accuracy.iter().copied().enumerate().collect();
+    worst.sort_by(|a, b| a.1.total_cmp(&b.1));
+    println!("lowest per-class accuracy:");
+    for (c, acc) in worst.iter().take(5) {
+        println!("  {:>8}  {:.1}%", r.class_names[*c], 100.0 * acc);
+    }
+    println!("most frequent confusions (true -> predicted: count):");
+    for (t, p, n) in r.top_confusions(5) {
+        println!("  {t:>8} -> {p:<8} {n}");
+    }
+    Ok(())
+}
+
+fn run_predict(a: PredictArgs) -> Result<(), Failure> {
+    let device = select_device(&a.device)?;
+    let t = Trainer::from_checkpoint(&a.checkpoint, device)?;
+    let names = data::describe(&t.cfg.dataset)?.class_names;
+    let set = data::open_files(&a.images, t.cfg.model.channels, t.cfg.model.proxy_size)?;
+    let results = train::predict(&t.model, &set, a.viz.as_deref())?;
+    let mut rows = Vec::new();
+    for (path, probs) in a.images.iter().zip(&results) {
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&i, &j| probs[j].total_cmp(&probs[i]));
+        let top: Vec<(String, f32)> = order.iter().take(a.top).map(|&i| (names[i].clone(), probs[i])).collect();
+        if !a.json {
+            let s: Vec<String> = top.iter().map(|(n, p)| format!("{n} {:.1}%", 100.0 * p)).collect();
+            println!("{}: {}", path.display(), s.join(", "));
+        }
+        rows.push(serde_json::json!({"image": path, "top": top}));
+    }
+    if let Some(v) = &a.viz {
+        if !a.json {
+            println!("wrote {}", v.display());
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::json!({"command": "predict", "predictions": rows, "viz": a.viz}));
+    }
+    Ok(())
+}
+
+fn run_device() -> Result<(), Failure> {
+    println!("cpu: {} threads", rayon::current_num_threads());
+    println!("cuda: not available (this build has no CUDA backend yet)");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => run_train(a),
+        Command::Eval(a) => run_eval(a),
+        Command::Predict(a) => run_predict(a),
+        Command::Data(c) => data::commands::run(c).map_err(Failure::from),
+        Command::Device => run_device(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if f.code != 130 {
+                eprintln!("error: {:#}", f.error);
+            }
+            ExitCode::from(f.code)
+        }
+    }
 }

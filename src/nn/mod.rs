@@ -2,7 +2,11 @@
 //! [`ParamStore`]; layers hold [`ParamId`]s into it and, on each forward,
 //! fetch their variables from the [`Graph`](crate::Graph).
 
+pub mod layers;
+
 use anyhow::{bail, Result};
+
+pub use layers::{BatchNorm, Conv2d, GroupNorm, GruCell, Linear};
 
 use crate::tensor::Tensor;
 

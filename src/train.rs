@@ -1,0 +1,388 @@
+//! Training and evaluation of the saccade model: the loop with its progress
+//! bar, per-epoch metrics and checkpoints, exact resume, NaN guards, Ctrl-C
+//! handling, evaluation reports and the saccade picture.
+//!
+//! Randomness is derived from (seed, epoch, step) alone: the loader's
+//! shuffle from (seed, epoch), the posterior noise from (seed, epoch, step).
+//! A run resumed from a checkpoint therefore continues exactly as the
+//! uninterrupted run would have.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::autograd::Graph;
+use crate::checkpoint::{self, Checkpoint};
+use crate::data::{Batch, Dataset, Loader};
+use crate::device::Device;
+use crate::models::{Images, SaccadeConfig, Saccader};
+use crate::ops::loss::softmax;
+use crate::optim::{clip_by_norm, clip_by_value, Adam, AdamConfig};
+use crate::tensor::Tensor;
+
+/// Everything a run needs besides the data; saved in every checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub model: SaccadeConfig,
+    pub dataset: String,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f32,
+    /// Clip each gradient value to `[-clip, clip]` (0 disables).
+    pub clip_value: f32,
+    /// Clip the global gradient norm (0 disables).
+    pub clip_norm: f32,
+    pub seed: u64,
+}
+
+/// Where a run stands; saved in checkpoints for `--resume`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// Epochs fully done.
+    pub epoch: usize,
+    /// Steps done within the current epoch.
+    pub step: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_ce: f64,
+    pub train_kl: f64,
+    pub train_accuracy: f64,
+    pub valid_accuracy: f64,
+    pub seconds: f64,
+    pub samples_per_second: f64,
+    pub peak_bytes: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    pub accuracy: f64,
+    pub samples: usize,
+    pub per_class_accuracy: Vec<f64>,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<usize>>,
+    pub class_names: Vec<String>,
+}
+
+impl EvalReport {
+    /// The most frequent confusions, as (true, predicted, count).
+    pub fn top_confusions(&self, n: usize) -> Vec<(String, String, usize)> {
+        let mut v = Vec::new();
+        for (t, row) in self.confusion.iter().enumerate() {
+            for (p, &c) in row.iter().enumerate() {
+                if t != p && c > 0 {
+                    v.push((self.class_names[t].clone(), self.class_names[p].clone(), c));
+                }
+            }
+        }
+        v.sort_by(|a, b| b.2.cmp(&a.2));
+        v.truncate(n);
+        v
+    }
+}
+
+/// Per-step posterior-noise RNG.
+fn step_rng(seed: u64, epoch: usize, step: usize) -> StdRng {
+    StdRng::seed_from_u64(seed ^ ((epoch as u64) << 40) ^ ((step as u64) << 8) ^ 0x9e37_79b9)
+}
+
+pub fn images_of(batch: &Batch) -> Images<'_> {
+    match &batch.images {
+        Some(t) => Images::Resident(t),
+        None => Images::Sources(&batch.sources),
+    }
+}
+
+fn argmax_rows(logits: &Tensor) -> Result<Vec<usize>> {
+    let k = logits.shape()[1];
+    Ok(logits
+        .to_vec()?
+        .chunks(k)
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i)
+                .unwrap_or(0)
+        })
+        .collect())
+}
+
+/// A trainer: the model, its optimizer and the run's state.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub model: Saccader,
+    pub adam: Adam,
+    pub progress: Progress,
+    pub device: Device,
+}
+
+/// What `Trainer::fit` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct FitReport {
+    pub epochs: Vec<EpochMetrics>,
+    pub interrupted: bool,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+impl Trainer {
+    pub fn new(cfg: TrainConfig, device: Device) -> Self {
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let model = Saccader::new(cfg.model.clone(), &mut rng, &device);
+        let adam = Adam::new(AdamConfig {
+            lr: cfg.lr,
+            ..Default::default()
+        });
+        Trainer {
+            cfg,
+            model,
+            adam,
+            progress: Progress::default(),
+            device,
+        }
+    }
+
+    /// Rebuild a trainer from a checkpoint, with its config and state.
+    pub fn from_checkpoint(path: &Path, device: Device) -> Result<Self> {
+        let ck = Checkpoint::load(path)?;
+        let cfg: TrainConfig = serde_json::from_value(ck.meta["train"].clone())
+            .with_context(|| format!("{}: no training configuration in the checkpoint", path.display()))?;
+        let progress: Progress = serde_json::from_value(ck.meta["progress"].clone()).unwrap_or_default();
+        let mut t = Trainer::new(cfg, device);
+        ck.restore(&mut t.model.params, Some(&mut t.adam), &t.device)?;
+        t.progress = progress;
+        Ok(t)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let meta = serde_json::json!({
+            "train": self.cfg,
+            "progress": self.progress,
+            "classes": self.cfg.model.num_classes,
+        });
+        checkpoint::save(path, &self.model.params, Some(&self.adam), &meta)
+    }
+
+    /// One optimizer step on one batch; returns (loss, ce, kl, correct).
+    pub fn step(&mut self, batch: &Batch) -> Result<(f64, f64, f64, usize)> {
+        let mut rng = step_rng(self.cfg.seed, self.progress.epoch, self.progress.step);
+        let mut g = Graph::new();
+        let out = self
+            .model
+            .forward(&mut g, &images_of(batch), &batch.proxies, &batch.labels, Some(&mut rng))?;
+        let loss = g.value(out.loss).item()? as f64;
+        if !loss.is_finite() {
+            bail!("the loss is {loss}");
+        }
+        let mut grads = g.backward(out.loss)?;
+        if self.cfg.clip_value > 0.0 {
+            clip_by_value(&mut grads, self.cfg.clip_value)?;
+        }
+        let norm = clip_by_norm(&mut grads, if self.cfg.clip_norm > 0.0 { self.cfg.clip_norm } else { f32::MAX })?;
+        if !norm.is_finite() {
+            bail!("the gradient norm is {norm}");
+        }
+        self.adam.step(&mut self.model.params, &grads)?;
+        let mean = |v: crate::Var| -> Result<f64> {
+            let x = g.value(v).to_vec()?;
+            Ok(x.iter().map(|&a| a as f64).sum::<f64>() / x.len().max(1) as f64)
+        };
+        let pred = argmax_rows(g.value(out.logits))?;
+        let correct = pred.iter().zip(&batch.labels).filter(|(p, l)| p == l).count();
+        self.progress.step += 1;
+        Ok((loss, mean(out.ce)?, mean(out.kl)?, correct))
+    }
+
+    /// Train for the configured epochs from the current progress. Writes
+    /// `metrics.jsonl` and `checkpoint.safetensors` into `out` after every
+    /// epoch; stops cleanly (checkpoint first) when `stop` is raised.
+    pub fn fit(
+        &mut self,
+        train: &Arc<dyn Dataset>,
+        valid: Option<&Arc<dyn Dataset>>,
+        out: &Path,
+        show_progress: bool,
+        stop: &AtomicBool,
+    ) -> Result<FitReport> {
+        fs::create_dir_all(out).with_context(|| format!("cannot create output folder {}", out.display()))?;
+        let ck_path = out.join("checkpoint.safetensors");
+        let mut report = FitReport {
+            epochs: Vec::new(),
+            interrupted: false,
+            last_checkpoint: None,
+        };
+        let bs = self.cfg.batch_size;
+        while self.progress.epoch < self.cfg.epochs {
+            let epoch = self.progress.epoch;
+            let loader = Loader::new(train.clone(), bs, Some(self.cfg.seed ^ epoch as u64), self.progress.step)?;
+            let steps = loader.steps();
+            let bar = progress_bar(show_progress, steps as u64, &format!("epoch {}/{}", epoch + 1, self.cfg.epochs));
+            bar.set_position(self.progress.step as u64);
+            self.device.reset_peak();
+            let t0 = Instant::now();
+            let (mut loss_sum, mut ce_sum, mut kl_sum, mut correct, mut seen, mut nsteps) = (0.0, 0.0, 0.0, 0, 0, 0);
+            for batch in loader {
+                let batch = batch?;
+                let (loss, ce, kl, ok) = match self.step(&batch) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        bar.abandon();
+                        let last = if ck_path.exists() {
+                            format!("the last good checkpoint is {}", ck_path.display())
+                        } else {
+                            "no checkpoint was written yet".to_string()
+                        };
+                        bail!(
+                            "training stopped at epoch {} step {}: {e:#}; {last}. Try a lower --lr or a tighter --clip-value.",
+                            epoch + 1,
+                            self.progress.step
+                        );
+                    }
+                };
+                nsteps += 1;
+                loss_sum += loss;
+                ce_sum += ce;
+                kl_sum += kl;
+                correct += ok;
+                seen += batch.labels.len();
+                let el = t0.elapsed().as_secs_f64();
+                bar.set_message(format!(
+                    "loss {:.3} acc {:.1}% {:.0} samples/s",
+                    loss_sum / nsteps as f64,
+                    100.0 * correct as f64 / seen as f64,
+                    seen as f64 / el
+                ));
+                bar.inc(1);
+                if stop.load(Ordering::SeqCst) {
+                    bar.abandon_with_message("interrupted");
+                    self.save(&ck_path)?;
+                    report.interrupted = true;
+                    report.last_checkpoint = Some(ck_path);
+                    return Ok(report);
+                }
+            }
+            bar.finish_and_clear();
+            let seconds = t0.elapsed().as_secs_f64();
+            let valid_accuracy = match valid {
+                Some(v) => self.evaluate(v, show_progress)?.accuracy,
+                None => f64::NAN,
+            };
+            self.progress = Progress {
+                epoch: epoch + 1,
+                step: 0,
+            };
+            let n = nsteps.max(1) as f64;
+            let m = EpochMetrics {
+                epoch: epoch + 1,
+                train_loss: loss_sum / n,
+                train_ce: ce_sum / n,
+                train_kl: kl_sum / n,
+                train_accuracy: correct as f64 / seen.max(1) as f64,
+                valid_accuracy,
+                seconds,
+                samples_per_second: seen as f64 / seconds,
+                peak_bytes: self.device.memory().peak_bytes,
+            };
+            let mut f = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(out.join("metrics.jsonl"))
+                .with_context(|| format!("cannot write {}", out.join("metrics.jsonl").display()))?;
+            writeln!(f, "{}", serde_json::to_string(&m)?)?;
+            self.save(&ck_path)?;
+            report.last_checkpoint = Some(ck_path.clone());
+            if show_progress {
+                eprintln!(
+                    "epoch {}: loss {:.3}, train acc {:.1}%, valid acc {:.1}%, {:.0}s, {:.0} samples/s",
+                    m.epoch,
+                    m.train_loss,
+                    100.0 * m.train_accuracy,
+                    100.0 * m.valid_accuracy,
+                    m.seconds,
+                    m.samples_per_second
+                );
+            }
+            report.epochs.push(m);
+        }
+        Ok(report)
+    }
+
+    /// Accuracy, per-class accuracy and the confusion matrix, using
+    /// posterior means.
+    pub fn evaluate(&self, data: &Arc<dyn Dataset>, show_progress: bool) -> Result<EvalReport> {
+        evaluate(&self.model, data, self.cfg.batch_size, show_progress)
+    }
+}
+
+pub fn progress_bar(show: bool, len: u64, prefix: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
+/// Predictions of a batch with posterior means: (class probabilities
+/// `[B, K]`, glimpses per sample as `(s, tx, ty)` per step, crops `[T*B, C, L, L]`).
+pub fn predict_batch(model: &Saccader, batch: &Batch) -> Result<(Tensor, Vec<Vec<[f32; 3]>>, Tensor)> {
+    let mut g = Graph::inference();
+    let out = model.forward(&mut g, &images_of(batch), &batch.proxies, &batch.labels, None)?;
+    let probs = softmax(g.value(out.logits))?;
+    let b = batch.labels.len();
+    let mut glimpses = vec![Vec::new(); b];
+    for &th in &out.thetas {
+        let v = g.value(th).to_vec()?;
+        for (i, gl) in glimpses.iter_mut().enumerate() {
+            gl.push([v[i * 6], v[i * 6 + 2], v[i * 6 + 5]]);
+        }
+    }
+    Ok((probs, glimpses, g.value(out.crops).clone()))
+}
+
+pub fn evaluate(model: &Saccader, data: &Arc<dyn Dataset>, batch_size: usize, show: bool) -> Result<EvalReport> {
+    let k = data.num_classes();
+    let mut confusion = vec![vec![0usize; k]; k];
+    let loader = Loader::new(data.clone(), batch_size, None, 0)?;
+    let bar = progress_bar(show, loader.steps() as u64, "evaluating");
+    for batch in loader {
+        let batch = batch?;
+        let (probs, _, _) = predict_batch(model, &batch)?;
+        for (p, &l) in argmax_rows(&probs)?.iter().zip(&batch.labels) {
+            confusion[l][*p] += 1;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let samples: usize = confusion.iter().flatten().sum();
+    let right: usize = (0..k).map(|i| confusion[i][i]).sum();
+    let per_class_accuracy = confusion
+        .iter()
+        .enumerate()
+        .map(|(i, row)| row[i] as f64 / row.iter().sum::<usize>().max(1) as f64)
+        .collect();
+    Ok(EvalReport {
+        accuracy: right as f64 / samples.max(1) as f64,
+        samples,
+        per_class_accuracy,
+        confusion,
+        class_names: data.class_names(),
+    })
+}

@@ -1,0 +1,182 @@
+//! Saccade pictures (paper Figure 3): per test image one row with the image
+//! and its numbered glimpse boxes, the proxy, and the T crops the classifier
+//! saw; a bar under the image is green when the prediction is right.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use image::{Rgb, RgbImage};
+
+use crate::data::ImageSource;
+
+/// Glimpse colours, one per step (cycled).
+const COLORS: [[u8; 3]; 6] = [
+    [255, 64, 64],
+    [64, 160, 255],
+    [255, 200, 0],
+    [64, 220, 64],
+    [220, 64, 255],
+    [0, 220, 220],
+];
+
+/// One row of the picture.
+pub struct SaccadeRow<'a> {
+    pub source: &'a dyn ImageSource,
+    /// Proxy, CHW.
+    pub proxy: (usize, usize, &'a [f32]),
+    /// Crops, each CHW with side `crop`.
+    pub crops: Vec<&'a [f32]>,
+    pub crop: usize,
+    /// Glimpses as `(s, tx, ty)` in normalized coordinates.
+    pub glimpses: Vec<[f32; 3]>,
+    pub correct: bool,
+}
+
+/// Side of the image panel in pixels.
+const PANEL: u32 = 192;
+const GAP: u32 = 6;
+
+fn gray_or_rgb(data: &[f32], c: usize, h: usize, w: usize, y: usize, x: usize) -> [u8; 3] {
+    let px = |ch: usize| (data[(ch * h + y) * w + x].clamp(0.0, 1.0) * 255.0).round() as u8;
+    if c >= 3 {
+        [px(0), px(1), px(2)]
+    } else {
+        let v = px(0);
+        [v, v, v]
+    }
+}
+
+/// Blit a CHW image into `canvas` at (x0, y0), nearest-neighbour scaled to `side`.
+fn blit(canvas: &mut RgbImage, (x0, y0): (u32, u32), side: u32, (c, h, w): (usize, usize, usize), data: &[f32]) {
+    for y in 0..side {
+        for x in 0..side {
+            let sy = (y as usize * h) / side as usize;
+            let sx = (x as usize * w) / side as usize;
+            canvas.put_pixel(x0 + x, y0 + y, Rgb(gray_or_rgb(data, c, h, w, sy, sx)));
+        }
+    }
+}
+
+fn rect(canvas: &mut RgbImage, (x0, y0, x1, y1): (i64, i64, i64, i64), color: [u8; 3], clip: (u32, u32, u32)) {
+    let (cx, cy, side) = clip;
+    let mut put = |x: i64, y: i64| {
+        if x >= cx as i64 && y >= cy as i64 && x < (cx + side) as i64 && y < (cy + side) as i64 {
+            canvas.put_pixel(x as u32, y as u32, Rgb(color));
+        }
+    };
+    for t in 0..2 {
+        for x in x0..=x1 {
+            put(x, y0 + t);
+            put(x, y1 - t);
+        }
+        for y in y0..=y1 {
+            put(x0 + t, y);
+            put(x1 - t, y);
+        }
+    }
+}
+
+/// 3x5 digit glyphs, one row of 3 bits per line.
+const DIGITS: [[u8; 5]; 10] = [
+    [7, 5, 5, 5, 7],
+    [2, 6, 2, 2, 7],
+    [7, 1, 7, 4, 7],
+    [7, 1, 7, 1, 7],
+    [5, 5, 7, 1, 1],
+    [7, 4, 7, 1, 7],
+    [7, 4, 7, 5, 7],
+    [7, 1, 1, 1, 1],
+    [7, 5, 7, 5, 7],
+    [7, 5, 7, 1, 7],
+];
+
+/// Draw digit `d` with 2x2-pixel dots on a dark backing at (x, y).
+fn digit(canvas: &mut RgbImage, (x, y): (u32, u32), d: usize, color: [u8; 3]) {
+    for yy in 0..12 {
+        for xx in 0..8 {
+            if x + xx < canvas.width() && y + yy < canvas.height() {
+                canvas.put_pixel(x + xx, y + yy, Rgb([0, 0, 0]));
+            }
+        }
+    }
+    for (r, bits) in DIGITS[d % 10].iter().enumerate() {
+        for col in 0..3u32 {
+            if bits >> (2 - col) & 1 == 1 {
+                for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                    let (px, py) = (x + 1 + col * 2 + dx, y + 1 + r as u32 * 2 + dy);
+                    if px < canvas.width() && py < canvas.height() {
+                        canvas.put_pixel(px, py, Rgb(color));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The coarsest pyramid level no larger than the panel, read whole.
+fn panel_image(source: &dyn ImageSource) -> Result<(usize, usize, usize, Vec<f32>)> {
+    let mut level = 0;
+    while level + 1 < source.levels() && source.level_size(level).0.max(source.level_size(level).1) > PANEL as usize
+    {
+        level += 1;
+    }
+    let (h, w) = source.level_size(level);
+    let c = source.channels();
+    let mut data = vec![0.0; c * h * w];
+    source.read_region(level, 0, 0, h, w, &mut data)?;
+    Ok((c, h, w, data))
+}
+
+/// Render the rows to a PNG at `path`.
+pub fn save_saccades(rows: &[SaccadeRow], path: &Path) -> Result<()> {
+    let t_max = rows.iter().map(|r| r.crops.len()).max().unwrap_or(0) as u32;
+    let small = PANEL / 2;
+    let width = GAP + (PANEL + GAP) + (small + GAP) * (1 + t_max);
+    let row_h = PANEL + 3 * GAP;
+    let mut canvas = RgbImage::from_pixel(width, GAP + row_h * rows.len() as u32, Rgb([40, 40, 40]));
+    for (i, row) in rows.iter().enumerate() {
+        let y0 = GAP + i as u32 * row_h;
+        let (c, h, w, data) = panel_image(row.source)?;
+        blit(&mut canvas, (GAP, y0), PANEL, (c, h, w), &data);
+        for (t, g) in row.glimpses.iter().enumerate() {
+            let [s, tx, ty] = *g;
+            let to_px = |v: f32, o: u32| o as f32 + (v + 1.0) / 2.0 * PANEL as f32;
+            let (x0, x1) = (to_px(tx - s, GAP), to_px(tx + s, GAP));
+            let (ya, yb) = (to_px(ty - s, y0), to_px(ty + s, y0));
+            let color = COLORS[t % COLORS.len()];
+            rect(
+                &mut canvas,
+                (x0 as i64, ya as i64, x1 as i64, yb as i64),
+                color,
+                (GAP, y0, PANEL),
+            );
+            let lx = (x0.max(GAP as f32) as u32 + 3).min(GAP + PANEL - 9);
+            let ly = (ya.max(y0 as f32) as u32 + 3).min(y0 + PANEL - 13);
+            digit(&mut canvas, (lx, ly), t + 1, color);
+        }
+        let bar = if row.correct { [40, 200, 40] } else { [220, 40, 40] };
+        for x in GAP..GAP + PANEL {
+            for y in y0 + PANEL + 2..y0 + PANEL + 2 + GAP {
+                canvas.put_pixel(x, y, Rgb(bar));
+            }
+        }
+        let px0 = GAP + PANEL + GAP;
+        let (pc, pj, pdata) = row.proxy;
+        blit(&mut canvas, (px0, y0), small, (pc, pj, pj), pdata);
+        for (t, crop) in row.crops.iter().enumerate() {
+            let cx = px0 + (small + GAP) * (t as u32 + 1);
+            blit(&mut canvas, (cx, y0), small, (pc, row.crop, row.crop), crop);
+            let color = COLORS[t % COLORS.len()];
+            rect(
+                &mut canvas,
+                (cx as i64, y0 as i64, (cx + small - 1) as i64, (y0 + small - 1) as i64),
+                color,
+                (cx, y0, small),
+            );
+            digit(&mut canvas, (cx + 3, y0 + 3), t + 1, color);
+        }
+    }
+    canvas
+        .save(path)
+        .with_context(|| format!("writing {} (is the folder writable?)", path.display()))
+}
