@@ -8,6 +8,7 @@
 pub mod elementwise;
 pub mod linear;
 pub mod reduce;
+pub mod sampler;
 pub mod shape;
 
 use rayon::prelude::*;
