@@ -21,7 +21,11 @@ const FORMAT: &str = "saccade-checkpoint-1";
 pub fn save(path: &Path, params: &ParamStore, adam: Option<&Adam>, meta: &serde_json::Value) -> Result<()> {
     let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut push = |name: String, t: &Tensor| -> Result<()> {
-        named.push((name, t.shape().to_vec(), bytemuck::cast_slice(&t.to_vec()?).to_vec()));
+        named.push((
+            name,
+            t.shape().to_vec(),
+            bytemuck::cast_slice(&t.to_vec()?).to_vec(),
+        ));
         Ok(())
     };
     for (id, p) in params.iter() {
@@ -58,20 +62,33 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn load(path: &Path) -> Result<Checkpoint> {
         let bytes = fs::read(path).with_context(|| {
-            format!("cannot read checkpoint {} (check the --checkpoint/--resume path)", path.display())
+            format!(
+                "cannot read checkpoint {} (check the --checkpoint/--resume path)",
+                path.display()
+            )
         })?;
-        let bad = || format!("{} is not a saccade checkpoint (damaged or another format)", path.display());
+        let bad = || {
+            format!(
+                "{} is not a saccade checkpoint (damaged or another format)",
+                path.display()
+            )
+        };
         let (_, md) = SafeTensors::read_metadata(&bytes).with_context(bad)?;
         let info = md.metadata().clone().unwrap_or_default();
         if info.get("format").map(String::as_str) != Some(FORMAT) {
             bail!("{}", bad());
         }
-        let meta = serde_json::from_str(info.get("meta").map(String::as_str).unwrap_or("null")).with_context(bad)?;
+        let meta =
+            serde_json::from_str(info.get("meta").map(String::as_str).unwrap_or("null")).with_context(bad)?;
         let adam_step = info.get("adam_step").and_then(|s| s.parse().ok());
         let st = SafeTensors::deserialize(&bytes).with_context(bad)?;
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
-            ensure!(view.dtype() == Dtype::F32, "{}: tensor {name} is not f32", path.display());
+            ensure!(
+                view.dtype() == Dtype::F32,
+                "{}: tensor {name} is not f32",
+                path.display()
+            );
             let data: Vec<f32> = view
                 .data()
                 .chunks_exact(4)
@@ -100,7 +117,9 @@ impl Checkpoint {
         for &id in &ids {
             let name = params.get(id).name.clone();
             let t = self.tensor(&format!("param/{name}"), dev)?.with_context(|| {
-                format!("checkpoint has no parameter {name}: it was written by a different model configuration")
+                format!(
+                    "checkpoint has no parameter {name}: it was written by a different model configuration"
+                )
             })?;
             params
                 .set(id, t)

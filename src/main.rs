@@ -262,7 +262,10 @@ fn run_train(a: TrainArgs) -> Result<(), Failure> {
     if fit.interrupted {
         eprintln!(
             "stopped; continue with: saccade train --resume {}",
-            fit.last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+            fit.last_checkpoint
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
         );
         return Err(Failure {
             code: 130,
@@ -320,7 +323,10 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     m.multiplicative = a.multiplicative;
     m.fixed_variance = a.fixed_variance;
     if m.glimpses == 0 || m.crop < 4 || !(m.scale_max > m.scale_min && m.scale_max <= 1.0) {
-        bail!("need --glimpses >= 1, --crop >= 4 and {} < --max-scale <= 1", m.scale_min);
+        bail!(
+            "need --glimpses >= 1, --crop >= 4 and {} < --max-scale <= 1",
+            m.scale_min
+        );
     }
     if let Some(v) = a.fixed_variance {
         if v <= 0.0 {
@@ -366,10 +372,17 @@ fn run_eval(a: EvalArgs) -> Result<(), Failure> {
     check_compatible(&t.cfg.model, test.as_ref())?;
     let r = t.evaluate(&test, !a.json)?;
     if a.json {
-        println!("{}", serde_json::json!({"command": "eval", "dataset": spec, "report": r}));
+        println!(
+            "{}",
+            serde_json::json!({"command": "eval", "dataset": spec, "report": r})
+        );
         return Ok(());
     }
-    println!("accuracy {:.2}% on {} test images of {spec}", 100.0 * r.accuracy, r.samples);
+    println!(
+        "accuracy {:.2}% on {} test images of {spec}",
+        100.0 * r.accuracy,
+        r.samples
+    );
     let mut worst: Vec<(usize, f64)> = r.per_class_accuracy.iter().copied().enumerate().collect();
     worst.sort_by(|a, b| a.1.total_cmp(&b.1));
     println!("lowest per-class accuracy:");
@@ -393,9 +406,16 @@ fn run_predict(a: PredictArgs) -> Result<(), Failure> {
     for (path, probs) in a.images.iter().zip(&results) {
         let mut order: Vec<usize> = (0..probs.len()).collect();
         order.sort_by(|&i, &j| probs[j].total_cmp(&probs[i]));
-        let top: Vec<(String, f32)> = order.iter().take(a.top).map(|&i| (names[i].clone(), probs[i])).collect();
+        let top: Vec<(String, f32)> = order
+            .iter()
+            .take(a.top)
+            .map(|&i| (names[i].clone(), probs[i]))
+            .collect();
         if !a.json {
-            let s: Vec<String> = top.iter().map(|(n, p)| format!("{n} {:.1}%", 100.0 * p)).collect();
+            let s: Vec<String> = top
+                .iter()
+                .map(|(n, p)| format!("{n} {:.1}%", 100.0 * p))
+                .collect();
             println!("{}: {}", path.display(), s.join(", "));
         }
         rows.push(serde_json::json!({"image": path, "top": top}));
@@ -406,7 +426,10 @@ fn run_predict(a: PredictArgs) -> Result<(), Failure> {
         }
     }
     if a.json {
-        println!("{}", serde_json::json!({"command": "predict", "predictions": rows, "viz": a.viz}));
+        println!(
+            "{}",
+            serde_json::json!({"command": "predict", "predictions": rows, "viz": a.viz})
+        );
     }
     Ok(())
 }

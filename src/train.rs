@@ -179,9 +179,13 @@ impl Trainer {
     pub fn step(&mut self, batch: &Batch) -> Result<(f64, f64, f64, usize)> {
         let mut rng = step_rng(self.cfg.seed, self.progress.epoch, self.progress.step);
         let mut g = Graph::new();
-        let out = self
-            .model
-            .forward(&mut g, &images_of(batch), &batch.proxies, &batch.labels, Some(&mut rng))?;
+        let out = self.model.forward(
+            &mut g,
+            &images_of(batch),
+            &batch.proxies,
+            &batch.labels,
+            Some(&mut rng),
+        )?;
         let loss = g.value(out.loss).item()? as f64;
         if !loss.is_finite() {
             bail!("the loss is {loss}");
@@ -190,7 +194,14 @@ impl Trainer {
         if self.cfg.clip_value > 0.0 {
             clip_by_value(&mut grads, self.cfg.clip_value)?;
         }
-        let norm = clip_by_norm(&mut grads, if self.cfg.clip_norm > 0.0 { self.cfg.clip_norm } else { f32::MAX })?;
+        let norm = clip_by_norm(
+            &mut grads,
+            if self.cfg.clip_norm > 0.0 {
+                self.cfg.clip_norm
+            } else {
+                f32::MAX
+            },
+        )?;
         if !norm.is_finite() {
             bail!("the gradient norm is {norm}");
         }
@@ -226,13 +237,23 @@ impl Trainer {
         let bs = self.cfg.batch_size;
         while self.progress.epoch < self.cfg.epochs {
             let epoch = self.progress.epoch;
-            let loader = Loader::new(train.clone(), bs, Some(self.cfg.seed ^ epoch as u64), self.progress.step)?;
+            let loader = Loader::new(
+                train.clone(),
+                bs,
+                Some(self.cfg.seed ^ epoch as u64),
+                self.progress.step,
+            )?;
             let steps = loader.steps();
-            let bar = progress_bar(show_progress, steps as u64, &format!("epoch {}/{}", epoch + 1, self.cfg.epochs));
+            let bar = progress_bar(
+                show_progress,
+                steps as u64,
+                &format!("epoch {}/{}", epoch + 1, self.cfg.epochs),
+            );
             bar.set_position(self.progress.step as u64);
             self.device.reset_peak();
             let t0 = Instant::now();
-            let (mut loss_sum, mut ce_sum, mut kl_sum, mut correct, mut seen, mut nsteps) = (0.0, 0.0, 0.0, 0, 0, 0);
+            let (mut loss_sum, mut ce_sum, mut kl_sum, mut correct, mut seen, mut nsteps) =
+                (0.0, 0.0, 0.0, 0, 0, 0);
             for batch in loader {
                 let batch = batch?;
                 let (loss, ce, kl, ok) = match self.step(&batch) {
@@ -357,7 +378,12 @@ pub fn predict_batch(model: &Saccader, batch: &Batch) -> Result<(Tensor, Vec<Vec
     Ok((probs, glimpses, g.value(out.crops).clone()))
 }
 
-pub fn evaluate(model: &Saccader, data: &Arc<dyn Dataset>, batch_size: usize, show: bool) -> Result<EvalReport> {
+pub fn evaluate(
+    model: &Saccader,
+    data: &Arc<dyn Dataset>,
+    batch_size: usize,
+    show: bool,
+) -> Result<EvalReport> {
     let k = data.num_classes();
     let mut confusion = vec![vec![0usize; k]; k];
     let loader = Loader::new(data.clone(), batch_size, None, 0)?;

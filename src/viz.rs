@@ -47,7 +47,13 @@ fn gray_or_rgb(data: &[f32], c: usize, h: usize, w: usize, y: usize, x: usize) -
 }
 
 /// Blit a CHW image into `canvas` at (x0, y0), nearest-neighbour scaled to `side`.
-fn blit(canvas: &mut RgbImage, (x0, y0): (u32, u32), side: u32, (c, h, w): (usize, usize, usize), data: &[f32]) {
+fn blit(
+    canvas: &mut RgbImage,
+    (x0, y0): (u32, u32),
+    side: u32,
+    (c, h, w): (usize, usize, usize),
+    data: &[f32],
+) {
     for y in 0..side {
         for x in 0..side {
             let sy = (y as usize * h) / side as usize;
@@ -57,7 +63,12 @@ fn blit(canvas: &mut RgbImage, (x0, y0): (u32, u32), side: u32, (c, h, w): (usiz
     }
 }
 
-fn rect(canvas: &mut RgbImage, (x0, y0, x1, y1): (i64, i64, i64, i64), color: [u8; 3], clip: (u32, u32, u32)) {
+fn rect(
+    canvas: &mut RgbImage,
+    (x0, y0, x1, y1): (i64, i64, i64, i64),
+    color: [u8; 3],
+    clip: (u32, u32, u32),
+) {
     let (cx, cy, side) = clip;
     let mut put = |x: i64, y: i64| {
         if x >= cx as i64 && y >= cy as i64 && x < (cx + side) as i64 && y < (cy + side) as i64 {
@@ -116,7 +127,8 @@ fn digit(canvas: &mut RgbImage, (x, y): (u32, u32), d: usize, color: [u8; 3]) {
 /// The coarsest pyramid level no larger than the panel, read whole.
 fn panel_image(source: &dyn ImageSource) -> Result<(usize, usize, usize, Vec<f32>)> {
     let mut level = 0;
-    while level + 1 < source.levels() && source.level_size(level).0.max(source.level_size(level).1) > PANEL as usize
+    while level + 1 < source.levels()
+        && source.level_size(level).0.max(source.level_size(level).1) > PANEL as usize
     {
         level += 1;
     }
@@ -169,7 +181,12 @@ pub fn save_saccades(rows: &[SaccadeRow], path: &Path) -> Result<()> {
             let color = COLORS[t % COLORS.len()];
             rect(
                 &mut canvas,
-                (cx as i64, y0 as i64, (cx + small - 1) as i64, (y0 + small - 1) as i64),
+                (
+                    cx as i64,
+                    y0 as i64,
+                    (cx + small - 1) as i64,
+                    (y0 + small - 1) as i64,
+                ),
                 color,
                 (cx, y0, small),
             );

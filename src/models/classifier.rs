@@ -34,7 +34,17 @@ impl ConvStack {
             .iter()
             .enumerate()
             .map(|(i, &(cout, stride))| {
-                let conv = Conv2d::new(ps, &format!("{name}.{i}.conv"), (cin, cout), 3, stride, 1, false, rng, dev);
+                let conv = Conv2d::new(
+                    ps,
+                    &format!("{name}.{i}.conv"),
+                    (cin, cout),
+                    3,
+                    stride,
+                    1,
+                    false,
+                    rng,
+                    dev,
+                );
                 let norm = GroupNorm::new(ps, &format!("{name}.{i}.gn"), gn_groups(cout), cout, dev);
                 cin = cout;
                 (conv, norm)

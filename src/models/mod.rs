@@ -5,4 +5,4 @@ pub mod classifier;
 pub mod saccader;
 pub mod vrnn;
 
-pub use saccader::{Images, Saccader, SaccadeConfig};
+pub use saccader::{Images, SaccadeConfig, Saccader};

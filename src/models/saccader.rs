@@ -202,8 +202,11 @@ impl Saccader {
         let dev = proxies.device();
         let ps = &self.params;
         let t_steps = self.cfg.glimpses;
-        let noise: Option<Vec<Tensor>> =
-            rng.map(|r| (0..t_steps).map(|_| Tensor::randn(&[b, LATENT], 1.0, r, &dev)).collect());
+        let noise: Option<Vec<Tensor>> = rng.map(|r| {
+            (0..t_steps)
+                .map(|_| Tensor::randn(&[b, LATENT], 1.0, r, &dev))
+                .collect()
+        });
         let proxy = g.constant(proxies.clone());
         let run = self.vrnn.run(g, ps, proxy, t_steps, noise.as_deref())?;
         let mut thetas = Vec::with_capacity(t_steps);

@@ -89,13 +89,27 @@ pub struct VrnnRun {
 impl Vrnn {
     pub fn new(ps: &mut ParamStore, cfg: VrnnConfig, rng: &mut impl Rng, dev: &Device) -> Self {
         let w = cfg.enc_width;
-        let enc_convs = ConvStack::new(ps, "vrnn.enc", cfg.channels, &[(w, 2), (2 * w, 2), (2 * w, 2)], rng, dev);
+        let enc_convs = ConvStack::new(
+            ps,
+            "vrnn.enc",
+            cfg.channels,
+            &[(w, 2), (2 * w, 2), (2 * w, 2)],
+            rng,
+            dev,
+        );
         let side = enc_convs.out_side(cfg.proxy_size);
         let e = cfg.embed;
         let h = cfg.hidden;
         let proxy_values = cfg.channels * cfg.proxy_size * cfg.proxy_size;
         Vrnn {
-            enc_fc: Linear::new(ps, "vrnn.enc.fc", enc_convs.out_channels * side * side, e, rng, dev),
+            enc_fc: Linear::new(
+                ps,
+                "vrnn.enc.fc",
+                enc_convs.out_channels * side * side,
+                e,
+                rng,
+                dev,
+            ),
             enc_convs,
             phi_z: Linear::new(ps, "vrnn.phi_z", LATENT, e, rng, dev),
             posterior: Mlp::new(ps, "vrnn.posterior", e + h, e, 2 * LATENT, rng, dev),
@@ -172,6 +186,10 @@ impl Vrnn {
         let elbo_terms = g.mean(per_step, &[0], false)?;
         let kl_steps = g.stack(&kls, 0)?;
         let kl = g.mean(kl_steps, &[0], false)?;
-        Ok(VrnnRun { z: zs, elbo_terms, kl })
+        Ok(VrnnRun {
+            z: zs,
+            elbo_terms,
+            kl,
+        })
     }
 }

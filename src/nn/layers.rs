@@ -22,7 +22,14 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(ps: &mut ParamStore, name: &str, fin: usize, fout: usize, rng: &mut impl Rng, dev: &Device) -> Self {
+    pub fn new(
+        ps: &mut ParamStore,
+        name: &str,
+        fin: usize,
+        fout: usize,
+        rng: &mut impl Rng,
+        dev: &Device,
+    ) -> Self {
         Linear {
             w: ps.add(&format!("{name}.weight"), uniform(&[fout, fin], fin, rng, dev)),
             b: ps.add(&format!("{name}.bias"), uniform(&[fout], fin, rng, dev)),
@@ -57,9 +64,17 @@ impl Conv2d {
         dev: &Device,
     ) -> Self {
         let fan_in = cin * kernel * kernel;
-        let w = ps.add(&format!("{name}.weight"), uniform(&[cout, cin, kernel, kernel], fan_in, rng, dev));
+        let w = ps.add(
+            &format!("{name}.weight"),
+            uniform(&[cout, cin, kernel, kernel], fan_in, rng, dev),
+        );
         let b = bias.then(|| ps.add(&format!("{name}.bias"), uniform(&[cout], fan_in, rng, dev)));
-        Conv2d { w, b, stride, padding }
+        Conv2d {
+            w,
+            b,
+            stride,
+            padding,
+        }
     }
 
     pub fn forward(&self, g: &mut Graph, ps: &ParamStore, x: Var) -> Result<Var> {
@@ -109,7 +124,10 @@ impl BatchNorm {
             gamma: ps.add(&format!("{name}.weight"), Tensor::full(&[channels], 1.0, dev)),
             beta: ps.add(&format!("{name}.bias"), Tensor::zeros(&[channels], dev)),
             running_mean: ps.add_buffer(&format!("{name}.running_mean"), Tensor::zeros(&[channels], dev)),
-            running_var: ps.add_buffer(&format!("{name}.running_var"), Tensor::full(&[channels], 1.0, dev)),
+            running_var: ps.add_buffer(
+                &format!("{name}.running_var"),
+                Tensor::full(&[channels], 1.0, dev),
+            ),
         }
     }
 
@@ -146,12 +164,31 @@ pub struct GruCell {
 }
 
 impl GruCell {
-    pub fn new(ps: &mut ParamStore, name: &str, input: usize, hidden: usize, rng: &mut impl Rng, dev: &Device) -> Self {
+    pub fn new(
+        ps: &mut ParamStore,
+        name: &str,
+        input: usize,
+        hidden: usize,
+        rng: &mut impl Rng,
+        dev: &Device,
+    ) -> Self {
         GruCell {
-            w_ih: ps.add(&format!("{name}.weight_ih"), uniform(&[3 * hidden, input], hidden, rng, dev)),
-            w_hh: ps.add(&format!("{name}.weight_hh"), uniform(&[3 * hidden, hidden], hidden, rng, dev)),
-            b_ih: ps.add(&format!("{name}.bias_ih"), uniform(&[3 * hidden], hidden, rng, dev)),
-            b_hh: ps.add(&format!("{name}.bias_hh"), uniform(&[3 * hidden], hidden, rng, dev)),
+            w_ih: ps.add(
+                &format!("{name}.weight_ih"),
+                uniform(&[3 * hidden, input], hidden, rng, dev),
+            ),
+            w_hh: ps.add(
+                &format!("{name}.weight_hh"),
+                uniform(&[3 * hidden, hidden], hidden, rng, dev),
+            ),
+            b_ih: ps.add(
+                &format!("{name}.bias_ih"),
+                uniform(&[3 * hidden], hidden, rng, dev),
+            ),
+            b_hh: ps.add(
+                &format!("{name}.bias_hh"),
+                uniform(&[3 * hidden], hidden, rng, dev),
+            ),
             hidden,
         }
     }

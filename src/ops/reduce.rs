@@ -171,9 +171,18 @@ mod tests {
     fn gradcheck_sum_mean() {
         let dev = Device::cpu();
         let x = rand_tensor(&[3, 4, 5], 2, &dev);
-        check_op(&[x.clone()], Check::default(), |g, v| g.sum(v[0], &[1], false)).unwrap();
-        check_op(&[x.clone()], Check::default(), |g, v| g.sum(v[0], &[0, 2], true)).unwrap();
-        check_op(&[x.clone()], Check::default(), |g, v| g.mean(v[0], &[2], false)).unwrap();
+        check_op(std::slice::from_ref(&x), Check::default(), |g, v| {
+            g.sum(v[0], &[1], false)
+        })
+        .unwrap();
+        check_op(std::slice::from_ref(&x), Check::default(), |g, v| {
+            g.sum(v[0], &[0, 2], true)
+        })
+        .unwrap();
+        check_op(std::slice::from_ref(&x), Check::default(), |g, v| {
+            g.mean(v[0], &[2], false)
+        })
+        .unwrap();
         check_op(&[x], Check::default(), |g, v| g.mean_all(v[0])).unwrap();
     }
 
