@@ -7,6 +7,7 @@
 
 pub mod elementwise;
 pub mod linear;
+pub mod loss;
 pub mod reduce;
 pub mod shape;
 
