@@ -6,6 +6,7 @@
 //! - its `gradcheck_<op>` tests.
 
 pub mod elementwise;
+pub mod gaussian;
 pub mod linear;
 pub mod loss;
 pub mod reduce;
