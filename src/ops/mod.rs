@@ -7,6 +7,7 @@
 
 pub mod elementwise;
 pub mod gaussian;
+pub mod gru;
 pub mod linear;
 pub mod loss;
 pub mod reduce;
