@@ -10,6 +10,7 @@ pub mod gaussian;
 pub mod gru;
 pub mod linear;
 pub mod loss;
+pub mod norm;
 pub mod reduce;
 pub mod shape;
 
