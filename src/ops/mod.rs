@@ -6,7 +6,11 @@
 //! - its `gradcheck_<op>` tests.
 
 pub mod elementwise;
+pub mod gaussian;
+pub mod gru;
 pub mod linear;
+pub mod loss;
+pub mod norm;
 pub mod reduce;
 pub mod sampler;
 pub mod shape;
