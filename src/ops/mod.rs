@@ -5,9 +5,12 @@
 //! - the `Graph` method that records the op on the tape;
 //! - its `gradcheck_<op>` tests.
 
+pub mod conv;
 pub mod elementwise;
 pub mod linear;
+pub mod pool;
 pub mod reduce;
+pub mod resize;
 pub mod shape;
 
 use rayon::prelude::*;
