@@ -5,13 +5,16 @@
 //! - the `Graph` method that records the op on the tape;
 //! - its `gradcheck_<op>` tests.
 
+pub mod conv;
 pub mod elementwise;
 pub mod gaussian;
 pub mod gru;
 pub mod linear;
 pub mod loss;
 pub mod norm;
+pub mod pool;
 pub mod reduce;
+pub mod resize;
 pub mod sampler;
 pub mod shape;
 

@@ -1,0 +1,751 @@
+//! 2-D convolution and its adjoint, the transposed convolution, in PyTorch's
+//! layouts: `conv2d` weight `[out, in, kh, kw]`, `conv_transpose2d` weight
+//! `[in, out, kh, kw]`, zero padding, one stride and padding for both axes.
+//!
+//! On the CPU everything is im2col + GEMM. Three products cover both ops:
+//! - `apply`: `cols(img) -> W · cols` (conv forward, conv-transpose data gradient);
+//! - `adjoint`: `W^T · colside -> col2im` (conv data gradient, conv-transpose forward);
+//! - `weight_grad`: `colside · cols(img)^T` summed over the batch (both weight gradients).
+//!
+//! Here "img" is the conv's input side `[c, h, w]` and "colside" its output
+//! grid `[o, ho, wo]`. Images are processed in groups laid side by side in
+//! one column matrix, so small feature maps still make one large GEMM, while
+//! large ones go one image at a time with the GEMM and im2col threaded inside.
+
+use anyhow::{bail, ensure, Result};
+use rayon::prelude::*;
+
+use super::PAR_MIN;
+use crate::autograd::{Graph, Var};
+use crate::device::cpu::{sgemm, Mat};
+use crate::tensor::{fmt_shape, Storage, Tensor};
+
+/// Column-matrix size (floats) a group of images aims for: large enough for
+/// an efficient GEMM, small enough to stay a modest scratch buffer (16 MiB).
+/// Tests use a tiny budget so that every path (one image per group, several,
+/// a short last group) is exercised on small shapes.
+const COLS_BUDGET: usize = if cfg!(test) { 1 << 11 } else { 1 << 22 };
+
+/// Output size along one axis: `(input + 2 * padding - kernel) / stride + 1`.
+pub fn conv_out_size(input: usize, kernel: usize, stride: usize, padding: usize) -> Option<usize> {
+    let padded = input + 2 * padding;
+    (stride > 0 && kernel > 0 && padded >= kernel).then(|| (padded - kernel) / stride + 1)
+}
+
+/// One convolution's geometry, seen from the conv (not the transpose) side.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    /// Rows of the column matrix.
+    fn ck(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+    /// Columns per image.
+    fn hw(&self) -> usize {
+        self.ho * self.wo
+    }
+    fn img_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    /// A 1x1 conv without stride or padding: an image is its own column matrix.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+    /// Images per GEMM for a batch of `n`.
+    fn group(&self, n: usize) -> usize {
+        (COLS_BUDGET / (self.ck() * self.hw()).max(1)).clamp(1, n.max(1))
+    }
+    /// Output positions `ox` (or `oy`) whose input `ox * stride + j - pad`
+    /// lies in `0..size`, for kernel offset `j`.
+    fn valid(&self, j: usize, size: usize, out: usize) -> (usize, usize) {
+        let lo = (self.pad.saturating_sub(j)).div_ceil(self.stride);
+        let hi = if size + self.pad > j {
+            ((size + self.pad - j - 1) / self.stride + 1).min(out)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+}
+
+/// `f(index, chunk)` over the `len`-sized chunks of `data`, threaded when large.
+fn for_chunks(data: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if data.len() >= PAR_MIN {
+        data.par_chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// Columns of a group of images `[g, c, h, w]` into `cols [c*kh*kw, g*ho*wo]`:
+/// row `(ci, i, j)`, column `(gi, oy, ox)` holds `img[gi, ci, oy*s+i-p, ox*s+j-p]`
+/// (0 in the padding).
+fn im2col(g: &Geom, imgs: &[f32], cols: &mut [f32]) {
+    let (hw, plane) = (g.hw(), g.h * g.w);
+    let n = imgs.len() / g.img_len();
+    let fill_row = |r: usize, row: &mut [f32]| {
+        let (ci, i, j) = (r / (g.kh * g.kw), r / g.kw % g.kh, r % g.kw);
+        let (x0, x1) = g.valid(j, g.w, g.wo);
+        // No valid column means no valid pixel in any line.
+        let (y0, y1) = if x0 < x1 { g.valid(i, g.h, g.ho) } else { (0, 0) };
+        for gi in 0..n {
+            let src = &imgs[(gi * g.c + ci) * plane..][..plane];
+            let dst = &mut row[gi * hw..][..hw];
+            dst[..y0 * g.wo].fill(0.0);
+            dst[y1 * g.wo..].fill(0.0);
+            for oy in y0..y1 {
+                let line = &src[(oy * g.stride + i - g.pad) * g.w..][..g.w];
+                let seg = &mut dst[oy * g.wo..][..g.wo];
+                seg[..x0].fill(0.0);
+                seg[x1..].fill(0.0);
+                if g.stride == 1 {
+                    seg[x0..x1].copy_from_slice(&line[x0 + j - g.pad..x1 + j - g.pad]);
+                } else {
+                    for (ox, v) in seg[x0..x1].iter_mut().enumerate() {
+                        *v = line[(x0 + ox) * g.stride + j - g.pad];
+                    }
+                }
+            }
+        }
+    };
+    for_chunks(cols, n * hw, fill_row);
+}
+
+/// The adjoint of [`im2col`]: add every column entry back onto the pixel it
+/// was read from. `imgs` must start zeroed.
+fn col2im(g: &Geom, cols: &[f32], imgs: &mut [f32]) {
+    let (hw, plane) = (g.hw(), g.h * g.w);
+    let ld = imgs.len() / g.img_len() * hw;
+    let fill_plane = |q: usize, dst: &mut [f32]| {
+        let (gi, ci) = (q / g.c, q % g.c);
+        for i in 0..g.kh {
+            let (y0, y1) = g.valid(i, g.h, g.ho);
+            for j in 0..g.kw {
+                let (x0, x1) = g.valid(j, g.w, g.wo);
+                if x0 == x1 {
+                    continue;
+                }
+                let row = &cols[((ci * g.kh + i) * g.kw + j) * ld + gi * hw..][..hw];
+                for oy in y0..y1 {
+                    let line = &mut dst[(oy * g.stride + i - g.pad) * g.w..][..g.w];
+                    let seg = &row[oy * g.wo..][x0..x1];
+                    if g.stride == 1 {
+                        let out = &mut line[x0 + j - g.pad..x1 + j - g.pad];
+                        out.iter_mut().zip(seg).for_each(|(o, v)| *o += v);
+                    } else {
+                        for (ox, v) in seg.iter().enumerate() {
+                            line[(x0 + ox) * g.stride + j - g.pad] += v;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    for_chunks(imgs, plane, fill_plane);
+}
+
+/// `[g, rows, hw] -> [rows, g*hw]`, so a group's output grids form one GEMM operand.
+fn to_rows(src: &[f32], rows: usize, hw: usize, dst: &mut [f32]) {
+    let n = src.len() / (rows * hw);
+    for_chunks(dst, n * hw, |r, d| {
+        for gi in 0..n {
+            d[gi * hw..][..hw].copy_from_slice(&src[(gi * rows + r) * hw..][..hw]);
+        }
+    });
+}
+
+/// The inverse of [`to_rows`].
+fn from_rows(src: &[f32], rows: usize, hw: usize, dst: &mut [f32]) {
+    let n = dst.len() / (rows * hw);
+    for_chunks(dst, hw, |q, d| {
+        let (gi, r) = (q / rows, q % rows);
+        d.copy_from_slice(&src[r * n * hw + gi * hw..][..hw]);
+    });
+}
+
+/// The columns of one group: the images themselves when that is what
+/// im2col would produce, else `buf` filled by im2col.
+fn group_cols<'a>(g: &Geom, imgs: &'a [f32], buf: &'a mut Vec<f32>) -> &'a [f32] {
+    let n = imgs.len() / g.img_len();
+    if n == 1 && g.pointwise() {
+        return imgs;
+    }
+    buf.resize(g.ck() * n * g.hw(), 0.0);
+    im2col(g, imgs, buf);
+    buf
+}
+
+/// One group's output grids as a `[o, n*hw]` matrix (a copy unless `n == 1`).
+fn group_rows<'a>(g: &Geom, o: usize, colside: &'a [f32], buf: &'a mut Vec<f32>) -> &'a [f32] {
+    if colside.len() == o * g.hw() {
+        return colside;
+    }
+    buf.resize(colside.len(), 0.0);
+    to_rows(colside, o, g.hw(), buf);
+    buf
+}
+
+/// `colside[n] = W · cols(img[n])` with `W [o, ck]`.
+fn apply_cpu(g: &Geom, o: usize, imgs: &[f32], w: &[f32]) -> Vec<f32> {
+    let n = imgs.len() / g.img_len();
+    let (ck, hw, gs) = (g.ck(), g.hw(), g.group(n));
+    let mut out = vec![0.0; n * o * hw];
+    let (mut cols_buf, mut rows_buf) = (Vec::new(), Vec::new());
+    for (x, y) in imgs.chunks(gs * g.img_len()).zip(out.chunks_mut(gs * o * hw)) {
+        let cols = group_cols(g, x, &mut cols_buf);
+        let m = y.len() / o;
+        if m == hw {
+            sgemm(o, m, ck, Mat::n(w), Mat::n(cols), y, false);
+        } else {
+            rows_buf.resize(y.len(), 0.0);
+            sgemm(o, m, ck, Mat::n(w), Mat::n(cols), &mut rows_buf, false);
+            from_rows(&rows_buf, o, hw, y);
+        }
+    }
+    out
+}
+
+/// `img[n] = col2im(W^T · colside[n])`, the adjoint of [`apply_cpu`].
+fn adjoint_cpu(g: &Geom, o: usize, colside: &[f32], w: &[f32]) -> Vec<f32> {
+    let (ck, hw) = (g.ck(), g.hw());
+    let n = colside.len() / (o * hw);
+    let gs = g.group(n);
+    let mut out = vec![0.0; n * g.img_len()];
+    let (mut cols_buf, mut rows_buf) = (Vec::new(), Vec::new());
+    for (dy, dx) in colside.chunks(gs * o * hw).zip(out.chunks_mut(gs * g.img_len())) {
+        let rows = group_rows(g, o, dy, &mut rows_buf);
+        let m = rows.len() / o;
+        if m == hw && g.pointwise() {
+            sgemm(ck, m, o, Mat::t(w), Mat::n(rows), dx, false);
+        } else {
+            cols_buf.resize(ck * m, 0.0);
+            sgemm(ck, m, o, Mat::t(w), Mat::n(rows), &mut cols_buf, false);
+            col2im(g, &cols_buf, dx);
+        }
+    }
+    out
+}
+
+/// `dW [o, ck] = sum_n colside[n] · cols(img[n])^T`.
+fn weight_grad_cpu(g: &Geom, o: usize, imgs: &[f32], colside: &[f32]) -> Vec<f32> {
+    let n = imgs.len() / g.img_len();
+    let (ck, hw, gs) = (g.ck(), g.hw(), g.group(n));
+    let mut dw = vec![0.0; o * ck];
+    let (mut cols_buf, mut rows_buf) = (Vec::new(), Vec::new());
+    for (x, dy) in imgs.chunks(gs * g.img_len()).zip(colside.chunks(gs * o * hw)) {
+        let cols = group_cols(g, x, &mut cols_buf);
+        let rows = group_rows(g, o, dy, &mut rows_buf);
+        sgemm(o, ck, rows.len() / o, Mat::n(rows), Mat::t(cols), &mut dw, true);
+    }
+    dw
+}
+
+/// `out[n, c, :, :] += b[c]`.
+fn add_bias(out: &mut [f32], b: &[f32], plane: usize) {
+    let c = b.len();
+    for_chunks(out, plane, |q, p| p.iter_mut().for_each(|v| *v += b[q % c]));
+}
+
+/// `db[c] = sum over n, h, w of gy[n, c, h, w]`.
+fn bias_grad(gy: &[f32], c: usize, plane: usize) -> Vec<f32> {
+    let n = gy.len() / (c * plane);
+    (0..c)
+        .into_par_iter()
+        .map(|ci| {
+            (0..n)
+                .map(|ni| gy[(ni * c + ci) * plane..][..plane].iter().sum::<f32>())
+                .sum()
+        })
+        .collect()
+}
+
+/// Geometry and output channels of `conv2d(x, w)`, or an error naming the shapes.
+fn conv_geom(op: &str, x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<(Geom, usize)> {
+    ensure!(
+        x.rank() == 4 && w.rank() == 4 && x.shape()[1] == w.shape()[1],
+        "{op}: input {} and weight {} do not fit (expected [n, c, h, w] and [out, c, kh, kw])",
+        fmt_shape(x.shape()),
+        fmt_shape(w.shape())
+    );
+    ensure!(
+        x.shape()[1..].iter().chain(w.shape()).all(|&d| d > 0),
+        "{op}: empty input {} or weight {}",
+        fmt_shape(x.shape()),
+        fmt_shape(w.shape())
+    );
+    let (c, h, wd) = (x.shape()[1], x.shape()[2], x.shape()[3]);
+    let (o, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
+    let (Some(ho), Some(wo)) = (
+        conv_out_size(h, kh, stride, padding),
+        conv_out_size(wd, kw, stride, padding),
+    ) else {
+        bail!(
+            "{op}: kernel {kh}x{kw} with stride {stride} and padding {padding} does not fit input {} \
+             (need stride >= 1 and the padded input at least as large as the kernel)",
+            fmt_shape(x.shape())
+        );
+    };
+    let geom = Geom {
+        c,
+        h,
+        w: wd,
+        kh,
+        kw,
+        stride,
+        pad: padding,
+        ho,
+        wo,
+    };
+    Ok((geom, o))
+}
+
+fn check_bias(op: &str, b: Option<&Tensor>, channels: usize) -> Result<()> {
+    match b {
+        Some(b) => b.expect_shape(&[channels], &format!("{op} bias")),
+        None => Ok(()),
+    }
+}
+
+/// `x [n, c, h, w] * w [o, c, kh, kw] (+ b [o]) -> [n, o, ho, wo]`, zero padding.
+pub fn conv2d_forward(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (g, o) = conv_geom("conv2d", x, w, stride, padding)?;
+    check_bias("conv2d", b, o)?;
+    let n = x.shape()[0];
+    match x.storage() {
+        Storage::Cpu(_) => {
+            let mut y = apply_cpu(&g, o, x.cpu()?, w.cpu()?);
+            if let Some(b) = b {
+                add_bias(&mut y, b.cpu()?, g.hw());
+            }
+            Tensor::from_vec(y, &[n, o, g.ho, g.wo], &x.device())
+        }
+    }
+}
+
+/// Gradients of [`conv2d_forward`] from the output gradient `gy`: `(dx, dw, db)`,
+/// `db` only when `bias`.
+pub fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    stride: usize,
+    padding: usize,
+    bias: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let (g, o) = conv_geom("conv2d backward", x, w, stride, padding)?;
+    gy.expect_shape(&[x.shape()[0], o, g.ho, g.wo], "conv2d output gradient")?;
+    match x.storage() {
+        Storage::Cpu(_) => {
+            let (xv, wv, gv) = (x.cpu()?, w.cpu()?, gy.cpu()?);
+            let dx = x.same_shape(adjoint_cpu(&g, o, gv, wv))?;
+            let dw = w.same_shape(weight_grad_cpu(&g, o, xv, gv))?;
+            let db = bias
+                .then(|| Tensor::from_vec(bias_grad(gv, o, g.hw()), &[o], &x.device()))
+                .transpose()?;
+            Ok((dx, dw, db))
+        }
+    }
+}
+
+/// Geometry of `conv_transpose2d(x, w)` as the conv it is the adjoint of, and
+/// the output shape.
+fn transpose_geom(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    output_padding: usize,
+) -> Result<(Geom, Vec<usize>)> {
+    let op = "conv_transpose2d";
+    ensure!(
+        x.rank() == 4 && w.rank() == 4 && x.shape()[1] == w.shape()[0],
+        "{op}: input {} and weight {} do not fit (expected [n, c_in, h, w] and [c_in, c_out, kh, kw])",
+        fmt_shape(x.shape()),
+        fmt_shape(w.shape())
+    );
+    ensure!(
+        stride >= 1 && output_padding < stride,
+        "{op}: need stride >= 1 and output_padding < stride, got stride {stride}, output_padding {output_padding}"
+    );
+    ensure!(
+        x.shape()[1..].iter().chain(w.shape()).all(|&d| d > 0),
+        "{op}: empty input {} or weight {}",
+        fmt_shape(x.shape()),
+        fmt_shape(w.shape())
+    );
+    let (n, h, wd) = (x.shape()[0], x.shape()[2], x.shape()[3]);
+    let (co, kh, kw) = (w.shape()[1], w.shape()[2], w.shape()[3]);
+    let size = |i: usize, k: usize| ((i - 1) * stride + k + output_padding).checked_sub(2 * padding);
+    let (Some(hout @ 1..), Some(wout @ 1..)) = (size(h, kh), size(wd, kw)) else {
+        bail!(
+            "{op}: padding {padding} leaves no output for input {} and kernel {kh}x{kw}",
+            fmt_shape(x.shape())
+        );
+    };
+    // output_padding < stride makes the conv over the output land back on h x w.
+    let geom = Geom {
+        c: co,
+        h: hout,
+        w: wout,
+        kh,
+        kw,
+        stride,
+        pad: padding,
+        ho: h,
+        wo: wd,
+    };
+    Ok((geom, vec![n, co, hout, wout]))
+}
+
+/// `x [n, c_in, h, w]`, `w [c_in, c_out, kh, kw]` (+ `b [c_out]`) ->
+/// `[n, c_out, (h-1)*stride - 2*padding + kh + output_padding, ...]`: the
+/// adjoint of `conv2d` with the same weight, as in PyTorch.
+pub fn conv_transpose2d_forward(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    output_padding: usize,
+) -> Result<Tensor> {
+    let (g, shape) = transpose_geom(x, w, stride, padding, output_padding)?;
+    check_bias("conv_transpose2d", b, g.c)?;
+    match x.storage() {
+        Storage::Cpu(_) => {
+            let mut y = adjoint_cpu(&g, x.shape()[1], x.cpu()?, w.cpu()?);
+            if let Some(b) = b {
+                add_bias(&mut y, b.cpu()?, g.h * g.w);
+            }
+            Tensor::from_vec(y, &shape, &x.device())
+        }
+    }
+}
+
+/// Gradients of [`conv_transpose2d_forward`]: `(dx, dw, db)`, `db` only when `bias`.
+pub fn conv_transpose2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    (stride, padding, output_padding): (usize, usize, usize),
+    bias: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let (g, shape) = transpose_geom(x, w, stride, padding, output_padding)?;
+    gy.expect_shape(&shape, "conv_transpose2d output gradient")?;
+    let ci = x.shape()[1];
+    match x.storage() {
+        Storage::Cpu(_) => {
+            let (xv, wv, gv) = (x.cpu()?, w.cpu()?, gy.cpu()?);
+            let dx = x.same_shape(apply_cpu(&g, ci, gv, wv))?;
+            let dw = w.same_shape(weight_grad_cpu(&g, ci, gv, xv))?;
+            let db = bias
+                .then(|| Tensor::from_vec(bias_grad(gv, g.c, g.h * g.w), &[g.c], &x.device()))
+                .transpose()?;
+            Ok((dx, dw, db))
+        }
+    }
+}
+
+/// The backward result as one gradient per recorded input.
+fn grads(dx: Tensor, dw: Tensor, db: Option<Tensor>) -> Vec<Option<Tensor>> {
+    let mut out = vec![Some(dx), Some(dw)];
+    out.extend(db.map(Some));
+    out
+}
+
+impl Graph {
+    /// `conv2d(x, w, b)` with PyTorch's weight layout `[out, in, kh, kw]`.
+    pub fn conv2d(&mut self, x: Var, w: Var, b: Option<Var>, stride: usize, padding: usize) -> Result<Var> {
+        let (xv, wv) = (self.value(x).clone(), self.value(w).clone());
+        let y = conv2d_forward(&xv, &wv, b.map(|b| self.value(b)), stride, padding)?;
+        let inputs: Vec<Var> = [Some(x), Some(w), b].into_iter().flatten().collect();
+        let bias = b.is_some();
+        Ok(self.record(y, &inputs, move |gy| {
+            let (dx, dw, db) = conv2d_backward(&xv, &wv, gy, stride, padding, bias)?;
+            Ok(grads(dx, dw, db))
+        }))
+    }
+
+    /// `conv_transpose2d(x, w, b)` with PyTorch's weight layout `[in, out, kh, kw]`.
+    pub fn conv_transpose2d(
+        &mut self,
+        x: Var,
+        w: Var,
+        b: Option<Var>,
+        stride: usize,
+        padding: usize,
+        output_padding: usize,
+    ) -> Result<Var> {
+        let (xv, wv) = (self.value(x).clone(), self.value(w).clone());
+        let y = conv_transpose2d_forward(
+            &xv,
+            &wv,
+            b.map(|b| self.value(b)),
+            stride,
+            padding,
+            output_padding,
+        )?;
+        let inputs: Vec<Var> = [Some(x), Some(w), b].into_iter().flatten().collect();
+        let bias = b.is_some();
+        Ok(self.record(y, &inputs, move |gy| {
+            let sp = (stride, padding, output_padding);
+            let (dx, dw, db) = conv_transpose2d_backward(&xv, &wv, gy, sp, bias)?;
+            Ok(grads(dx, dw, db))
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{check_op, rand_tensor, Check};
+    use crate::Device;
+
+    /// Direct convolution, one output at a time.
+    fn conv_ref(x: &Tensor, w: &Tensor, b: &Tensor, s: usize, p: usize) -> Vec<f32> {
+        let (xs, ws, bs) = (x.to_vec().unwrap(), w.to_vec().unwrap(), b.to_vec().unwrap());
+        let [n, c, h, wd] = x.shape().try_into().unwrap();
+        let [o, _, kh, kw] = w.shape().try_into().unwrap();
+        let (ho, wo) = ((h + 2 * p - kh) / s + 1, (wd + 2 * p - kw) / s + 1);
+        let mut out = Vec::new();
+        for ni in 0..n {
+            for oc in 0..o {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut acc = bs[oc];
+                        for ci in 0..c {
+                            for i in 0..kh {
+                                for j in 0..kw {
+                                    let (iy, ix) = (
+                                        (oy * s + i) as isize - p as isize,
+                                        (ox * s + j) as isize - p as isize,
+                                    );
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
+                                        let xv = xs[((ni * c + ci) * h + iy as usize) * wd + ix as usize];
+                                        acc += xv * ws[((oc * c + ci) * kh + i) * kw + j];
+                                    }
+                                }
+                            }
+                        }
+                        out.push(acc);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Transposed convolution by scattering every input pixel through the kernel.
+    fn conv_t_ref(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        s: usize,
+        p: usize,
+        op: usize,
+    ) -> (Vec<f32>, Vec<usize>) {
+        let (xs, ws, bs) = (x.to_vec().unwrap(), w.to_vec().unwrap(), b.to_vec().unwrap());
+        let [n, ci, h, wd] = x.shape().try_into().unwrap();
+        let [_, co, kh, kw] = w.shape().try_into().unwrap();
+        let (ho, wo) = ((h - 1) * s + kh + op - 2 * p, (wd - 1) * s + kw + op - 2 * p);
+        let mut out = vec![0.0; n * co * ho * wo];
+        for (q, v) in out.iter_mut().enumerate() {
+            *v = bs[q / (ho * wo) % co];
+        }
+        for ni in 0..n {
+            for c in 0..ci {
+                for iy in 0..h {
+                    for ix in 0..wd {
+                        let xv = xs[((ni * ci + c) * h + iy) * wd + ix];
+                        for oc in 0..co {
+                            for i in 0..kh {
+                                for j in 0..kw {
+                                    let (y, xx) = (
+                                        (iy * s + i) as isize - p as isize,
+                                        (ix * s + j) as isize - p as isize,
+                                    );
+                                    if y >= 0 && xx >= 0 && (y as usize) < ho && (xx as usize) < wo {
+                                        let wv = ws[((c * co + oc) * kh + i) * kw + j];
+                                        out[((ni * co + oc) * ho + y as usize) * wo + xx as usize] += xv * wv;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (out, vec![n, co, ho, wo])
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{what} at {i}: {a} vs {b}"
+            );
+        }
+    }
+
+    /// (x shape, w shape, stride, padding): odd sizes, stride 2, padding
+    /// wider than the kernel, a kernel wider than the input, non-square kernels, 1x1.
+    const CONV_CASES: [([usize; 4], [usize; 4], usize, usize); 9] = [
+        ([3, 2, 7, 9], [4, 2, 3, 3], 2, 1),
+        ([5, 2, 7, 7], [3, 2, 3, 3], 1, 1),
+        ([2, 3, 11, 13], [5, 3, 3, 3], 1, 1),
+        ([2, 3, 9, 8], [4, 3, 2, 5], 2, 2),
+        ([3, 4, 5, 6], [2, 4, 1, 1], 1, 0),
+        ([1, 4, 5, 6], [2, 4, 1, 1], 1, 0),
+        ([2, 4, 5, 7], [3, 4, 1, 1], 2, 0),
+        ([1, 1, 3, 3], [1, 1, 2, 2], 1, 2),
+        ([2, 2, 2, 3], [1, 2, 5, 5], 3, 2),
+    ];
+
+    #[test]
+    fn conv2d_matches_reference_loop() {
+        let dev = Device::cpu();
+        let mut groups = Vec::new();
+        for (k, (xs, ws, s, p)) in CONV_CASES.into_iter().enumerate() {
+            let x = rand_tensor(&xs, k as u64, &dev);
+            let w = rand_tensor(&ws, 100 + k as u64, &dev);
+            let b = rand_tensor(&[ws[0]], 200 + k as u64, &dev);
+            let y = conv2d_forward(&x, &w, Some(&b), s, p).unwrap();
+            let (g, _) = conv_geom("test", &x, &w, s, p).unwrap();
+            assert_eq!(y.shape(), &[xs[0], ws[0], g.ho, g.wo]);
+            assert_close(
+                &y.to_vec().unwrap(),
+                &conv_ref(&x, &w, &b, s, p),
+                &format!("case {k}"),
+            );
+            groups.push((g.group(xs[0]), xs[0]));
+        }
+        // The cases cover one image per GEMM, and several with a shorter last group.
+        assert!(groups.iter().any(|&(g, _)| g == 1));
+        assert!(groups.iter().any(|&(g, n)| g > 1 && n % g != 0));
+    }
+
+    #[test]
+    fn conv_transpose2d_matches_reference_loop() {
+        let dev = Device::cpu();
+        // (x shape, w shape, stride, padding, output_padding)
+        let cases = [
+            ([2, 3, 4, 5], [3, 2, 3, 3], 2, 1, 1),
+            ([3, 2, 5, 3], [2, 4, 2, 3], 3, 0, 2),
+            ([5, 3, 6, 6], [3, 2, 3, 3], 1, 1, 0),
+            ([2, 4, 5, 7], [4, 3, 1, 1], 1, 0, 0),
+            ([1, 2, 3, 3], [2, 2, 4, 4], 2, 2, 1),
+        ];
+        for (k, (xs, ws, s, p, op)) in cases.into_iter().enumerate() {
+            let x = rand_tensor(&xs, k as u64, &dev);
+            let w = rand_tensor(&ws, 100 + k as u64, &dev);
+            let b = rand_tensor(&[ws[1]], 200 + k as u64, &dev);
+            let y = conv_transpose2d_forward(&x, &w, Some(&b), s, p, op).unwrap();
+            let (want, shape) = conv_t_ref(&x, &w, &b, s, p, op);
+            assert_eq!(y.shape(), &shape[..], "case {k}");
+            assert_close(&y.to_vec().unwrap(), &want, &format!("case {k}"));
+        }
+    }
+
+    #[test]
+    fn gradcheck_conv2d() {
+        let dev = Device::cpu();
+        // (x, w, stride, padding): stride 2 + padding 1 with a non-square
+        // kernel on odd sizes; then a batch that splits into GEMM groups 2 + 1.
+        for (k, (xs, ws, s, p)) in [
+            ([2, 3, 5, 7], [4, 3, 3, 2], 2, 1),
+            ([3, 2, 7, 7], [2, 2, 3, 3], 1, 1),
+            ([2, 3, 4, 5], [2, 3, 1, 1], 1, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let x = rand_tensor(&xs, 1 + k as u64, &dev);
+            let w = rand_tensor(&ws, 2 + k as u64, &dev);
+            let b = rand_tensor(&[ws[0]], 3, &dev);
+            check_op(&[x.clone(), w.clone(), b], Check::default(), |g, v| {
+                g.conv2d(v[0], v[1], Some(v[2]), s, p)
+            })
+            .unwrap_or_else(|e| panic!("case {k}: {e}"));
+            check_op(&[x, w], Check::default(), |g, v| g.conv2d(v[0], v[1], None, s, p)).unwrap();
+        }
+    }
+
+    #[test]
+    fn gradcheck_conv_transpose2d() {
+        let dev = Device::cpu();
+        for (k, (xs, ws, s, p, op)) in [
+            ([2, 3, 3, 4], [3, 2, 3, 2], 2, 1, 1),
+            ([3, 2, 4, 3], [2, 3, 3, 3], 1, 1, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let x = rand_tensor(&xs, 4 + k as u64, &dev);
+            let w = rand_tensor(&ws, 5 + k as u64, &dev);
+            let b = rand_tensor(&[ws[1]], 6, &dev);
+            check_op(&[x.clone(), w.clone(), b], Check::default(), |g, v| {
+                g.conv_transpose2d(v[0], v[1], Some(v[2]), s, p, op)
+            })
+            .unwrap_or_else(|e| panic!("case {k}: {e}"));
+            check_op(&[x, w], Check::default(), |g, v| {
+                g.conv_transpose2d(v[0], v[1], None, s, p, op)
+            })
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn conv_shape_errors_name_the_op_and_shapes() {
+        let dev = Device::cpu();
+        let x = rand_tensor(&[2, 3, 5, 5], 1, &dev);
+        let w = rand_tensor(&[4, 3, 3, 3], 2, &dev);
+        let err = |r: Result<Tensor>| r.unwrap_err().to_string();
+        let e = err(conv2d_forward(
+            &x,
+            &rand_tensor(&[4, 2, 3, 3], 2, &dev),
+            None,
+            1,
+            0,
+        ));
+        assert!(e.contains("conv2d") && e.contains("[2, 3, 5, 5]"), "{e}");
+        let e = err(conv2d_forward(
+            &x,
+            &rand_tensor(&[4, 3, 7, 7], 2, &dev),
+            None,
+            1,
+            0,
+        ));
+        assert!(e.contains("does not fit"), "{e}");
+        assert!(conv2d_forward(&x, &rand_tensor(&[4, 3, 7, 7], 2, &dev), None, 1, 1).is_ok());
+        assert!(conv2d_forward(&x, &w, None, 0, 1).is_err());
+        assert!(conv2d_forward(&x, &w, Some(&rand_tensor(&[3], 3, &dev)), 1, 1).is_err());
+        assert!(conv2d_forward(&rand_tensor(&[3, 5, 5], 1, &dev), &w, None, 1, 1).is_err());
+        assert!(conv2d_forward(&rand_tensor(&[2, 3, 0, 5], 1, &dev), &w, None, 1, 1).is_err());
+        let gy = rand_tensor(&[2, 4, 4, 4], 3, &dev);
+        assert!(conv2d_backward(&x, &w, &gy, 1, 1, true).is_err());
+
+        let wt = rand_tensor(&[3, 4, 3, 3], 2, &dev);
+        let e = err(conv_transpose2d_forward(&x, &wt, None, 2, 1, 2));
+        assert!(e.contains("output_padding"), "{e}");
+        assert!(conv_transpose2d_forward(&x, &w, None, 1, 0, 0).is_err());
+        assert!(conv_transpose2d_forward(&rand_tensor(&[1, 3, 1, 1], 1, &dev), &wt, None, 1, 2, 0).is_err());
+        assert!(conv_transpose2d_forward(&x, &wt, Some(&rand_tensor(&[3], 3, &dev)), 1, 1, 0).is_err());
+    }
+}

@@ -1,0 +1,229 @@
+//! Average pooling: `avg_pool2d` over square windows without padding
+//! (PyTorch's `F.avg_pool2d(x, kernel, stride)`, floor mode), and
+//! `global_avg_pool` of each channel plane to one value. Every (image,
+//! channel) plane is independent, so the CPU loops thread over planes.
+
+use anyhow::{ensure, Result};
+use rayon::prelude::*;
+
+use super::PAR_MIN;
+use crate::autograd::{Graph, Var};
+use crate::tensor::{fmt_shape, Storage, Tensor};
+
+/// `f(plane index, plane)` over `out` cut into `len`-sized planes, threaded when large.
+fn for_planes(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if out.len() >= PAR_MIN {
+        out.par_chunks_mut(len).enumerate().for_each(|(q, p)| f(q, p));
+    } else {
+        out.chunks_mut(len).enumerate().for_each(|(q, p)| f(q, p));
+    }
+}
+
+/// Output size of `avg_pool2d`, or an error naming the shapes.
+fn pool_geom(x: &Tensor, kernel: usize, stride: usize) -> Result<(usize, usize)> {
+    ensure!(
+        x.rank() == 4 && kernel >= 1 && stride >= 1 && x.shape()[2] >= kernel && x.shape()[3] >= kernel,
+        "avg_pool2d: input {} with kernel {kernel}, stride {stride} (expected [n, c, h, w] with h, w >= kernel >= 1, \
+         stride >= 1)",
+        fmt_shape(x.shape())
+    );
+    let out = |s: usize| (s - kernel) / stride + 1;
+    Ok((out(x.shape()[2]), out(x.shape()[3])))
+}
+
+/// Mean of every `kernel x kernel` window, windows `stride` apart: `[n, c, h, w]
+/// -> [n, c, (h - kernel) / stride + 1, (w - kernel) / stride + 1]`.
+pub fn avg_pool2d_forward(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    let (ho, wo) = pool_geom(x, kernel, stride)?;
+    let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    match x.storage() {
+        Storage::Cpu(_) => {
+            let xs = x.cpu()?;
+            let scale = 1.0 / (kernel * kernel) as f32;
+            let mut out = vec![0.0; n * c * ho * wo];
+            for_planes(&mut out, ho * wo, |q, dst| {
+                let src = &xs[q * h * w..][..h * w];
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut s = 0.0;
+                        for i in 0..kernel {
+                            s += src[(oy * stride + i) * w + ox * stride..][..kernel]
+                                .iter()
+                                .sum::<f32>();
+                        }
+                        dst[oy * wo + ox] = s * scale;
+                    }
+                }
+            });
+            Tensor::from_vec(out, &[n, c, ho, wo], &x.device())
+        }
+    }
+}
+
+/// Gradient of [`avg_pool2d_forward`]: each output gradient spread evenly
+/// over its window (overlapping windows add up).
+pub fn avg_pool2d_backward(x: &Tensor, gy: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    let (ho, wo) = pool_geom(x, kernel, stride)?;
+    let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    gy.expect_shape(&[n, c, ho, wo], "avg_pool2d output gradient")?;
+    match x.storage() {
+        Storage::Cpu(_) => {
+            let gs = gy.cpu()?;
+            let scale = 1.0 / (kernel * kernel) as f32;
+            let mut dx = vec![0.0; x.numel()];
+            for_planes(&mut dx, h * w, |q, dst| {
+                let src = &gs[q * ho * wo..][..ho * wo];
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let v = src[oy * wo + ox] * scale;
+                        for i in 0..kernel {
+                            let row = &mut dst[(oy * stride + i) * w + ox * stride..][..kernel];
+                            row.iter_mut().for_each(|d| *d += v);
+                        }
+                    }
+                }
+            });
+            x.same_shape(dx)
+        }
+    }
+}
+
+fn check_global(x: &Tensor) -> Result<()> {
+    ensure!(
+        x.rank() == 4 && x.shape()[2] * x.shape()[3] > 0,
+        "global_avg_pool: expected a non-empty [n, c, h, w] input, got {}",
+        fmt_shape(x.shape())
+    );
+    Ok(())
+}
+
+/// Mean of each channel plane: `[n, c, h, w] -> [n, c]`.
+pub fn global_avg_pool_forward(x: &Tensor) -> Result<Tensor> {
+    check_global(x)?;
+    let (n, c, hw) = (x.shape()[0], x.shape()[1], x.shape()[2] * x.shape()[3]);
+    match x.storage() {
+        Storage::Cpu(_) => {
+            let xs = x.cpu()?;
+            let out = xs
+                .par_chunks(hw)
+                .map(|p| p.iter().sum::<f32>() / hw as f32)
+                .collect();
+            Tensor::from_vec(out, &[n, c], &x.device())
+        }
+    }
+}
+
+/// Gradient of [`global_avg_pool_forward`]: `gy[n, c] / (h * w)` over the plane.
+pub fn global_avg_pool_backward(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
+    check_global(x)?;
+    let (n, c, hw) = (x.shape()[0], x.shape()[1], x.shape()[2] * x.shape()[3]);
+    gy.expect_shape(&[n, c], "global_avg_pool output gradient")?;
+    match x.storage() {
+        Storage::Cpu(_) => {
+            let gs = gy.cpu()?;
+            let mut dx = vec![0.0; x.numel()];
+            for_planes(&mut dx, hw, |q, p| p.fill(gs[q] / hw as f32));
+            x.same_shape(dx)
+        }
+    }
+}
+
+impl Graph {
+    /// Average pooling over `kernel x kernel` windows, `stride` apart, no padding.
+    pub fn avg_pool2d(&mut self, x: Var, kernel: usize, stride: usize) -> Result<Var> {
+        let xv = self.value(x).clone();
+        let y = avg_pool2d_forward(&xv, kernel, stride)?;
+        Ok(self.record(y, &[x], move |g| {
+            Ok(vec![Some(avg_pool2d_backward(&xv, g, kernel, stride)?)])
+        }))
+    }
+
+    /// Mean over each channel plane: `[n, c, h, w] -> [n, c]`.
+    pub fn global_avg_pool(&mut self, x: Var) -> Result<Var> {
+        let xv = self.value(x).clone();
+        let y = global_avg_pool_forward(&xv)?;
+        Ok(self.record(y, &[x], move |g| {
+            Ok(vec![Some(global_avg_pool_backward(&xv, g)?)])
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{check_op, rand_tensor, Check};
+    use crate::Device;
+
+    #[test]
+    fn avg_pool2d_matches_reference_loop() {
+        let dev = Device::cpu();
+        // (shape, kernel, stride): odd sizes with leftover rows and columns,
+        // overlapping windows, stride wider than the kernel.
+        for (shape, k, s) in [
+            ([2, 3, 7, 9], 2, 2),
+            ([1, 2, 8, 5], 3, 1),
+            ([3, 1, 11, 10], 3, 2),
+            ([1, 1, 9, 9], 2, 3),
+            ([2, 2, 4, 4], 4, 4),
+        ] {
+            let x = rand_tensor(&shape, 1, &dev);
+            let y = avg_pool2d_forward(&x, k, s).unwrap();
+            let [n, c, h, w] = shape;
+            let (ho, wo) = ((h - k) / s + 1, (w - k) / s + 1);
+            assert_eq!(y.shape(), &[n, c, ho, wo]);
+            let (xs, ys) = (x.to_vec().unwrap(), y.to_vec().unwrap());
+            for q in 0..n * c {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut sum = 0.0;
+                        for i in 0..k {
+                            for j in 0..k {
+                                sum += xs[(q * h + oy * s + i) * w + ox * s + j];
+                            }
+                        }
+                        let want = sum / (k * k) as f32;
+                        let got = ys[(q * ho + oy) * wo + ox];
+                        assert!((got - want).abs() < 1e-5, "{shape:?} k{k} s{s}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gradcheck_avg_pool2d() {
+        let dev = Device::cpu();
+        for (shape, k, s) in [([2, 3, 7, 5], 3, 2), ([1, 2, 6, 7], 2, 1), ([1, 2, 9, 8], 2, 3)] {
+            let x = rand_tensor(&shape, 2, &dev);
+            check_op(&[x], Check::default(), |g, v| g.avg_pool2d(v[0], k, s))
+                .unwrap_or_else(|e| panic!("{shape:?} k{k} s{s}: {e}"));
+        }
+    }
+
+    #[test]
+    fn global_avg_pool_matches_mean_and_gradchecks() {
+        let dev = Device::cpu();
+        let x = rand_tensor(&[2, 3, 5, 7], 3, &dev);
+        let y = global_avg_pool_forward(&x).unwrap();
+        assert_eq!(y.shape(), &[2, 3]);
+        let (xs, ys) = (x.to_vec().unwrap(), y.to_vec().unwrap());
+        for q in 0..6 {
+            let want = xs[q * 35..(q + 1) * 35].iter().sum::<f32>() / 35.0;
+            assert!((ys[q] - want).abs() < 1e-5);
+        }
+        check_op(&[x], Check::default(), |g, v| g.global_avg_pool(v[0])).unwrap();
+    }
+
+    #[test]
+    fn pool_shape_errors() {
+        let dev = Device::cpu();
+        let x = rand_tensor(&[1, 2, 3, 5], 1, &dev);
+        let e = avg_pool2d_forward(&x, 4, 1).unwrap_err().to_string();
+        assert!(e.contains("avg_pool2d") && e.contains("[1, 2, 3, 5]"), "{e}");
+        assert!(avg_pool2d_forward(&x, 2, 0).is_err());
+        assert!(avg_pool2d_forward(&x, 0, 1).is_err());
+        assert!(avg_pool2d_forward(&rand_tensor(&[2, 3, 5], 1, &dev), 2, 2).is_err());
+        assert!(global_avg_pool_forward(&rand_tensor(&[2, 3], 1, &dev)).is_err());
+        assert!(global_avg_pool_backward(&x, &rand_tensor(&[2, 1], 1, &dev)).is_err());
+    }
+}
