@@ -102,6 +102,22 @@ pub fn half_size(h: usize, w: usize) -> (usize, usize) {
     (h.div_ceil(2).max(1), w.div_ceil(2).max(1))
 }
 
+/// Pyramids stop at the first level whose longer side is at most this: the
+/// size of a default proxy.
+pub const PYRAMID_MIN_SIDE: usize = 32;
+
+/// Sizes of the pyramid levels of an `h`×`w` image: halved (ceil) until
+/// the longer side is at most `min_side`.
+pub fn pyramid_sizes(h: usize, w: usize, min_side: usize) -> Vec<(usize, usize)> {
+    let mut sizes = vec![(h, w)];
+    let mut cur = (h, w);
+    while cur.0.max(cur.1) > min_side.max(1) {
+        cur = half_size(cur.0, cur.1);
+        sizes.push(cur);
+    }
+    sizes
+}
+
 /// Area downsampling by 2: each output pixel is the mean of the (up to) 2×2
 /// input pixels it covers; at an odd edge only the existing ones count.
 pub fn downsample2(data: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
@@ -200,13 +216,10 @@ impl InMemoryImage {
             "in-memory image: {} values do not make {channels}x{h}x{w}",
             data.len()
         );
+        let sizes = pyramid_sizes(h, w, min_side);
         let mut levels = vec![(h, w, data)];
-        loop {
+        for &(h2, w2) in &sizes[1..] {
             let (h, w, d) = levels.last().unwrap();
-            if (*h).max(*w) <= min_side.max(1) || (*h == 1 && *w == 1) {
-                break;
-            }
-            let (h2, w2) = half_size(*h, *w);
             let d2 = downsample2(d, channels, *h, *w);
             levels.push((h2, w2, d2));
         }
