@@ -43,6 +43,8 @@ const FRAGMENT: usize = 8;
 const FRAGMENTS_PER_CELL: usize = 8;
 /// Largest canvas side accepted for the large variants.
 pub const MAX_SIZE: usize = 1 << 16;
+/// Seeds the proxy noise apart from the scenes.
+const PROXY_STREAM: u64 = 0x5052_4f58;
 /// MNIST train digits held out for the valid split (the last ones).
 pub const VALID_DIGITS: usize = 10_000;
 
@@ -528,7 +530,7 @@ impl SceneDataset {
             channels: 1,
             size: proxy_size,
             noise,
-            seed: mix_seed(&[seed, split as u64, 0x7072_6f78_79]),
+            seed: mix_seed(&[seed, split as u64, PROXY_STREAM]),
         });
         Ok(SceneDataset {
             cfg,

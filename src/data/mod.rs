@@ -19,7 +19,7 @@ pub mod mnist;
 pub mod proxy;
 pub mod source;
 // pub mod spec;
-// pub mod store;
+pub mod store;
 
 use std::sync::Arc;
 
