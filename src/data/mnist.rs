@@ -161,7 +161,7 @@ pub(crate) mod tests {
         assert_eq!((train.len(), test.len()), (60_000, 10_000));
         // The first training digit of MNIST is a 5, the first test digit a 7.
         assert_eq!((train.labels[0], test.labels[0]), (5, 7));
-        assert!(train.image(0).iter().any(|&p| p == 255));
+        assert!(train.image(0).contains(&255));
     }
 
     #[test]

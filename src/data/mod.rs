@@ -14,7 +14,7 @@
 
 pub mod cluttered;
 // pub mod commands;
-// pub mod loader;
+pub mod loader;
 pub mod mnist;
 pub mod proxy;
 pub mod source;
@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-// pub use loader::{Batch, Loader, LoaderConfig};
+pub use loader::{Batch, Loader, LoaderConfig};
 pub use proxy::{AreaProxy, ProxyMaker};
 pub use source::{ImageSource, InMemoryImage};
 // pub use spec::{open_dataset, DataConfig, SplitSizes};
