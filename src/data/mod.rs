@@ -18,7 +18,7 @@ pub mod loader;
 pub mod mnist;
 pub mod proxy;
 pub mod source;
-// pub mod spec;
+pub mod spec;
 pub mod store;
 
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use anyhow::Result;
 pub use loader::{Batch, Loader, LoaderConfig};
 pub use proxy::{AreaProxy, ProxyMaker};
 pub use source::{ImageSource, InMemoryImage};
-// pub use spec::{open_dataset, DataConfig, SplitSizes};
+pub use spec::{open_dataset, DataConfig, SplitSizes};
 
 /// Which part of a dataset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
