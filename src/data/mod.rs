@@ -13,7 +13,8 @@
 //! - [`commands`]: `saccade data generate|import|inspect`.
 
 pub mod cluttered;
-// pub mod commands;
+pub mod commands;
+pub mod font;
 pub mod loader;
 pub mod mnist;
 pub mod proxy;
