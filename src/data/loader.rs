@@ -141,34 +141,30 @@ impl Loader {
             let (h, w) = self.dataset.image_size();
             h * w <= self.cfg.max_resident_pixels
         };
+        let batches = Arc::new(batches);
         let mut receivers = Vec::new();
         let mut handles = Vec::new();
-        let mut inline = None;
-        if self.cfg.workers == 0 {
-            inline = Some((self.dataset.clone(), batches));
-        } else {
-            let workers = self.cfg.workers.min(total.max(1));
-            let batches = Arc::new(batches);
-            for w in 0..workers {
-                let (tx, rx) = sync_channel(self.cfg.prefetch.max(1));
-                let (ds, batches) = (self.dataset.clone(), batches.clone());
-                handles.push(std::thread::spawn(move || {
-                    for b in (w..batches.len()).step_by(workers) {
-                        let batch = make_batch(ds.as_ref(), &batches[b], resident);
-                        let failed = batch.is_err();
-                        // The consumer hung up: stop.
-                        if tx.send(batch).is_err() || failed {
-                            return;
-                        }
+        let workers = self.cfg.workers.min(total);
+        for w in 0..workers {
+            let (tx, rx) = sync_channel(self.cfg.prefetch.max(1));
+            let (ds, batches) = (self.dataset.clone(), batches.clone());
+            handles.push(std::thread::spawn(move || {
+                for b in (w..batches.len()).step_by(workers) {
+                    let batch = make_batch(ds.as_ref(), &batches[b], resident);
+                    let failed = batch.is_err();
+                    // The consumer hung up: stop.
+                    if tx.send(batch).is_err() || failed {
+                        return;
                     }
-                }));
-                receivers.push(rx);
-            }
+                }
+            }));
+            receivers.push(rx);
         }
         Epoch {
             receivers,
             handles,
-            inline,
+            dataset: self.dataset.clone(),
+            batches,
             resident,
             shape: {
                 let ds = &self.dataset;
@@ -215,8 +211,9 @@ fn make_batch(ds: &dyn Dataset, indices: &[usize], resident: bool) -> Result<Hos
 pub struct Epoch {
     receivers: Vec<Receiver<Result<HostBatch>>>,
     handles: Vec<JoinHandle<()>>,
-    /// With no workers: the dataset and the batches to make here.
-    inline: Option<(Arc<dyn Dataset>, Vec<Vec<usize>>)>,
+    /// Made here when there are no workers.
+    dataset: Arc<dyn Dataset>,
+    batches: Arc<Vec<Vec<usize>>>,
     resident: bool,
     /// Image channels, height, width; proxy channels, side.
     shape: (usize, usize, usize, usize, usize),
@@ -260,13 +257,12 @@ impl Iterator for Epoch {
         }
         let k = self.next;
         self.next += 1;
-        let host = match &self.inline {
-            Some((ds, batches)) => make_batch(ds.as_ref(), &batches[k], self.resident),
-            None => {
-                let rx = &self.receivers[k % self.receivers.len()];
-                rx.recv()
-                    .unwrap_or_else(|_| Err(anyhow!("loader: a worker thread stopped early")))
-            }
+        let host = if self.receivers.is_empty() {
+            make_batch(self.dataset.as_ref(), &self.batches[k], self.resident)
+        } else {
+            let rx = &self.receivers[k % self.receivers.len()];
+            rx.recv()
+                .unwrap_or_else(|_| Err(anyhow!("loader: a worker thread stopped early")))
         };
         let result = host.and_then(|host| self.to_batch(host));
         if result.is_err() {
