@@ -581,7 +581,10 @@ impl SceneDataset {
 
     /// The image of sample `i`: held in memory at 100², rendered on demand above.
     pub fn image(&self, i: usize) -> Result<Arc<dyn ImageSource>> {
-        let scene = self.scene(i);
+        self.image_of(self.scene(i))
+    }
+
+    fn image_of(&self, scene: Scene) -> Result<Arc<dyn ImageSource>> {
         Ok(if self.cfg.size == BASE_SIDE {
             let data = scene.render(&self.mnist, BASE_SIDE, 0, 0, BASE_SIDE, BASE_SIDE);
             Arc::new(InMemoryImage::new(
@@ -629,10 +632,12 @@ impl Dataset for SceneDataset {
             self.describe(),
             self.len
         );
-        let image = self.image(i)?;
+        let scene = self.scene(i);
+        let label = scene.label;
+        let image = self.image_of(scene)?;
         Ok(Sample {
             proxy: self.proxy.make(i, image.as_ref())?,
-            label: self.scene(i).label,
+            label,
             image,
         })
     }
