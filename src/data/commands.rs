@@ -370,7 +370,7 @@ pub struct InspectArgs {
 }
 
 /// A grid PNG: per sample, the image (downsampled to fit a cell), its proxy
-/// (nearest-neighbour upscaled) and its label.
+/// (nearest-neighbour upscaled), its label and its index.
 pub fn inspect(args: &InspectArgs) -> Result<()> {
     ensure!(
         args.count > 0 && args.cell >= 16,
@@ -414,8 +414,17 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         let (pc, j) = ds.proxy_shape();
         let up = (cell / j as u32).max(1);
         paste(&mut grid, gx + cell + gap, gy, &s.proxy, pc, j, j, up);
-        let label = format!("{} #{i}", names[s.label]);
-        draw_text(&mut grid, gx, gy + cell + gap, &label, text, Rgb([255, 210, 80]));
+        let label = &names[s.label];
+        draw_text(&mut grid, gx, gy + cell + gap, label, text, Rgb([255, 210, 80]));
+        let index_x = gx + text_width(label, text) + 2 * text;
+        draw_text(
+            &mut grid,
+            index_x,
+            gy + cell + gap,
+            &format!("i={i}"),
+            text,
+            Rgb([150, 150, 170]),
+        );
         let proxy_note = format!("proxy {j}x{j}");
         draw_text(
             &mut grid,
