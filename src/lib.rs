@@ -19,6 +19,7 @@ pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod predict;
 pub mod tensor;
 pub mod train;
 pub mod viz;

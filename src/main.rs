@@ -5,12 +5,14 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use saccade::data::{self, Split};
+use saccade::data::commands::{self, GenerateArgs, ImportArgs, InspectArgs, OutputFormat};
+use saccade::data::spec::SPEC_HELP;
+use saccade::data::{self, Split, SplitSizes};
 use saccade::models::SaccadeConfig;
-use saccade::train::{self, TrainConfig, Trainer};
+use saccade::train::{TrainConfig, Trainer};
 use saccade::Device;
 
 #[derive(Parser)]
@@ -38,10 +40,86 @@ enum Command {
     /// Classify image files with a checkpoint and draw where it looked.
     Predict(PredictArgs),
     /// Generate, import and inspect datasets.
-    #[command(subcommand)]
-    Data(data::commands::DataCommand),
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
     /// Show the compute devices found.
     Device,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    /// Tiled pyramid store (use the folder as --dataset).
+    Store,
+    /// PNG files, OUT/<split>/<class>/<index>.png.
+    Png,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SplitArg {
+    Train,
+    Valid,
+    Test,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write a generated dataset (all three splits) to disk.
+    #[command(after_help = SPEC_HELP)]
+    Generate {
+        /// Dataset spec (see below).
+        #[arg(long, default_value = "cluttered-mnist")]
+        dataset: String,
+        /// Output folder (must be new or empty).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 100_000)]
+        train: usize,
+        #[arg(long, default_value_t = 10_000)]
+        valid: usize,
+        #[arg(long, default_value_t = 10_000)]
+        test: usize,
+        #[arg(long, value_enum, default_value = "store")]
+        format: Format,
+    },
+    /// Import PNG/JPEG/TIFF images, one class per subfolder, into a tiled store.
+    Import {
+        /// Folder with one subfolder of images per class.
+        #[arg(long)]
+        folder: PathBuf,
+        /// Store folder to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// Resize every image to SIZE x SIZE (required when sizes differ).
+        #[arg(long)]
+        size: Option<usize>,
+        /// Fraction of images in the valid split (fixed per file by a hash of its path).
+        #[arg(long, default_value_t = 0.1)]
+        valid_frac: f64,
+        /// Fraction of images in the test split.
+        #[arg(long, default_value_t = 0.1)]
+        test_frac: f64,
+    },
+    /// Draw a grid of images with their proxies and labels to a PNG.
+    #[command(after_help = SPEC_HELP)]
+    Inspect {
+        /// A store folder or a dataset spec (see below).
+        dataset: String,
+        #[arg(long, default_value = "grid.png")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 12)]
+        count: usize,
+        #[arg(long, value_enum, default_value = "train")]
+        split: SplitArg,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Side of each picture in pixels.
+        #[arg(long, default_value_t = 160)]
+        cell: u32,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -114,12 +192,13 @@ struct TrainArgs {
     /// Fix the posterior variance to this value instead of learning it (paper ablation, e.g. 0.6).
     #[arg(long)]
     fixed_variance: Option<f32>,
-    /// Proxy side in pixels.
-    #[arg(long, default_value_t = 32)]
-    proxy_size: usize,
-    /// Standard deviation of Gaussian noise added to the proxy (robustness ablation).
-    #[arg(long, default_value_t = 0.0)]
-    proxy_noise: f32,
+    /// Proxy side in pixels (default 32; same as `,proxy=J` in the dataset spec).
+    #[arg(long)]
+    proxy_size: Option<usize>,
+    /// Standard deviation of Gaussian noise added to the proxy, robustness ablation
+    /// (same as `,noise=S` in the dataset spec).
+    #[arg(long)]
+    proxy_noise: Option<f32>,
     /// Clip gradient values to [-c, c] (0: off).
     #[arg(long)]
     clip_value: Option<f32>,
@@ -234,17 +313,16 @@ fn run_train(a: TrainArgs) -> Result<(), Failure> {
         }
         None => Trainer::new(train_config(&a)?, device.clone()),
     };
-    let sizes = data::Sizes::from_flags(a.train_size, a.valid_size, a.test_size, a.preset == Preset::Paper);
-    let opts = data::DataOptions {
+    let [train, valid, test] = trainer.cfg.sizes;
+    let cfg = data::DataConfig {
         seed: trainer.cfg.seed,
-        sizes,
-        proxy_size: trainer.cfg.model.proxy_size,
-        proxy_noise: a.proxy_noise,
+        sizes: SplitSizes { train, valid, test },
+        mnist_dir: None,
     };
     let spec = trainer.cfg.dataset.clone();
-    let train_set = data::open_dataset(&spec, Split::Train, &opts)?;
-    let valid_set = data::open_dataset(&spec, Split::Valid, &opts)?;
-    let test_set = data::open_dataset(&spec, Split::Test, &opts)?;
+    let train_set = data::open_dataset(&spec, Split::Train, &cfg)?;
+    let valid_set = data::open_dataset(&spec, Split::Valid, &cfg)?;
+    let test_set = data::open_dataset(&spec, Split::Test, &cfg)?;
     check_compatible(&trainer.cfg.model, train_set.as_ref())?;
     if !a.json {
         eprintln!(
@@ -274,7 +352,7 @@ fn run_train(a: TrainArgs) -> Result<(), Failure> {
     }
     let report = trainer.evaluate(&test_set, !a.json)?;
     let viz = a.out.join("saccades.png");
-    train::save_saccade_picture(&trainer.model, &test_set, 8, &viz)?;
+    saccade::predict::save_saccade_picture(&trainer.model, &test_set, 8, &viz)?;
     let seconds = started.elapsed().as_secs_f64();
     let peak = fit.epochs.iter().map(|e| e.peak_bytes).max().unwrap_or(0);
     if a.json {
@@ -307,15 +385,41 @@ fn run_train(a: TrainArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The dataset spec with the proxy flags folded in.
+fn dataset_spec(a: &TrainArgs) -> String {
+    let mut spec = a.dataset.clone();
+    if let Some(j) = a.proxy_size {
+        spec.push_str(&format!(",proxy={j}"));
+    }
+    if let Some(n) = a.proxy_noise {
+        spec.push_str(&format!(",noise={n}"));
+    }
+    spec
+}
+
+/// Open a few test samples of `spec` to learn its shapes and class names.
+fn probe(spec: &str) -> Result<Arc<dyn data::Dataset>> {
+    let cfg = data::DataConfig {
+        sizes: SplitSizes {
+            train: 1,
+            valid: 1,
+            test: 1,
+        },
+        ..Default::default()
+    };
+    data::open_dataset(spec, Split::Test, &cfg)
+}
+
 fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
-    let probe = data::describe(&a.dataset)?;
+    let spec = dataset_spec(a);
+    let probe = probe(&spec)?;
     let paper = a.preset == Preset::Paper;
     let mut m = if paper {
-        SaccadeConfig::paper(probe.channels, probe.num_classes)
+        SaccadeConfig::paper(probe.channels(), probe.num_classes())
     } else {
-        SaccadeConfig::small(probe.channels, probe.num_classes)
+        SaccadeConfig::small(probe.channels(), probe.num_classes())
     };
-    m.proxy_size = a.proxy_size;
+    m.proxy_size = probe.proxy_shape().1;
     m.glimpses = a.glimpses.unwrap_or(m.glimpses);
     m.crop = a.crop.unwrap_or(m.crop);
     m.scale_max = a.max_scale.unwrap_or(m.scale_max);
@@ -335,24 +439,36 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     }
     Ok(TrainConfig {
         model: m,
-        dataset: a.dataset.clone(),
+        dataset: spec,
         epochs: a.epochs.unwrap_or(if paper { 60 } else { 3 }),
         batch_size: a.batch_size.unwrap_or(if paper { 100 } else { 32 }),
         lr: a.lr.unwrap_or(if paper { 1e-4 } else { 1e-3 }),
         clip_value: a.clip_value.unwrap_or(if paper { 0.25 } else { 0.0 }),
         clip_norm: 10.0,
         seed: a.seed,
+        sizes: [
+            a.train_size.unwrap_or(if paper { 100_000 } else { 20_000 }),
+            a.valid_size.unwrap_or(if paper { 10_000 } else { 1_000 }),
+            a.test_size.unwrap_or(if paper { 10_000 } else { 2_000 }),
+        ],
     })
 }
 
 fn check_compatible(m: &SaccadeConfig, d: &dyn data::Dataset) -> Result<()> {
-    if m.channels != d.channels() || m.num_classes != d.num_classes() {
+    if m.channels != d.channels()
+        || m.num_classes != d.num_classes()
+        || d.proxy_shape() != (m.channels, m.proxy_size)
+    {
         bail!(
-            "the model has {} channels and {} classes but the dataset has {} and {}",
+            "the model has {} channels, {} classes and {}x{} proxies but {} has {} channels, {} classes and {:?} proxies",
             m.channels,
             m.num_classes,
+            m.proxy_size,
+            m.proxy_size,
+            d.describe(),
             d.channels(),
-            d.num_classes()
+            d.num_classes(),
+            d.proxy_shape()
         );
     }
     Ok(())
@@ -362,13 +478,15 @@ fn run_eval(a: EvalArgs) -> Result<(), Failure> {
     let device = select_device(&a.device)?;
     let t = Trainer::from_checkpoint(&a.checkpoint, device)?;
     let spec = a.dataset.unwrap_or_else(|| t.cfg.dataset.clone());
-    let opts = data::DataOptions {
+    let cfg = data::DataConfig {
         seed: t.cfg.seed,
-        sizes: data::Sizes::from_flags(None, None, a.test_size, false),
-        proxy_size: t.cfg.model.proxy_size,
-        proxy_noise: 0.0,
+        sizes: SplitSizes {
+            test: a.test_size.unwrap_or(2_000),
+            ..Default::default()
+        },
+        mnist_dir: None,
     };
-    let test = data::open_dataset(&spec, Split::Test, &opts)?;
+    let test = data::open_dataset(&spec, Split::Test, &cfg)?;
     check_compatible(&t.cfg.model, test.as_ref())?;
     let r = t.evaluate(&test, !a.json)?;
     if a.json {
@@ -399,9 +517,8 @@ fn run_eval(a: EvalArgs) -> Result<(), Failure> {
 fn run_predict(a: PredictArgs) -> Result<(), Failure> {
     let device = select_device(&a.device)?;
     let t = Trainer::from_checkpoint(&a.checkpoint, device)?;
-    let names = data::describe(&t.cfg.dataset)?.class_names;
-    let set = data::open_files(&a.images, t.cfg.model.channels, t.cfg.model.proxy_size)?;
-    let results = train::predict(&t.model, &set, a.viz.as_deref())?;
+    let names = probe(&t.cfg.dataset)?.class_names();
+    let results = saccade::predict::predict_files(&t.model, &a.images, a.viz.as_deref())?;
     let mut rows = Vec::new();
     for (path, probs) in a.images.iter().zip(&results) {
         let mut order: Vec<usize> = (0..probs.len()).collect();
@@ -434,6 +551,62 @@ fn run_predict(a: PredictArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+fn run_data(command: DataCommand) -> Result<()> {
+    match command {
+        DataCommand::Generate {
+            dataset,
+            out,
+            seed,
+            train,
+            valid,
+            test,
+            format,
+        } => commands::generate(&GenerateArgs {
+            dataset,
+            out,
+            seed,
+            sizes: SplitSizes { train, valid, test },
+            format: match format {
+                Format::Store => OutputFormat::Store,
+                Format::Png => OutputFormat::Png,
+            },
+            mnist_dir: None,
+        }),
+        DataCommand::Import {
+            folder,
+            out,
+            size,
+            valid_frac,
+            test_frac,
+        } => commands::import(&ImportArgs {
+            folder,
+            out,
+            size,
+            valid_frac,
+            test_frac,
+        }),
+        DataCommand::Inspect {
+            dataset,
+            out,
+            count,
+            split,
+            seed,
+            cell,
+        } => commands::inspect(&InspectArgs {
+            dataset,
+            out,
+            count,
+            split: match split {
+                SplitArg::Train => Split::Train,
+                SplitArg::Valid => Split::Valid,
+                SplitArg::Test => Split::Test,
+            },
+            seed,
+            cell,
+        }),
+    }
+}
+
 fn run_device() -> Result<(), Failure> {
     println!("cpu: {} threads", rayon::current_num_threads());
     println!("cuda: not available (this build has no CUDA backend yet)");
@@ -446,7 +619,7 @@ fn main() -> ExitCode {
         Command::Train(a) => run_train(a),
         Command::Eval(a) => run_eval(a),
         Command::Predict(a) => run_predict(a),
-        Command::Data(c) => data::commands::run(c).map_err(Failure::from),
+        Command::Data { command } => run_data(command).map_err(Failure::from),
         Command::Device => run_device(),
     };
     match result {

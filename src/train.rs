@@ -22,10 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::autograd::Graph;
 use crate::checkpoint::{self, Checkpoint};
-use crate::data::{Batch, Dataset, Loader};
+use crate::data::{Batch, Dataset, Loader, LoaderConfig};
 use crate::device::Device;
 use crate::models::{Images, SaccadeConfig, Saccader};
-use crate::ops::loss::softmax;
 use crate::optim::{clip_by_norm, clip_by_value, Adam, AdamConfig};
 use crate::tensor::Tensor;
 
@@ -42,6 +41,8 @@ pub struct TrainConfig {
     /// Clip the global gradient norm (0 disables).
     pub clip_norm: f32,
     pub seed: u64,
+    /// Images in the train, valid and test splits of generated datasets.
+    pub sizes: [usize; 3],
 }
 
 /// Where a run stands; saved in checkpoints for `--resume`.
@@ -105,7 +106,7 @@ pub fn images_of(batch: &Batch) -> Images<'_> {
     }
 }
 
-fn argmax_rows(logits: &Tensor) -> Result<Vec<usize>> {
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<usize>> {
     let k = logits.shape()[1];
     Ok(logits
         .to_vec()?
@@ -239,11 +240,10 @@ impl Trainer {
             let epoch = self.progress.epoch;
             let loader = Loader::new(
                 train.clone(),
-                bs,
-                Some(self.cfg.seed ^ epoch as u64),
-                self.progress.step,
+                loader_config(bs, Some(self.cfg.seed)),
+                &self.device,
             )?;
-            let steps = loader.steps();
+            let steps = loader.num_batches();
             let bar = progress_bar(
                 show_progress,
                 steps as u64,
@@ -254,7 +254,7 @@ impl Trainer {
             let t0 = Instant::now();
             let (mut loss_sum, mut ce_sum, mut kl_sum, mut correct, mut seen, mut nsteps) =
                 (0.0, 0.0, 0.0, 0, 0, 0);
-            for batch in loader {
+            for batch in loader.epoch_from(epoch, self.progress.step) {
                 let batch = batch?;
                 let (loss, ce, kl, ok) = match self.step(&batch) {
                     Ok(v) => v,
@@ -347,6 +347,16 @@ impl Trainer {
     }
 }
 
+/// Batches in a fixed order per (seed, epoch); `None` keeps dataset order.
+fn loader_config(batch_size: usize, shuffle_seed: Option<u64>) -> LoaderConfig {
+    LoaderConfig {
+        batch_size,
+        shuffle: shuffle_seed.is_some(),
+        seed: shuffle_seed.unwrap_or(0),
+        ..LoaderConfig::default()
+    }
+}
+
 pub fn progress_bar(show: bool, len: u64, prefix: &str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
@@ -361,23 +371,6 @@ pub fn progress_bar(show: bool, len: u64, prefix: &str) -> ProgressBar {
     bar
 }
 
-/// Predictions of a batch with posterior means: (class probabilities
-/// `[B, K]`, glimpses per sample as `(s, tx, ty)` per step, crops `[T*B, C, L, L]`).
-pub fn predict_batch(model: &Saccader, batch: &Batch) -> Result<(Tensor, Vec<Vec<[f32; 3]>>, Tensor)> {
-    let mut g = Graph::inference();
-    let out = model.forward(&mut g, &images_of(batch), &batch.proxies, &batch.labels, None)?;
-    let probs = softmax(g.value(out.logits))?;
-    let b = batch.labels.len();
-    let mut glimpses = vec![Vec::new(); b];
-    for &th in &out.thetas {
-        let v = g.value(th).to_vec()?;
-        for (i, gl) in glimpses.iter_mut().enumerate() {
-            gl.push([v[i * 6], v[i * 6 + 2], v[i * 6 + 5]]);
-        }
-    }
-    Ok((probs, glimpses, g.value(out.crops).clone()))
-}
-
 pub fn evaluate(
     model: &Saccader,
     data: &Arc<dyn Dataset>,
@@ -386,11 +379,11 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let k = data.num_classes();
     let mut confusion = vec![vec![0usize; k]; k];
-    let loader = Loader::new(data.clone(), batch_size, None, 0)?;
-    let bar = progress_bar(show, loader.steps() as u64, "evaluating");
-    for batch in loader {
+    let loader = Loader::new(data.clone(), loader_config(batch_size, None), &model.device())?;
+    let bar = progress_bar(show, loader.num_batches() as u64, "evaluating");
+    for batch in loader.epoch(0) {
         let batch = batch?;
-        let (probs, _, _) = predict_batch(model, &batch)?;
+        let (probs, _, _) = crate::predict::predict_batch(model, &batch)?;
         for (p, &l) in argmax_rows(&probs)?.iter().zip(&batch.labels) {
             confusion[l][*p] += 1;
         }

@@ -1,6 +1,110 @@
 //! Data: image sources (in memory, procedural, tiled store), datasets and
 //! loaders.
+//!
+//! - [`source`]: the [`ImageSource`] trait (read a region at a pyramid level).
+//! - [`mnist`]: the vendored, checksummed MNIST digits.
+//! - [`cluttered`]: the generated tasks (cluttered two-digit identification,
+//!   two-digit sum, one-digit cluttered) at 100² and as procedural large images.
+//! - [`store`]: the tiled pyramid store on disk, read through memmap2.
+//! - [`proxy`]: the small proxy images the saccade model looks at.
+//! - [`loader`]: shuffled, prefetched batches.
+//! - [`spec`]: dataset names (`cluttered-mnist@2528:native`, a store path)
+//!   to [`Dataset`]s, shared by every command.
+//! - [`commands`]: `saccade data generate|import|inspect`.
 
+pub mod cluttered;
+pub mod commands;
+pub mod font;
+pub mod loader;
+pub mod mnist;
+pub mod proxy;
 pub mod source;
+pub mod spec;
+pub mod store;
 
+use std::sync::Arc;
+
+use anyhow::Result;
+
+pub use loader::{Batch, Loader, LoaderConfig};
+pub use proxy::{AreaProxy, ProxyMaker};
 pub use source::{ImageSource, InMemoryImage};
+pub use spec::{open_dataset, DataConfig, SplitSizes};
+
+/// Which part of a dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Split {
+    Train,
+    Valid,
+    Test,
+}
+
+impl Split {
+    pub const ALL: [Split; 3] = [Split::Train, Split::Valid, Split::Test];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Valid => "valid",
+            Split::Test => "test",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Split> {
+        Split::ALL
+            .into_iter()
+            .find(|sp| sp.name() == s)
+            .ok_or_else(|| anyhow::anyhow!("unknown split `{s}`: expected train, valid or test"))
+    }
+}
+
+/// One example: the image (read by region, never needed whole), its proxy
+/// (CHW, `proxy_shape`), and its class.
+#[derive(Clone)]
+pub struct Sample {
+    pub image: Arc<dyn ImageSource>,
+    pub proxy: Vec<f32>,
+    pub label: usize,
+}
+
+/// A split of a dataset: indexed samples with fixed image and proxy shapes.
+pub trait Dataset: Send + Sync {
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn num_classes(&self) -> usize;
+
+    /// Human-readable class names (`"3+7"` for the pair task), `num_classes` long.
+    fn class_names(&self) -> Vec<String>;
+
+    fn channels(&self) -> usize;
+
+    /// `(height, width)` of every image at full resolution.
+    fn image_size(&self) -> (usize, usize);
+
+    /// `(channels, side)` of the proxies.
+    fn proxy_shape(&self) -> (usize, usize);
+
+    /// Sample `i`; the same `i` gives the same sample every time.
+    fn get(&self, i: usize) -> Result<Sample>;
+
+    /// One line saying what this is, for logs.
+    fn describe(&self) -> String;
+}
+
+/// Mix several values into one well-spread 64-bit seed (SplitMix64 finalizer
+/// over a running hash), so per-sample random streams are independent and
+/// stable across versions of the `rand` crates.
+pub fn mix_seed(parts: &[u64]) -> u64 {
+    let mut h = 0x9e37_79b9_7f4a_7c15u64;
+    for &p in parts {
+        h = (h ^ p).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^= h >> 31;
+    }
+    h
+}

@@ -3,6 +3,8 @@
 //! `l` times by 2 (see [`downsample2`]); reads outside the image give zeros,
 //! which is the zero padding of the spatial transformer.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use anyhow::{ensure, Result};
 
 pub trait ImageSource: Send + Sync {
@@ -23,6 +25,76 @@ pub trait ImageSource: Send + Sync {
     /// (`channels * h * w` values, CHW, in `[0, 1]`); pixels outside the
     /// image are 0.
     fn read_region(&self, level: usize, y0: i64, x0: i64, h: usize, w: usize, out: &mut [f32]) -> Result<()>;
+
+    /// Bytes of stored pixels `read_region` has touched so far (whole tiles
+    /// for the tiled store, in-image pixels for in-memory images, 0 for
+    /// sources that render on demand): the figure behind "bytes read per crop
+    /// do not grow with the image size".
+    fn bytes_read(&self) -> u64 {
+        0
+    }
+
+    /// The whole image at the coarsest level whose sides are both at least
+    /// `min_side` (level 0 when none is), as `(h, w, CHW data)`: proxies are
+    /// made from it without reading the full resolution.
+    fn overview(&self, min_side: usize) -> Result<(usize, usize, Vec<f32>)> {
+        let level = (0..self.levels())
+            .rev()
+            .find(|&l| {
+                let (h, w) = self.level_size(l);
+                h.min(w) >= min_side
+            })
+            .unwrap_or(0);
+        let (h, w) = self.level_size(level);
+        let mut out = vec![0.0; self.channels() * h * w];
+        self.read_region(level, 0, 0, h, w, &mut out)?;
+        Ok((h, w, out))
+    }
+}
+
+/// The coarsest level at which a window `extent` level-0 pixels wide still
+/// has at least `out_px` pixels. Reading a crop there rather than at level 0
+/// keeps the pixels read per crop near `(2 * out_px)^2` whatever the image size.
+pub fn level_for_crop(src: &dyn ImageSource, extent: f64, out_px: usize) -> usize {
+    let full = src.level_size(0).1 as f64;
+    let mut level = 0;
+    while level + 1 < src.levels() && extent * src.level_size(level + 1).1 as f64 / full >= out_px as f64 {
+        level += 1;
+    }
+    level
+}
+
+/// Read a region of `level >= 1` by reading the region of `level - 1` it
+/// covers and area-downsampling it; the result equals that region of a
+/// pyramid built from the whole image, for sources that only render level 0.
+#[allow(clippy::too_many_arguments)]
+pub fn read_via_finer_level(
+    src: &dyn ImageSource,
+    level: usize,
+    y0: i64,
+    x0: i64,
+    h: usize,
+    w: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    ensure!(
+        level >= 1 && level < src.levels(),
+        "read_via_finer_level: level {level} is not in 1..{}",
+        src.levels()
+    );
+    let c = src.channels();
+    let mut fine = vec![0.0; c * 4 * h * w];
+    src.read_region(level - 1, 2 * y0, 2 * x0, 2 * h, 2 * w, &mut fine)?;
+    let down = downsample2_window(
+        &fine,
+        c,
+        src.level_size(level - 1),
+        (2 * h, 2 * w),
+        (y0, x0),
+        (h, w),
+    );
+    out.copy_from_slice(&down);
+    Ok(())
 }
 
 /// Size of the next pyramid level.
@@ -30,23 +102,75 @@ pub fn half_size(h: usize, w: usize) -> (usize, usize) {
     (h.div_ceil(2).max(1), w.div_ceil(2).max(1))
 }
 
+/// Pyramids stop at the first level whose longer side is at most this: the
+/// size of a default proxy.
+pub const PYRAMID_MIN_SIDE: usize = 32;
+
+/// Sizes of the pyramid levels of an `h`×`w` image: halved (ceil) until
+/// the longer side is at most `min_side`.
+pub fn pyramid_sizes(h: usize, w: usize, min_side: usize) -> Vec<(usize, usize)> {
+    let mut sizes = vec![(h, w)];
+    let mut cur = (h, w);
+    while cur.0.max(cur.1) > min_side.max(1) {
+        cur = half_size(cur.0, cur.1);
+        sizes.push(cur);
+    }
+    sizes
+}
+
 /// Area downsampling by 2: each output pixel is the mean of the (up to) 2×2
 /// input pixels it covers; at an odd edge only the existing ones count.
 pub fn downsample2(data: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
-    let (h2, w2) = half_size(h, w);
-    let mut out = vec![0.0; c * h2 * w2];
+    downsample2_window(data, c, (h, w), (h, w), (0, 0), half_size(h, w))
+}
+
+/// [`downsample2`] of a window: `src` (CHW, `win` = rows × columns) holds
+/// the pixels of a level of size `fine` from row `2 * y0`, column `2 * x0`
+/// on, covering every existing pixel of the 2×2 blocks under rows
+/// `y0..y0+h`, columns `x0..x0+w` of the next level, which are returned (0
+/// outside that level). Pixels are summed in the same order as a whole-image
+/// `downsample2`, so a window's result equals the same crop of it exactly.
+pub fn downsample2_window(
+    src: &[f32],
+    c: usize,
+    (fh, fw): (usize, usize),
+    (sh, sw): (usize, usize),
+    (y0, x0): (i64, i64),
+    (h, w): (usize, usize),
+) -> Vec<f32> {
+    let (h2, w2) = half_size(fh, fw);
+    let mut out = vec![0.0; c * h * w];
+    // Output columns inside the next level: (index in out, first fine column in the window, 1 or 2 columns).
+    let cols: Vec<(usize, usize, usize)> = (0..w)
+        .filter_map(|j| {
+            let x = x0 + j as i64;
+            (x >= 0 && x < w2 as i64).then(|| (j, (2 * (x - x0)) as usize, (fw - 2 * x as usize).min(2)))
+        })
+        .collect();
     for ch in 0..c {
-        let src = &data[ch * h * w..(ch + 1) * h * w];
-        for i in 0..h2 {
-            for j in 0..w2 {
-                let (mut s, mut n) = (0.0, 0.0);
-                for y in 2 * i..(2 * i + 2).min(h) {
-                    for x in 2 * j..(2 * j + 2).min(w) {
-                        s += src[y * w + x];
-                        n += 1.0;
+        let s = &src[ch * sh * sw..(ch + 1) * sh * sw];
+        for i in 0..h {
+            let y = y0 + i as i64;
+            if y < 0 || y >= h2 as i64 {
+                continue;
+            }
+            let ny = (fh - 2 * y as usize).min(2);
+            let r0 = &s[(2 * (y - y0)) as usize * sw..];
+            let r1 = &s[((2 * (y - y0)) as usize + ny - 1) * sw..];
+            let o = &mut out[(ch * h + i) * w..(ch * h + i + 1) * w];
+            // Summed row by row, left to right, as the plain 2x2 loop would.
+            for &(j, fx, nx) in &cols {
+                let mut sum = r0[fx];
+                if nx == 2 {
+                    sum += r0[fx + 1];
+                }
+                if ny == 2 {
+                    sum += r1[fx];
+                    if nx == 2 {
+                        sum += r1[fx + 1];
                     }
                 }
-                out[(ch * h2 + i) * w2 + j] = s / n;
+                o[j] = sum / (ny * nx) as f32;
             }
         }
     }
@@ -91,6 +215,7 @@ pub struct InMemoryImage {
     channels: usize,
     /// (height, width, CHW data) per level.
     levels: Vec<(usize, usize, Vec<f32>)>,
+    bytes_read: AtomicU64,
 }
 
 impl InMemoryImage {
@@ -101,17 +226,18 @@ impl InMemoryImage {
             "in-memory image: {} values do not make {channels}x{h}x{w}",
             data.len()
         );
+        let sizes = pyramid_sizes(h, w, min_side);
         let mut levels = vec![(h, w, data)];
-        loop {
+        for &(h2, w2) in &sizes[1..] {
             let (h, w, d) = levels.last().unwrap();
-            if (*h).max(*w) <= min_side.max(1) || (*h == 1 && *w == 1) {
-                break;
-            }
-            let (h2, w2) = half_size(*h, *w);
             let d2 = downsample2(d, channels, *h, *w);
             levels.push((h2, w2, d2));
         }
-        Ok(InMemoryImage { channels, levels })
+        Ok(InMemoryImage {
+            channels,
+            levels,
+            bytes_read: AtomicU64::new(0),
+        })
     }
 
     /// The CHW pixels of a level.
@@ -145,7 +271,15 @@ impl ImageSource for InMemoryImage {
         );
         let (sh, sw, d) = &self.levels[level];
         copy_region(d, self.channels, *sh, *sw, y0, x0, h, w, out);
+        let inside = |a: i64, n: usize, len: usize| (a + n as i64).min(len as i64) - a.max(0);
+        let pixels = inside(y0, h, *sh).max(0) * inside(x0, w, *sw).max(0);
+        self.bytes_read
+            .fetch_add(4 * (self.channels as i64 * pixels) as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
     }
 }
 
@@ -167,5 +301,33 @@ mod tests {
         img.read_region(0, -1, 4, 3, 3, &mut out).unwrap();
         assert_eq!(out, vec![0.0, 0.0, 0.0, 4.0, 5.0, 0.0, 10.0, 11.0, 0.0]);
         assert!(img.read_region(9, 0, 0, 1, 1, &mut [0.0]).is_err());
+        assert_eq!(img.bytes_read(), 4 * 4); // 2x2 of the 3x3 window lay inside
+    }
+
+    #[test]
+    fn downsampled_windows_equal_crops_of_the_pyramid() {
+        let (c, h, w) = (2, 13, 10);
+        let data: Vec<f32> = (0..c * h * w).map(|i| ((i * 37) % 101) as f32 / 100.0).collect();
+        let img = InMemoryImage::new(data, c, h, w, 1).unwrap();
+        for level in 1..img.levels() {
+            let (lh, lw) = img.level_size(level);
+            for (y0, x0, rh, rw) in [(0, 0, lh, lw), (-1, 1, 3, 2), (lh as i64 - 1, -2, 2, 4)] {
+                let mut got = vec![9.0; c * rh * rw];
+                read_via_finer_level(&img, level, y0, x0, rh, rw, &mut got).unwrap();
+                let mut want = vec![0.0; c * rh * rw];
+                img.read_region(level, y0, x0, rh, rw, &mut want).unwrap();
+                assert_eq!(got, want, "level {level} window ({y0},{x0}) {rh}x{rw}");
+            }
+        }
+    }
+
+    #[test]
+    fn crop_level_and_overview() {
+        let img = InMemoryImage::new(vec![0.5; 1024 * 1024], 1, 1024, 1024, 8).unwrap();
+        assert_eq!(level_for_crop(&img, 1024.0, 32), 5); // 1024 -> 32 pixels
+        assert_eq!(level_for_crop(&img, 300.0, 32), 3); // 300/8 = 37.5 >= 32 > 18.75
+        assert_eq!(level_for_crop(&img, 10.0, 32), 0);
+        let (h, w, d) = img.overview(100).unwrap();
+        assert_eq!((h, w, d.len()), (128, 128, 128 * 128));
     }
 }

@@ -139,6 +139,15 @@ impl Saccader {
         }
     }
 
+    /// The device the parameters live on.
+    pub fn device(&self) -> Device {
+        self.params
+            .iter()
+            .next()
+            .map(|(_, p)| p.value.device())
+            .unwrap_or_else(Device::cpu)
+    }
+
     /// z = (z_s, z_x, z_y) to `theta = [[s, 0, tx], [0, s, ty]]` with
     /// `s = s_min + (s_max - s_min) * sigmoid(z_s)` and `tx = (1 - s) tanh(z_x)`
     /// (likewise ty): the centre is bounded so that the whole glimpse stays
@@ -202,9 +211,9 @@ impl Saccader {
         let dev = proxies.device();
         let ps = &self.params;
         let t_steps = self.cfg.glimpses;
-        let noise: Option<Vec<Tensor>> = rng.map(|r| {
+        let noise: Option<Vec<Tensor>> = rng.map(|mut r| {
             (0..t_steps)
-                .map(|_| Tensor::randn(&[b, LATENT], 1.0, r, &dev))
+                .map(|_| Tensor::randn(&[b, LATENT], 1.0, &mut r, &dev))
                 .collect()
         });
         let proxy = g.constant(proxies.clone());

@@ -1,0 +1,603 @@
+//! `saccade data generate|import|inspect`: plain functions taking argument
+//! structs, so `main.rs` only parses flags.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context, Result};
+use image::{imageops, DynamicImage, GrayImage, ImageReader, Rgb, RgbImage};
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+
+use super::font::{draw_text, text_width};
+use super::proxy::area_resize;
+use super::source::ImageSource;
+use super::spec::{DatasetSpec, Source};
+use super::store::{write_tiled, Entry, Manifest};
+use super::{mix_seed, open_dataset, DataConfig, Dataset, Split, SplitSizes};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// A tiled pyramid store (readable as `--dataset DIR`).
+    Store,
+    /// PNG files, `DIR/<split>/<class>/<index>.png` (readable by `data import`).
+    Png,
+}
+
+pub struct GenerateArgs {
+    pub dataset: String,
+    pub out: PathBuf,
+    pub seed: u64,
+    pub sizes: SplitSizes,
+    pub format: OutputFormat,
+    pub mnist_dir: Option<PathBuf>,
+}
+
+fn progress(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} [{elapsed_precise} < {eta_precise}]")
+            .expect("valid template"),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Refuse to write into a folder that already holds data.
+fn fresh_out(out: &Path) -> Result<()> {
+    if out.exists() {
+        let used = fs::read_dir(out)
+            .with_context(|| format!("--out {} exists and is not a readable folder", out.display()))?
+            .next()
+            .is_some();
+        ensure!(
+            !used,
+            "--out {} is not empty; remove it or choose another folder",
+            out.display()
+        );
+    }
+    fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))
+}
+
+/// Level 0 of an image as 8-bit pixels (HWC).
+fn to_u8(src: &dyn ImageSource) -> Result<(u32, u32, Vec<u8>)> {
+    let c = src.channels();
+    let (h, w) = src.size();
+    let mut chw = vec![0.0f32; c * h * w];
+    src.read_region(0, 0, 0, h, w, &mut chw)?;
+    let hwc = (0..h * w)
+        .flat_map(|p| (0..c).map(move |ch| (p, ch)))
+        .map(|(p, ch)| (chw[ch * h * w + p].clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    Ok((w as u32, h as u32, hwc))
+}
+
+/// Write every split of a generated dataset to disk.
+pub fn generate(args: &GenerateArgs) -> Result<()> {
+    let spec = DatasetSpec::parse(&args.dataset)?;
+    if let Source::Store(dir) = &spec.source {
+        bail!(
+            "{} is already a store; generate takes a generated dataset name",
+            dir.display()
+        );
+    }
+    fresh_out(&args.out)?;
+    let cfg = DataConfig {
+        seed: args.seed,
+        sizes: args.sizes,
+        mnist_dir: args.mnist_dir.clone(),
+    };
+    let datasets: Vec<(Split, Arc<dyn Dataset>)> = Split::ALL
+        .into_iter()
+        .map(|s| Ok((s, open_dataset(&args.dataset, s, &cfg)?)))
+        .collect::<Result<_>>()?;
+    let total: usize = datasets.iter().map(|(_, d)| d.len()).sum();
+    let first = &datasets[0].1;
+    let classes = first.class_names();
+    eprintln!(
+        "generating {total} images of {} into {}",
+        first.describe(),
+        args.out.display()
+    );
+    let bar = progress(total as u64, "generate");
+    let mut entries = Vec::new();
+    if args.format == OutputFormat::Store {
+        fs::create_dir_all(args.out.join("images"))?;
+    }
+    for (split, ds) in &datasets {
+        let made: Vec<Entry> = (0..ds.len())
+            .into_par_iter()
+            .map(|i| {
+                let s = ds.get(i)?;
+                let file = match args.format {
+                    OutputFormat::Store => {
+                        let file = format!("images/{}-{i:07}.tiles", split.name());
+                        write_tiled(&args.out.join(&file), s.image.as_ref())?;
+                        file
+                    }
+                    OutputFormat::Png => {
+                        let file = format!("{}/{}/{i:07}.png", split.name(), classes[s.label]);
+                        let path = args.out.join(&file);
+                        fs::create_dir_all(path.parent().unwrap())?;
+                        let (w, h, px) = to_u8(s.image.as_ref())?;
+                        let img = match s.image.channels() {
+                            1 => DynamicImage::ImageLuma8(GrayImage::from_raw(w, h, px).unwrap()),
+                            _ => DynamicImage::ImageRgb8(RgbImage::from_raw(w, h, px).unwrap()),
+                        };
+                        img.save(&path)
+                            .with_context(|| format!("cannot write {}", path.display()))?;
+                        file
+                    }
+                };
+                bar.inc(1);
+                Ok(Entry {
+                    split: *split,
+                    label: s.label,
+                    file,
+                })
+            })
+            .collect::<Result<_>>()?;
+        entries.extend(made);
+    }
+    bar.finish();
+    if args.format == OutputFormat::Store {
+        Manifest {
+            channels: first.channels(),
+            size: first.image_size(),
+            classes,
+            entries,
+        }
+        .write(&args.out)?;
+    }
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+pub struct ImportArgs {
+    pub folder: PathBuf,
+    pub out: PathBuf,
+    /// Resize every image to `size`×`size` (needed when sizes differ).
+    pub size: Option<usize>,
+    pub valid_frac: f64,
+    pub test_frac: f64,
+}
+
+const IMAGE_EXTS: [&str; 5] = ["png", "jpg", "jpeg", "tif", "tiff"];
+
+/// A decoded 8-bit image (HWC) as an image source, for writing to the store
+/// without a float copy of a large image.
+struct DecodedImage {
+    c: usize,
+    h: usize,
+    w: usize,
+    data: Vec<u8>,
+}
+
+impl ImageSource for DecodedImage {
+    fn channels(&self) -> usize {
+        self.c
+    }
+
+    fn levels(&self) -> usize {
+        1
+    }
+
+    fn level_size(&self, _: usize) -> (usize, usize) {
+        (self.h, self.w)
+    }
+
+    fn read_region(&self, level: usize, y0: i64, x0: i64, h: usize, w: usize, out: &mut [f32]) -> Result<()> {
+        ensure!(
+            level == 0 && out.len() == self.c * h * w,
+            "decoded image: bad region request"
+        );
+        for ch in 0..self.c {
+            for i in 0..h {
+                for j in 0..w {
+                    let (y, x) = (y0 + i as i64, x0 + j as i64);
+                    let inside = y >= 0 && x >= 0 && (y as usize) < self.h && (x as usize) < self.w;
+                    out[(ch * h + i) * w + j] = if inside {
+                        self.data[(y as usize * self.w + x as usize) * self.c + ch] as f32 / 255.0
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Split of an imported file: fixed by a hash of its path, so re-importing
+/// (or adding files) keeps every file in its split.
+fn split_of(rel: &str, valid_frac: f64, test_frac: f64) -> Split {
+    let h = rel.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let u = (mix_seed(&[h]) >> 11) as f64 / (1u64 << 53) as f64;
+    if u < test_frac {
+        Split::Test
+    } else if u < test_frac + valid_frac {
+        Split::Valid
+    } else {
+        Split::Train
+    }
+}
+
+/// Import a folder of images, one class per subfolder, into a store.
+pub fn import(args: &ImportArgs) -> Result<()> {
+    ensure!(
+        (0.0..1.0).contains(&(args.valid_frac + args.test_frac))
+            && args.valid_frac >= 0.0
+            && args.test_frac >= 0.0,
+        "--valid-frac and --test-frac must be non-negative and sum to less than 1"
+    );
+    let read = |d: &Path| -> Result<Vec<PathBuf>> {
+        let mut v: Vec<PathBuf> = fs::read_dir(d)
+            .with_context(|| format!("cannot read folder {}", d.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()?;
+        v.sort();
+        Ok(v)
+    };
+    let classes: Vec<PathBuf> = read(&args.folder)?.into_iter().filter(|p| p.is_dir()).collect();
+    ensure!(
+        !classes.is_empty(),
+        "{} has no subfolders: put each class's images in its own subfolder",
+        args.folder.display()
+    );
+    let mut files = Vec::new(); // (path, label)
+    for (label, dir) in classes.iter().enumerate() {
+        for p in read(dir)? {
+            let ext = p
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            if IMAGE_EXTS.contains(&ext.as_str()) {
+                files.push((p, label));
+            }
+        }
+    }
+    ensure!(
+        !files.is_empty(),
+        "no PNG, JPEG or TIFF images under {}",
+        args.folder.display()
+    );
+    // Headers only: the channel count and whether sizes agree.
+    let mut color = false;
+    let mut sizes = Vec::new();
+    for (p, _) in &files {
+        let dec = ImageReader::open(p)
+            .and_then(|r| r.with_guessed_format())
+            .map_err(anyhow::Error::from)
+            .and_then(|r| Ok(r.into_decoder()?))
+            .with_context(|| format!("cannot read image {}", p.display()))?;
+        use image::ImageDecoder;
+        color |= dec.color_type().has_color();
+        sizes.push(dec.dimensions());
+    }
+    let channels = if color { 3 } else { 1 };
+    let size = match args.size {
+        Some(s) => (s, s),
+        None => {
+            if let Some(k) = sizes.iter().position(|&s| s != sizes[0]) {
+                bail!(
+                    "images differ in size ({} is {}x{}, {} is {}x{}); pass --size N to resize all to NxN",
+                    files[0].0.display(),
+                    sizes[0].0,
+                    sizes[0].1,
+                    files[k].0.display(),
+                    sizes[k].0,
+                    sizes[k].1
+                );
+            }
+            (sizes[0].1 as usize, sizes[0].0 as usize)
+        }
+    };
+    fresh_out(&args.out)?;
+    fs::create_dir_all(args.out.join("images"))?;
+    let bar = progress(files.len() as u64, "import");
+    let entries: Vec<Entry> = files
+        .par_iter()
+        .enumerate()
+        .map(|(i, (p, label))| {
+            let img = image::open(p).with_context(|| format!("cannot decode image {}", p.display()))?;
+            let img = if args.size.is_some() {
+                img.resize_exact(size.1 as u32, size.0 as u32, imageops::FilterType::Triangle)
+            } else {
+                img
+            };
+            let data = if color {
+                img.into_rgb8().into_raw()
+            } else {
+                img.into_luma8().into_raw()
+            };
+            let src = DecodedImage {
+                c: channels,
+                h: size.0,
+                w: size.1,
+                data,
+            };
+            let file = format!("images/{i:07}.tiles");
+            write_tiled(&args.out.join(&file), &src)?;
+            bar.inc(1);
+            let rel = p
+                .strip_prefix(&args.folder)
+                .unwrap_or(p)
+                .to_string_lossy()
+                .to_string();
+            Ok(Entry {
+                split: split_of(&rel, args.valid_frac, args.test_frac),
+                label: *label,
+                file,
+            })
+        })
+        .collect::<Result<_>>()?;
+    bar.finish();
+    let count = |s| entries.iter().filter(|e| e.split == s).count();
+    eprintln!(
+        "imported {} images ({} train, {} valid, {} test) of {} classes into {}",
+        entries.len(),
+        count(Split::Train),
+        count(Split::Valid),
+        count(Split::Test),
+        classes.len(),
+        args.out.display()
+    );
+    Manifest {
+        channels,
+        size,
+        classes: classes
+            .iter()
+            .map(|d| d.file_name().unwrap().to_string_lossy().to_string())
+            .collect(),
+        entries,
+    }
+    .write(&args.out)
+}
+
+pub struct InspectArgs {
+    /// A dataset spec or a store folder.
+    pub dataset: String,
+    pub out: PathBuf,
+    pub count: usize,
+    pub split: Split,
+    pub seed: u64,
+    /// Side of each picture in the grid, in pixels.
+    pub cell: u32,
+}
+
+/// A grid PNG: per sample, the image (downsampled to fit a cell), its proxy
+/// (nearest-neighbour upscaled), its label and its index.
+pub fn inspect(args: &InspectArgs) -> Result<()> {
+    ensure!(
+        args.count > 0 && args.cell >= 16,
+        "--count must be positive and --cell at least 16"
+    );
+    let cfg = DataConfig {
+        seed: args.seed,
+        sizes: SplitSizes {
+            train: args.count,
+            valid: args.count,
+            test: args.count,
+        },
+        mnist_dir: None,
+    };
+    let ds = open_dataset(&args.dataset, args.split, &cfg)?;
+    let n = args.count.min(ds.len());
+    ensure!(n > 0, "{} has no samples", ds.describe());
+    let names = ds.class_names();
+    let (cell, gap, text) = (args.cell, 6u32, 2u32);
+    let band = 5 * text + 2 * gap;
+    let cols = 4u32.min(n as u32);
+    let rows = (n as u32).div_ceil(cols);
+    let pair_w = 2 * cell + 3 * gap;
+    let title = format!("{} - image, proxy, label", ds.describe());
+    let top = 5 * text + 2 * gap;
+    let width = (cols * pair_w).max(text_width(&title, text) + 2 * gap);
+    let mut grid = RgbImage::from_pixel(width, top + rows * (cell + band + gap), Rgb([24, 24, 32]));
+    draw_text(&mut grid, gap, gap, &title, text, Rgb([220, 220, 220]));
+    for i in 0..n {
+        let s = ds.get(i)?;
+        let (gx, gy) = (
+            (i as u32 % cols) * pair_w + gap,
+            top + (i as u32 / cols) * (cell + band + gap),
+        );
+        // The image, aspect kept, from the pyramid level nearest the cell size.
+        let (h, w, data) = s.image.overview(cell as usize)?;
+        let k = cell as f64 / h.max(w) as f64;
+        let (th, tw) = (((h as f64 * k) as usize).max(1), ((w as f64 * k) as usize).max(1));
+        let thumb = area_resize(&data, s.image.channels(), h, w, th, tw);
+        paste(&mut grid, gx, gy, &thumb, s.image.channels(), th, tw, 1);
+        let (pc, j) = ds.proxy_shape();
+        let up = (cell / j as u32).max(1);
+        paste(&mut grid, gx + cell + gap, gy, &s.proxy, pc, j, j, up);
+        let label = &names[s.label];
+        draw_text(&mut grid, gx, gy + cell + gap, label, text, Rgb([255, 210, 80]));
+        let index_x = gx + text_width(label, text) + 2 * text;
+        draw_text(
+            &mut grid,
+            index_x,
+            gy + cell + gap,
+            &format!("i={i}"),
+            text,
+            Rgb([150, 150, 170]),
+        );
+        let proxy_note = format!("proxy {j}x{j}");
+        draw_text(
+            &mut grid,
+            gx + cell + gap,
+            gy + cell + gap,
+            &proxy_note,
+            text,
+            Rgb([150, 150, 170]),
+        );
+    }
+    grid.save(&args.out)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!("wrote {} ({n} samples of {})", args.out.display(), ds.describe());
+    Ok(())
+}
+
+/// Draw a CHW image (1 or 3 channels shown; others: the first) at `(x, y)`,
+/// each pixel a `scale`×`scale` square.
+#[allow(clippy::too_many_arguments)]
+fn paste(grid: &mut RgbImage, x: u32, y: u32, chw: &[f32], c: usize, h: usize, w: usize, scale: u32) {
+    let to_u8 = |v: f32| (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+    for i in 0..h {
+        for j in 0..w {
+            let at = |ch: usize| to_u8(chw[(ch * h + i) * w + j]);
+            let px = if c == 3 {
+                Rgb([at(0), at(1), at(2)])
+            } else {
+                Rgb([at(0); 3])
+            };
+            for dy in 0..scale {
+                for dx in 0..scale {
+                    let (gx, gy) = (x + j as u32 * scale + dx, y + i as u32 * scale + dy);
+                    if gx < grid.width() && gy < grid.height() {
+                        grid.put_pixel(gx, gy, px);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::store::StoreDataset;
+
+    #[test]
+    fn generate_png_then_import_then_inspect() {
+        let dir = tempfile::tempdir().unwrap();
+        let sizes = SplitSizes {
+            train: 4,
+            valid: 2,
+            test: 2,
+        };
+        let png = dir.path().join("png");
+        generate(&GenerateArgs {
+            dataset: "cluttered-mnist-1".into(),
+            out: png.clone(),
+            seed: 1,
+            sizes,
+            format: OutputFormat::Png,
+            mnist_dir: None,
+        })
+        .unwrap();
+        // Generating into a used folder is refused.
+        let again = generate(&GenerateArgs {
+            dataset: "cluttered-mnist-1".into(),
+            out: png.clone(),
+            seed: 1,
+            sizes,
+            format: OutputFormat::Store,
+            mnist_dir: None,
+        });
+        assert!(again.err().unwrap().to_string().contains("not empty"));
+
+        let store = dir.path().join("store");
+        import(&ImportArgs {
+            folder: png.join("train"),
+            out: store.clone(),
+            size: None,
+            valid_frac: 0.0,
+            test_frac: 0.0,
+        })
+        .unwrap();
+        let ds = StoreDataset::open(&store, Split::Train, 32, 0.0, 0).unwrap();
+        assert_eq!((ds.len(), ds.image_size(), ds.channels()), (4, (100, 100), 1));
+        // The imported pixels are the generated ones (8-bit both ways) and labels follow folders.
+        let generated = open_dataset(
+            "cluttered-mnist-1",
+            Split::Train,
+            &DataConfig {
+                seed: 1,
+                sizes,
+                mnist_dir: None,
+            },
+        )
+        .unwrap();
+        let mut labels: Vec<usize> = (0..4).map(|i| generated.get(i).unwrap().label).collect();
+        let mut imported: Vec<usize> = (0..4).map(|i| ds.get(i).unwrap().label).collect();
+        labels.sort();
+        imported.sort();
+        let names = ds.class_names();
+        let imported: Vec<usize> = imported.iter().map(|&l| names[l].parse().unwrap()).collect();
+        assert_eq!(imported, labels);
+
+        let grid = dir.path().join("grid.png");
+        inspect(&InspectArgs {
+            dataset: store.display().to_string(),
+            out: grid.clone(),
+            count: 4,
+            split: Split::Train,
+            seed: 0,
+            cell: 64,
+        })
+        .unwrap();
+        let img = image::open(&grid).unwrap().into_rgb8();
+        assert!(img.width() >= 4 * 2 * 64);
+    }
+
+    #[test]
+    fn generate_store_and_import_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("s");
+        generate(&GenerateArgs {
+            dataset: "mnist-sum@300:native".into(),
+            out: out.clone(),
+            seed: 2,
+            sizes: SplitSizes {
+                train: 2,
+                valid: 1,
+                test: 1,
+            },
+            format: OutputFormat::Store,
+            mnist_dir: None,
+        })
+        .unwrap();
+        let from_store =
+            open_dataset(&out.display().to_string(), Split::Test, &DataConfig::default()).unwrap();
+        assert_eq!(
+            (
+                from_store.len(),
+                from_store.num_classes(),
+                from_store.image_size()
+            ),
+            (1, 19, (300, 300))
+        );
+
+        // Import: no subfolders; mixed sizes without --size.
+        let src = dir.path().join("imgs");
+        fs::create_dir_all(src.join("a")).unwrap();
+        let err = import(&ImportArgs {
+            folder: dir.path().join("nope"),
+            out: dir.path().join("o1"),
+            size: None,
+            valid_frac: 0.1,
+            test_frac: 0.1,
+        });
+        assert!(err.err().unwrap().to_string().contains("nope"));
+        GrayImage::new(10, 12).save(src.join("a/x.png")).unwrap();
+        GrayImage::new(11, 12).save(src.join("a/y.png")).unwrap();
+        fs::write(src.join("a/z.png"), b"not a png").unwrap();
+        let args = |size| ImportArgs {
+            folder: src.clone(),
+            out: dir.path().join(format!("o{size:?}")),
+            size,
+            valid_frac: 0.0,
+            test_frac: 0.0,
+        };
+        let err = format!("{:#}", import(&args(None)).err().unwrap());
+        assert!(err.contains("z.png"), "{err}");
+        fs::remove_file(src.join("a/z.png")).unwrap();
+        let err = import(&args(None)).err().unwrap().to_string();
+        assert!(err.contains("--size"), "{err}");
+        import(&args(Some(16))).unwrap();
+    }
+}
