@@ -84,8 +84,9 @@ impl Geom {
     }
 }
 
-/// `f(index, chunk)` over the `len`-sized chunks of `data`, threaded when large.
-fn for_chunks(data: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+/// `f(index, chunk)` over the `len`-sized chunks of `data`, threaded when
+/// large (shared with the pooling and resize loops).
+pub(crate) fn for_chunks(data: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     if data.len() >= PAR_MIN {
         data.par_chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
     } else {
