@@ -8,9 +8,11 @@
 //! - `weight_grad`: `colside · cols(img)^T` summed over the batch (both weight gradients).
 //!
 //! Here "img" is the conv's input side `[c, h, w]` and "colside" its output
-//! grid `[o, ho, wo]`. Images are processed in groups laid side by side in
-//! one column matrix, so small feature maps still make one large GEMM, while
-//! large ones go one image at a time with the GEMM and im2col threaded inside.
+//! grid `[o, ho, wo]`. The batch is cut into groups of images laid side by
+//! side in one column matrix, so small feature maps still make one large
+//! GEMM. Groups run in parallel, one per thread: with `o` rows (often 64) a
+//! single GEMM does not split well over threads, independent ones do. A
+//! batch of one falls back on the threads inside the GEMM and im2col.
 
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
@@ -20,11 +22,12 @@ use crate::autograd::{Graph, Var};
 use crate::device::cpu::{sgemm, Mat};
 use crate::tensor::{fmt_shape, Storage, Tensor};
 
-/// Column-matrix size (floats) a group of images aims for: large enough for
-/// an efficient GEMM, small enough to stay a modest scratch buffer (16 MiB).
+/// Column-matrix size (floats) a group of images aims for: enough columns
+/// for an efficient GEMM, small enough to stay a modest scratch buffer per
+/// thread (4 MiB; measured: 1 MiB to 16 MiB perform the same).
 /// Tests use a tiny budget so that every path (one image per group, several,
 /// a short last group) is exercised on small shapes.
-const COLS_BUDGET: usize = if cfg!(test) { 1 << 11 } else { 1 << 22 };
+const COLS_BUDGET: usize = if cfg!(test) { 1 << 11 } else { 1 << 20 };
 
 /// Output size along one axis: `(input + 2 * padding - kernel) / stride + 1`.
 pub fn conv_out_size(input: usize, kernel: usize, stride: usize, padding: usize) -> Option<usize> {
@@ -62,9 +65,11 @@ impl Geom {
     fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
     }
-    /// Images per GEMM for a batch of `n`.
+    /// Images per GEMM for a batch of `n`: as many as fit the column budget,
+    /// but no more than leaves one group per thread.
     fn group(&self, n: usize) -> usize {
-        (COLS_BUDGET / (self.ck() * self.hw()).max(1)).clamp(1, n.max(1))
+        let per_thread = n.div_ceil(rayon::current_num_threads()).max(1);
+        (COLS_BUDGET / (self.ck() * self.hw()).max(1)).clamp(1, per_thread)
     }
     /// Output positions `ox` (or `oy`) whose input `ox * stride + j - pad`
     /// lies in `0..size`, for kernel offset `j`.
@@ -79,8 +84,9 @@ impl Geom {
     }
 }
 
-/// `f(index, chunk)` over the `len`-sized chunks of `data`, threaded when large.
-fn for_chunks(data: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+/// `f(index, chunk)` over the `len`-sized chunks of `data`, threaded when
+/// large (shared with the pooling and resize loops).
+pub(crate) fn for_chunks(data: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     if data.len() >= PAR_MIN {
         data.par_chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
     } else {
@@ -112,9 +118,8 @@ fn im2col(g: &Geom, imgs: &[f32], cols: &mut [f32]) {
                 if g.stride == 1 {
                     seg[x0..x1].copy_from_slice(&line[x0 + j - g.pad..x1 + j - g.pad]);
                 } else {
-                    for (ox, v) in seg[x0..x1].iter_mut().enumerate() {
-                        *v = line[(x0 + ox) * g.stride + j - g.pad];
-                    }
+                    let src = line[x0 * g.stride + j - g.pad..].iter().step_by(g.stride);
+                    seg[x0..x1].iter_mut().zip(src).for_each(|(v, x)| *v = *x);
                 }
             }
         }
@@ -144,9 +149,8 @@ fn col2im(g: &Geom, cols: &[f32], imgs: &mut [f32]) {
                         let out = &mut line[x0 + j - g.pad..x1 + j - g.pad];
                         out.iter_mut().zip(seg).for_each(|(o, v)| *o += v);
                     } else {
-                        for (ox, v) in seg.iter().enumerate() {
-                            line[(x0 + ox) * g.stride + j - g.pad] += v;
-                        }
+                        let out = line[x0 * g.stride + j - g.pad..].iter_mut().step_by(g.stride);
+                        out.zip(seg).for_each(|(o, v)| *o += v);
                     }
                 }
             }
@@ -196,23 +200,32 @@ fn group_rows<'a>(g: &Geom, o: usize, colside: &'a [f32], buf: &'a mut Vec<f32>)
     buf
 }
 
+/// Scratch of one task: a group's column matrix and its output grids as rows.
+#[derive(Default)]
+struct Scratch {
+    cols: Vec<f32>,
+    rows: Vec<f32>,
+}
+
 /// `colside[n] = W · cols(img[n])` with `W [o, ck]`.
 fn apply_cpu(g: &Geom, o: usize, imgs: &[f32], w: &[f32]) -> Vec<f32> {
     let n = imgs.len() / g.img_len();
     let (ck, hw, gs) = (g.ck(), g.hw(), g.group(n));
     let mut out = vec![0.0; n * o * hw];
-    let (mut cols_buf, mut rows_buf) = (Vec::new(), Vec::new());
-    for (x, y) in imgs.chunks(gs * g.img_len()).zip(out.chunks_mut(gs * o * hw)) {
-        let cols = group_cols(g, x, &mut cols_buf);
+    let groups = out
+        .par_chunks_mut(gs * o * hw)
+        .zip(imgs.par_chunks(gs * g.img_len()));
+    groups.for_each_init(Scratch::default, |s, (y, x)| {
+        let cols = group_cols(g, x, &mut s.cols);
         let m = y.len() / o;
         if m == hw {
             sgemm(o, m, ck, Mat::n(w), Mat::n(cols), y, false);
         } else {
-            rows_buf.resize(y.len(), 0.0);
-            sgemm(o, m, ck, Mat::n(w), Mat::n(cols), &mut rows_buf, false);
-            from_rows(&rows_buf, o, hw, y);
+            s.rows.resize(y.len(), 0.0);
+            sgemm(o, m, ck, Mat::n(w), Mat::n(cols), &mut s.rows, false);
+            from_rows(&s.rows, o, hw, y);
         }
-    }
+    });
     out
 }
 
@@ -222,33 +235,47 @@ fn adjoint_cpu(g: &Geom, o: usize, colside: &[f32], w: &[f32]) -> Vec<f32> {
     let n = colside.len() / (o * hw);
     let gs = g.group(n);
     let mut out = vec![0.0; n * g.img_len()];
-    let (mut cols_buf, mut rows_buf) = (Vec::new(), Vec::new());
-    for (dy, dx) in colside.chunks(gs * o * hw).zip(out.chunks_mut(gs * g.img_len())) {
-        let rows = group_rows(g, o, dy, &mut rows_buf);
+    let groups = out
+        .par_chunks_mut(gs * g.img_len())
+        .zip(colside.par_chunks(gs * o * hw));
+    groups.for_each_init(Scratch::default, |s, (dx, dy)| {
+        let rows = group_rows(g, o, dy, &mut s.rows);
         let m = rows.len() / o;
         if m == hw && g.pointwise() {
             sgemm(ck, m, o, Mat::t(w), Mat::n(rows), dx, false);
         } else {
-            cols_buf.resize(ck * m, 0.0);
-            sgemm(ck, m, o, Mat::t(w), Mat::n(rows), &mut cols_buf, false);
-            col2im(g, &cols_buf, dx);
+            s.cols.resize(ck * m, 0.0);
+            sgemm(ck, m, o, Mat::t(w), Mat::n(rows), &mut s.cols, false);
+            col2im(g, &s.cols, dx);
         }
-    }
+    });
     out
 }
 
-/// `dW [o, ck] = sum_n colside[n] · cols(img[n])^T`.
+/// `dW [o, ck] = sum_n colside[n] · cols(img[n])^T`: each task sums its
+/// groups into its own `dW`, then those are added up.
 fn weight_grad_cpu(g: &Geom, o: usize, imgs: &[f32], colside: &[f32]) -> Vec<f32> {
     let n = imgs.len() / g.img_len();
     let (ck, hw, gs) = (g.ck(), g.hw(), g.group(n));
-    let mut dw = vec![0.0; o * ck];
-    let (mut cols_buf, mut rows_buf) = (Vec::new(), Vec::new());
-    for (x, dy) in imgs.chunks(gs * g.img_len()).zip(colside.chunks(gs * o * hw)) {
-        let cols = group_cols(g, x, &mut cols_buf);
-        let rows = group_rows(g, o, dy, &mut rows_buf);
-        sgemm(o, ck, rows.len() / o, Mat::n(rows), Mat::t(cols), &mut dw, true);
-    }
-    dw
+    let groups = imgs
+        .par_chunks(gs * g.img_len())
+        .zip(colside.par_chunks(gs * o * hw));
+    groups
+        .fold(
+            || (vec![0.0; o * ck], Scratch::default()),
+            |(mut dw, mut s), (x, dy)| {
+                let cols = group_cols(g, x, &mut s.cols);
+                let rows = group_rows(g, o, dy, &mut s.rows);
+                sgemm(o, ck, rows.len() / o, Mat::n(rows), Mat::t(cols), &mut dw, true);
+                (dw, s)
+            },
+        )
+        .map(|(dw, _)| dw)
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        })
+        .unwrap_or_else(|| vec![0.0; o * ck])
 }
 
 /// `out[n, c, :, :] += b[c]`.
@@ -443,7 +470,9 @@ pub fn conv_transpose2d_backward(
     x: &Tensor,
     w: &Tensor,
     gy: &Tensor,
-    (stride, padding, output_padding): (usize, usize, usize),
+    stride: usize,
+    padding: usize,
+    output_padding: usize,
     bias: bool,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let (g, shape) = transpose_geom(x, w, stride, padding, output_padding)?;
@@ -504,8 +533,8 @@ impl Graph {
         let inputs: Vec<Var> = [Some(x), Some(w), b].into_iter().flatten().collect();
         let bias = b.is_some();
         Ok(self.record(y, &inputs, move |gy| {
-            let sp = (stride, padding, output_padding);
-            let (dx, dw, db) = conv_transpose2d_backward(&xv, &wv, gy, sp, bias)?;
+            let (dx, dw, db) =
+                conv_transpose2d_backward(&xv, &wv, gy, stride, padding, output_padding, bias)?;
             Ok(grads(dx, dw, db))
         }))
     }
@@ -618,8 +647,22 @@ mod tests {
         ([2, 2, 2, 3], [1, 2, 5, 5], 3, 2),
     ];
 
+    /// Run `f` on two threads, so that the batch splits into GEMM groups the
+    /// same way on every machine.
+    fn two_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap()
+            .install(f)
+    }
+
     #[test]
     fn conv2d_matches_reference_loop() {
+        two_threads(conv2d_cases)
+    }
+
+    fn conv2d_cases() {
         let dev = Device::cpu();
         let mut groups = Vec::new();
         for (k, (xs, ws, s, p)) in CONV_CASES.into_iter().enumerate() {
@@ -665,6 +708,10 @@ mod tests {
 
     #[test]
     fn gradcheck_conv2d() {
+        two_threads(gradcheck_conv2d_cases)
+    }
+
+    fn gradcheck_conv2d_cases() {
         let dev = Device::cpu();
         // (x, w, stride, padding): stride 2 + padding 1 with a non-square
         // kernel on odd sizes; then a batch that splits into GEMM groups 2 + 1.
@@ -747,5 +794,7 @@ mod tests {
         assert!(conv_transpose2d_forward(&x, &w, None, 1, 0, 0).is_err());
         assert!(conv_transpose2d_forward(&rand_tensor(&[1, 3, 1, 1], 1, &dev), &wt, None, 1, 2, 0).is_err());
         assert!(conv_transpose2d_forward(&x, &wt, Some(&rand_tensor(&[3], 3, &dev)), 1, 1, 0).is_err());
+        let gy = rand_tensor(&[2, 4, 6, 6], 3, &dev);
+        assert!(conv_transpose2d_backward(&x, &wt, &gy, 1, 1, 0, false).is_err());
     }
 }

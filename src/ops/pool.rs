@@ -6,18 +6,9 @@
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
-use super::PAR_MIN;
+use super::conv::for_chunks;
 use crate::autograd::{Graph, Var};
 use crate::tensor::{fmt_shape, Storage, Tensor};
-
-/// `f(plane index, plane)` over `out` cut into `len`-sized planes, threaded when large.
-fn for_planes(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    if out.len() >= PAR_MIN {
-        out.par_chunks_mut(len).enumerate().for_each(|(q, p)| f(q, p));
-    } else {
-        out.chunks_mut(len).enumerate().for_each(|(q, p)| f(q, p));
-    }
-}
 
 /// Output size of `avg_pool2d`, or an error naming the shapes.
 fn pool_geom(x: &Tensor, kernel: usize, stride: usize) -> Result<(usize, usize)> {
@@ -41,7 +32,7 @@ pub fn avg_pool2d_forward(x: &Tensor, kernel: usize, stride: usize) -> Result<Te
             let xs = x.cpu()?;
             let scale = 1.0 / (kernel * kernel) as f32;
             let mut out = vec![0.0; n * c * ho * wo];
-            for_planes(&mut out, ho * wo, |q, dst| {
+            for_chunks(&mut out, ho * wo, |q, dst| {
                 let src = &xs[q * h * w..][..h * w];
                 for oy in 0..ho {
                     for ox in 0..wo {
@@ -71,7 +62,7 @@ pub fn avg_pool2d_backward(x: &Tensor, gy: &Tensor, kernel: usize, stride: usize
             let gs = gy.cpu()?;
             let scale = 1.0 / (kernel * kernel) as f32;
             let mut dx = vec![0.0; x.numel()];
-            for_planes(&mut dx, h * w, |q, dst| {
+            for_chunks(&mut dx, h * w, |q, dst| {
                 let src = &gs[q * ho * wo..][..ho * wo];
                 for oy in 0..ho {
                     for ox in 0..wo {
@@ -122,7 +113,7 @@ pub fn global_avg_pool_backward(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
         Storage::Cpu(_) => {
             let gs = gy.cpu()?;
             let mut dx = vec![0.0; x.numel()];
-            for_planes(&mut dx, hw, |q, p| p.fill(gs[q] / hw as f32));
+            for_chunks(&mut dx, hw, |q, p| p.fill(gs[q] / hw as f32));
             x.same_shape(dx)
         }
     }

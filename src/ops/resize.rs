@@ -4,9 +4,8 @@
 //! source pixels per axis, as PyTorch does without antialias).
 
 use anyhow::{ensure, Result};
-use rayon::prelude::*;
 
-use super::PAR_MIN;
+use super::conv::for_chunks;
 use crate::autograd::{Graph, Var};
 use crate::tensor::{fmt_shape, Storage, Tensor};
 
@@ -49,15 +48,6 @@ fn geom(x: &Tensor, out_h: usize, out_w: usize) -> Result<(usize, usize, usize)>
     Ok((s[0] * s[1], s[2], s[3]))
 }
 
-/// `f(plane index, plane)` over `out` cut into `len`-sized planes, threaded when large.
-fn for_planes(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    if out.len() >= PAR_MIN {
-        out.par_chunks_mut(len).enumerate().for_each(|(q, p)| f(q, p));
-    } else {
-        out.chunks_mut(len).enumerate().for_each(|(q, p)| f(q, p));
-    }
-}
-
 /// Bilinear resize of every channel plane to `out_h x out_w`.
 pub fn resize_bilinear_forward(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     let (planes, h, w) = geom(x, out_h, out_w)?;
@@ -67,7 +57,7 @@ pub fn resize_bilinear_forward(x: &Tensor, out_h: usize, out_w: usize) -> Result
             let xs = x.cpu()?;
             let (ty, tx) = (taps(h, oh), taps(w, ow));
             let mut out = vec![0.0; planes * oh * ow];
-            for_planes(&mut out, oh * ow, |q, dst| {
+            for_chunks(&mut out, oh * ow, |q, dst| {
                 let src = &xs[q * h * w..][..h * w];
                 for (row, a) in dst.chunks_mut(ow).zip(&ty) {
                     let (r0, r1) = (&src[a.i0 * w..][..w], &src[a.i1 * w..][..w]);
@@ -101,7 +91,7 @@ pub fn resize_bilinear_backward(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
             let gs = gy.cpu()?;
             let (ty, tx) = (taps(h, oh), taps(w, ow));
             let mut dx = vec![0.0; planes * h * w];
-            for_planes(&mut dx, h * w, |q, dst| {
+            for_chunks(&mut dx, h * w, |q, dst| {
                 let src = &gs[q * oh * ow..][..oh * ow];
                 for (row, a) in src.chunks(ow).zip(&ty) {
                     for (&g, b) in row.iter().zip(&tx) {
