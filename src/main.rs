@@ -444,7 +444,7 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         batch_size: a.batch_size.unwrap_or(if paper { 100 } else { 32 }),
         lr: a.lr.unwrap_or(if paper { 1e-4 } else { 1e-3 }),
         clip_value: a.clip_value.unwrap_or(if paper { 0.25 } else { 0.0 }),
-        clip_norm: 10.0,
+        clip_norm: 0.0,
         seed: a.seed,
         sizes: [
             a.train_size.unwrap_or(if paper { 100_000 } else { 20_000 }),

@@ -17,7 +17,7 @@
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use super::PAR_MIN;
+use super::for_chunks;
 use crate::autograd::{Graph, Var};
 use crate::device::cpu::{sgemm, Mat};
 use crate::tensor::{fmt_shape, Storage, Tensor};
@@ -81,16 +81,6 @@ impl Geom {
             0
         };
         (lo.min(hi), hi)
-    }
-}
-
-/// `f(index, chunk)` over the `len`-sized chunks of `data`, threaded when
-/// large (shared with the pooling and resize loops).
-pub(crate) fn for_chunks(data: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    if data.len() >= PAR_MIN {
-        data.par_chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
-    } else {
-        data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
     }
 }
 

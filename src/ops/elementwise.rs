@@ -40,6 +40,7 @@ pub(crate) fn softplus(x: f32) -> f32 {
 }
 
 impl Unary {
+    #[inline]
     pub fn apply(self, x: f32) -> f32 {
         match self {
             Unary::Relu => x.max(0.0),
@@ -61,6 +62,7 @@ impl Unary {
     }
 
     /// d apply / dx, given the input `x` and the output `y = apply(x)`.
+    #[inline]
     pub fn derivative(self, x: f32, y: f32) -> f32 {
         match self {
             Unary::Relu => (x > 0.0) as u8 as f32,

@@ -5,8 +5,8 @@
 
 use anyhow::{ensure, Result};
 
-use super::loss::{par_fill_multi, row_sums, same_shapes};
 use super::par_fill;
+use super::{par_fill_multi, row_sums, same_shapes};
 use crate::autograd::{Graph, Var};
 use crate::tensor::{fmt_shape, Storage, Tensor};
 

@@ -1,56 +1,17 @@
 //! Per-sample losses: Bernoulli NLL with logits, diagonal Gaussian NLL and
 //! softmax cross-entropy. Each returns shape `[N]`, the sum over every
 //! non-batch axis, so a model can weight and average samples as it likes.
-//! Also the row-sum and multi-output fill loops the per-sample ops share.
 
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::elementwise::Unary;
-use super::{par_fill, PAR_MIN};
+use super::{par_fill, par_fill_multi, row_sums, same_shapes, PAR_MIN};
 use crate::autograd::{Graph, Var};
 use crate::tensor::{fmt_shape, Storage, Tensor};
 
 /// `log(2 pi)`.
 const LN_2PI: f32 = 1.837_877_1;
-
-/// `out[n] = sum_j f(n * d + j)`, accumulated in f64; threaded over rows when
-/// the total work is large.
-pub(crate) fn row_sums(rows: usize, d: usize, f: impl Fn(usize) -> f64 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; rows];
-    out.par_iter_mut()
-        .with_min_len((PAR_MIN / d.max(1)).max(1))
-        .enumerate()
-        .for_each(|(n, o)| *o = (n * d..(n + 1) * d).map(&f).sum::<f64>() as f32);
-    out
-}
-
-/// `K` outputs of length `n` filled in one pass: `out[k][i] = f(i)[k]`. Lets
-/// a backward compute the gradients of several inputs from shared terms.
-pub(crate) fn par_fill_multi<const K: usize>(
-    n: usize,
-    f: impl Fn(usize) -> [f32; K] + Sync,
-) -> [Vec<f32>; K] {
-    const CHUNK: usize = 4096;
-    let mut outs: [Vec<f32>; K] = std::array::from_fn(|_| vec![0.0f32; n]);
-    let mut iters = outs.each_mut().map(|o| o.chunks_mut(CHUNK));
-    let chunks: Vec<[&mut [f32]; K]> = (0..n.div_ceil(CHUNK))
-        .map(|_| iters.each_mut().map(|it| it.next().expect("equal lengths")))
-        .collect();
-    chunks
-        .into_par_iter()
-        .with_min_len((PAR_MIN / CHUNK).max(1))
-        .enumerate()
-        .for_each(|(c, cs)| {
-            for j in 0..cs[0].len() {
-                let v = f(c * CHUNK + j);
-                for k in 0..K {
-                    cs[k][j] = v[k];
-                }
-            }
-        });
-    outs
-}
 
 /// `(rows, elements per row)` of a per-sample op's input, or an error.
 fn per_sample(x: &Tensor, op: &str) -> Result<(usize, usize)> {
@@ -60,19 +21,6 @@ fn per_sample(x: &Tensor, op: &str) -> Result<(usize, usize)> {
         fmt_shape(x.shape())
     );
     Ok((x.dim(0), x.numel() / x.dim(0)))
-}
-
-/// `a` and `b` must have equal shapes; the message names the op and both.
-pub(crate) fn same_shapes(op: &str, names: [&str; 2], a: &Tensor, b: &Tensor) -> Result<()> {
-    ensure!(
-        a.shape() == b.shape(),
-        "{op}: {} {} and {} {} must have the same shape",
-        names[0],
-        fmt_shape(a.shape()),
-        names[1],
-        fmt_shape(b.shape())
-    );
-    Ok(())
 }
 
 // ---- Bernoulli NLL with logits ----

@@ -18,18 +18,95 @@ pub mod resize;
 pub mod sampler;
 pub mod shape;
 
+use anyhow::{ensure, Result};
 use rayon::prelude::*;
+
+use crate::tensor::{fmt_shape, Tensor};
 
 /// Below this many elements a loop is not worth splitting across threads.
 pub(crate) const PAR_MIN: usize = 1 << 15;
 
-/// `out[i] = f(i)` over a fresh vector, threaded when large.
+/// Elements per task of the threaded loops: large enough that rayon's
+/// per-task cost vanishes against the work.
+const CHUNK: usize = 1 << 14;
+
+/// `out[i] = f(i)` over a fresh vector, threaded in chunks when large.
 pub(crate) fn par_fill(n: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0.0f32; n];
+    let fill = |c: usize, chunk: &mut [f32]| {
+        for (j, o) in chunk.iter_mut().enumerate() {
+            *o = f(c * CHUNK + j);
+        }
+    };
     if n >= PAR_MIN {
-        out.par_iter_mut().enumerate().for_each(|(i, o)| *o = f(i));
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| fill(c, chunk));
     } else {
-        out.iter_mut().enumerate().for_each(|(i, o)| *o = f(i));
+        out.chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| fill(c, chunk));
     }
     out
+}
+
+/// `f(index, chunk)` over the `len`-sized chunks of `data`, threaded when
+/// large (shared with the pooling and resize loops).
+pub(crate) fn for_chunks(data: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if data.len() >= PAR_MIN {
+        data.par_chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// `out[n] = sum_j f(n * d + j)`, accumulated in f64; threaded over rows when
+/// the total work is large.
+pub(crate) fn row_sums(rows: usize, d: usize, f: impl Fn(usize) -> f64 + Sync) -> Vec<f32> {
+    let mut out = vec![0.0f32; rows];
+    out.par_iter_mut()
+        .with_min_len((PAR_MIN / d.max(1)).max(1))
+        .enumerate()
+        .for_each(|(n, o)| *o = (n * d..(n + 1) * d).map(&f).sum::<f64>() as f32);
+    out
+}
+
+/// `K` outputs of length `n` filled in one pass: `out[k][i] = f(i)[k]`. Lets
+/// a backward compute the gradients of several inputs from shared terms.
+pub(crate) fn par_fill_multi<const K: usize>(
+    n: usize,
+    f: impl Fn(usize) -> [f32; K] + Sync,
+) -> [Vec<f32>; K] {
+    const CHUNK: usize = 4096;
+    let mut outs: [Vec<f32>; K] = std::array::from_fn(|_| vec![0.0f32; n]);
+    let mut iters = outs.each_mut().map(|o| o.chunks_mut(CHUNK));
+    let chunks: Vec<[&mut [f32]; K]> = (0..n.div_ceil(CHUNK))
+        .map(|_| iters.each_mut().map(|it| it.next().expect("equal lengths")))
+        .collect();
+    chunks
+        .into_par_iter()
+        .with_min_len((PAR_MIN / CHUNK).max(1))
+        .enumerate()
+        .for_each(|(c, cs)| {
+            for j in 0..cs[0].len() {
+                let v = f(c * CHUNK + j);
+                for k in 0..K {
+                    cs[k][j] = v[k];
+                }
+            }
+        });
+    outs
+}
+
+/// `a` and `b` must have equal shapes; the message names the op and both.
+pub(crate) fn same_shapes(op: &str, names: [&str; 2], a: &Tensor, b: &Tensor) -> Result<()> {
+    ensure!(
+        a.shape() == b.shape(),
+        "{op}: {} {} and {} {} must have the same shape",
+        names[0],
+        fmt_shape(a.shape()),
+        names[1],
+        fmt_shape(b.shape())
+    );
+    Ok(())
 }

@@ -6,7 +6,7 @@
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
-use super::conv::for_chunks;
+use super::for_chunks;
 use crate::autograd::{Graph, Var};
 use crate::tensor::{fmt_shape, Storage, Tensor};
 

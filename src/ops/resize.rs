@@ -5,7 +5,7 @@
 
 use anyhow::{ensure, Result};
 
-use super::conv::for_chunks;
+use super::for_chunks;
 use crate::autograd::{Graph, Var};
 use crate::tensor::{fmt_shape, Storage, Tensor};
 
