@@ -15,6 +15,7 @@ pub fn reparameterize_forward(mu: &Tensor, logvar: &Tensor, eps: &Tensor) -> Res
     same_shapes("reparameterize", ["mu", "logvar"], mu, logvar)?;
     same_shapes("reparameterize", ["mu", "eps"], mu, eps)?;
     match mu.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("reparameterize"))?,
         Storage::Cpu(_) => {
             let (ms, ls, es) = (mu.cpu()?, logvar.cpu()?, eps.cpu()?);
             mu.same_shape(par_fill(ms.len(), |i| ms[i] + (0.5 * ls[i]).exp() * es[i]))
@@ -25,6 +26,7 @@ pub fn reparameterize_forward(mu: &Tensor, logvar: &Tensor, eps: &Tensor) -> Res
 /// Gradients `(d mu, d logvar)`: `g` and `0.5 * g * sigma * eps`.
 pub fn reparameterize_backward(logvar: &Tensor, eps: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
     match logvar.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("reparameterize backward"))?,
         Storage::Cpu(_) => {
             let (ls, es, gs) = (logvar.cpu()?, eps.cpu()?, g.cpu()?);
             let dlv = par_fill(ls.len(), |i| 0.5 * gs[i] * (0.5 * ls[i]).exp() * es[i]);
@@ -52,6 +54,7 @@ pub fn kl_diag_gaussians_forward(
     same_shapes("kl_diag_gaussians", ["mu_q", "logvar_p"], mu_q, lv_p)?;
     let rows = mu_q.dim(0);
     match mu_q.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("kl_diag_gaussians"))?,
         Storage::Cpu(_) => {
             let (mq, lq, mp, lp) = (mu_q.cpu()?, lv_q.cpu()?, mu_p.cpu()?, lv_p.cpu()?);
             let data = row_sums(rows, mq.len() / rows, |i| {
@@ -77,6 +80,7 @@ pub fn kl_diag_gaussians_backward(
 ) -> Result<[Tensor; 4]> {
     let d = mu_q.numel() / mu_q.dim(0);
     match mu_q.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("kl_diag_gaussians backward"))?,
         Storage::Cpu(_) => {
             let (mq, lq, mp, lp, gs) = (mu_q.cpu()?, lv_q.cpu()?, mu_p.cpu()?, lv_p.cpu()?, g.cpu()?);
             let [dmq, dlq, dmp, dlp] = par_fill_multi(mq.len(), |i| {
