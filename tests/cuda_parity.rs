@@ -230,6 +230,35 @@ fn cuda_parity_linear() {
 }
 
 #[test]
+fn cuda_parity_reparameterize() {
+    let Some(dev) = gpu() else { return };
+    for s in [&[1, 1][..], &[5, 7], &[3, 4, 17], &[64, 257]] {
+        let eps = randn(s, 7);
+        let inputs = [randn(s, 1), uniform(s, -2.0, 1.0, 2)];
+        parity(&format!("reparameterize {s:?}"), &dev, &inputs, |g, v| {
+            let e = eps.to_device(&g.value(v[0]).device())?;
+            g.reparameterize(v[0], v[1], &e)
+        });
+    }
+}
+
+#[test]
+fn cuda_parity_kl_diag_gaussians() {
+    let Some(dev) = gpu() else { return };
+    for s in [&[1, 1][..], &[5, 7], &[3, 4, 17], &[64, 257]] {
+        let inputs = [
+            randn(s, 1),
+            uniform(s, -2.0, 1.0, 2),
+            randn(s, 3),
+            uniform(s, -1.0, 1.0, 4),
+        ];
+        parity(&format!("kl_diag_gaussians {s:?}"), &dev, &inputs, |g, v| {
+            g.kl_diag_gaussians(v[0], v[1], v[2], v[3])
+        });
+    }
+}
+
+#[test]
 fn cuda_parity_adam_update() {
     let Some(dev) = gpu() else { return };
     let c = AdamConfig {

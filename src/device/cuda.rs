@@ -27,6 +27,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("shape", include_str!("../../kernels/shape.cu")),
     ("matmul", include_str!("../../kernels/matmul.cu")),
     ("optim", include_str!("../../kernels/optim.cu")),
+    ("gaussian", include_str!("../../kernels/gaussian.cu")),
 ];
 
 /// Threads per block of the one-dimensional kernels.

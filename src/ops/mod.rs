@@ -31,8 +31,6 @@ pub const OPS_WITHOUT_CUDA_KERNEL: &[&str] = &[
     "group_norm",
     "batch_norm",
     "gru_cell",
-    "reparameterize",
-    "kl_diag_gaussians",
     "bce_with_logits",
     "gaussian_nll",
     "softmax_cross_entropy",
