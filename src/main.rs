@@ -46,6 +46,21 @@ enum Command {
     },
     /// Show the compute devices found.
     Device,
+    /// CUDA kernel tools.
+    Kernels {
+        #[command(subcommand)]
+        command: KernelsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KernelsCommand {
+    /// Compile every kernels/*.cu with NVRTC for each architecture (no GPU needed).
+    Check {
+        /// Comma-separated GPU architectures.
+        #[arg(long, value_delimiter = ',', default_value = "sm_80,sm_90")]
+        arch: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -269,14 +284,13 @@ fn select_device(args: &DeviceArgs) -> Result<Device, Failure> {
     match args.device {
         DeviceChoice::Cpu => Ok(Device::cpu()),
         DeviceChoice::Auto => {
-            eprintln!("device: cpu (this build has no CUDA backend yet)");
-            Ok(Device::cpu())
+            let (device, why) = saccade::device::auto_device();
+            eprintln!("{why}");
+            Ok(device)
         }
-        DeviceChoice::Cuda => Err(Failure {
+        DeviceChoice::Cuda => saccade::device::require_cuda().map_err(|e| Failure {
             code: 2,
-            error: anyhow::anyhow!(
-                "--device cuda: this build has no CUDA backend yet; use --device cpu or --device auto"
-            ),
+            error: e.context("--device cuda"),
         }),
     }
 }
@@ -608,8 +622,26 @@ fn run_data(command: DataCommand) -> Result<()> {
 }
 
 fn run_device() -> Result<(), Failure> {
-    println!("cpu: {} threads", rayon::current_num_threads());
-    println!("cuda: not available (this build has no CUDA backend yet)");
+    print!("{}", saccade::device::report());
+    Ok(())
+}
+
+fn run_kernels(command: KernelsCommand) -> Result<(), Failure> {
+    let KernelsCommand::Check { arch } = command;
+    let checks = saccade::device::cuda::check_kernels(&arch).map_err(|e| Failure { code: 2, error: e })?;
+    let mut failed = 0;
+    for c in &checks {
+        match &c.error {
+            None => println!("OK   kernels/{}.cu {}", c.file, c.arch),
+            Some(log) => {
+                failed += 1;
+                println!("FAIL kernels/{}.cu {}\n{log}", c.file, c.arch);
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(anyhow::anyhow!("{failed} of {} kernel compilations failed", checks.len()).into());
+    }
     Ok(())
 }
 
@@ -621,6 +653,7 @@ fn main() -> ExitCode {
         Command::Predict(a) => run_predict(a),
         Command::Data { command } => run_data(command).map_err(Failure::from),
         Command::Device => run_device(),
+        Command::Kernels { command } => run_kernels(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 use anyhow::Result;
 
 use crate::autograd::Gradients;
+use crate::device::cuda::CudaStorage;
 use crate::nn::{ParamId, ParamStore};
 use crate::ops::par_fill;
 use crate::tensor::{Storage, Tensor};
@@ -61,6 +62,91 @@ pub fn adam_update(
             });
             Ok((p.same_shape(p2)?, p.same_shape(m2)?, p.same_shape(v2)?))
         }
+        Storage::Cuda(ps) => cuda::adam(ps, g.cuda()?, m.cuda()?, v.cuda()?, p.shape(), c, (bc1, bc2)),
+    }
+}
+
+/// Launchers of kernels/optim.cu.
+mod cuda {
+    use anyhow::Result;
+    use cudarc::driver::LaunchConfig;
+
+    use super::AdamConfig;
+    use crate::device::cuda::{grid, launch, CudaStorage, BLOCK};
+    use crate::tensor::Tensor;
+
+    pub(super) fn adam(
+        p: &CudaStorage,
+        g: &CudaStorage,
+        m: &CudaStorage,
+        v: &CudaStorage,
+        shape: &[usize],
+        c: &AdamConfig,
+        (bc1, bc2): (f32, f32),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (dev, n) = (p.device(), p.len());
+        let (mut p2, mut m2, mut v2) = (dev.alloc(n)?, dev.alloc(n)?, dev.alloc(n)?);
+        launch!(
+            &dev,
+            "optim",
+            "adam",
+            grid(n)?,
+            p.slice(),
+            g.slice(),
+            m.slice(),
+            v.slice(),
+            p2.slice_mut(),
+            m2.slice_mut(),
+            v2.slice_mut(),
+            &(n as i32),
+            &c.lr,
+            &c.beta1,
+            &c.beta2,
+            &c.eps,
+            &c.weight_decay,
+            &bc1,
+            &bc2
+        );
+        let t = |s| Tensor::from_cuda(s, shape);
+        Ok((t(p2), t(m2), t(v2)))
+    }
+
+    pub(super) fn clamp(g: &CudaStorage, shape: &[usize], c: f32) -> Result<Tensor> {
+        let (dev, n) = (g.device(), g.len());
+        let mut out = dev.alloc(n)?;
+        launch!(
+            &dev,
+            "optim",
+            "clamp",
+            grid(n)?,
+            g.slice(),
+            out.slice_mut(),
+            &(n as i32),
+            &c
+        );
+        Ok(Tensor::from_cuda(out, shape))
+    }
+
+    /// Add the sum of squares of `x` into the one-element `acc`.
+    pub(super) fn add_sum_squares(x: &CudaStorage, acc: &mut CudaStorage) -> Result<()> {
+        let (dev, n) = (x.device(), x.len());
+        // Few blocks, each looping: fewer atomic adds into `acc`.
+        let blocks = grid(n)?.grid_dim.0.min(1024);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            &dev,
+            "optim",
+            "sum_squares",
+            cfg,
+            x.slice(),
+            &(n as i32),
+            acc.slice_mut()
+        );
+        Ok(())
     }
 }
 
@@ -117,18 +203,36 @@ fn index(id: ParamId) -> usize {
 
 /// Clamp every parameter gradient to `[-c, c]`.
 pub fn clip_by_value(grads: &mut Gradients, c: f32) -> Result<()> {
-    grads.map_params(|g| {
-        let gv = g.cpu()?;
-        g.same_shape(par_fill(gv.len(), |i| gv[i].clamp(-c, c)))
+    grads.map_params(|g| match g.storage() {
+        Storage::Cpu(_) => {
+            let gv = g.cpu()?;
+            g.same_shape(par_fill(gv.len(), |i| gv[i].clamp(-c, c)))
+        }
+        Storage::Cuda(gs) => cuda::clamp(gs, g.shape(), c),
     })
 }
 
 /// Scale all parameter gradients together so their global L2 norm is at most
-/// `max_norm`; returns the norm before clipping.
+/// `max_norm`; returns the norm before clipping. On a GPU the squares are
+/// summed there and only the one total is read back.
 pub fn clip_by_norm(grads: &mut Gradients, max_norm: f32) -> Result<f32> {
     let mut sq = 0.0f64;
+    let mut acc: Option<CudaStorage> = None;
     for (_, g) in grads.param_grads() {
-        sq += g.cpu()?.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+        match g.storage() {
+            Storage::Cpu(_) => sq += g.cpu()?.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>(),
+            Storage::Cuda(gs) => {
+                if acc.is_none() {
+                    let mut a = gs.device().alloc(1)?;
+                    crate::ops::elementwise::cuda::fill(&mut a, 0.0)?;
+                    acc = Some(a);
+                }
+                cuda::add_sum_squares(gs, acc.as_mut().expect("set above"))?;
+            }
+        }
+    }
+    if let Some(a) = acc {
+        sq += a.to_vec()?[0] as f64;
     }
     let norm = sq.sqrt() as f32;
     if norm > max_norm {

@@ -17,6 +17,7 @@ use crate::viz::{save_saccades, SaccadeRow};
 
 /// Class probabilities `[B, K]`, glimpses per sample as `(s, tx, ty)` per
 /// step, and the crops `[T*B, C, L, L]`.
+#[allow(clippy::type_complexity)]
 pub fn predict_batch(model: &Saccader, batch: &Batch) -> Result<(Tensor, Vec<Vec<[f32; 3]>>, Tensor)> {
     let mut g = Graph::inference();
     let out = model.forward(&mut g, &images_of(batch), &batch.proxies, &batch.labels, None)?;

@@ -10,10 +10,12 @@ use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::device::cpu::CpuStorage;
+use crate::device::cuda::CudaStorage;
 use crate::device::{CpuDevice, Device};
 
 pub enum Storage {
     Cpu(CpuStorage),
+    Cuda(CudaStorage),
 }
 
 #[derive(Clone)]
@@ -39,7 +41,17 @@ impl Tensor {
         );
         Ok(match device {
             Device::Cpu(d) => Tensor::from_cpu(data, shape, d),
+            Device::Cuda(d) => Tensor::from_cuda(d.upload(&data)?, shape),
         })
+    }
+
+    /// Wrap device storage holding exactly `shape`'s element count.
+    pub(crate) fn from_cuda(s: CudaStorage, shape: &[usize]) -> Tensor {
+        debug_assert_eq!(s.len(), shape.iter().product::<usize>());
+        Tensor {
+            shape: shape.to_vec(),
+            storage: Arc::new(Storage::Cuda(s)),
+        }
     }
 
     pub(crate) fn from_cpu(data: Vec<f32>, shape: &[usize], dev: &CpuDevice) -> Tensor {
@@ -54,9 +66,19 @@ impl Tensor {
         Tensor::full(shape, 0.0, device)
     }
 
+    /// Panics only when the GPU is out of memory.
     pub fn full(shape: &[usize], value: f32, device: &Device) -> Tensor {
         let n = shape.iter().product();
-        Tensor::from_vec(vec![value; n], shape, device).expect("length matches shape")
+        match device {
+            Device::Cpu(d) => Tensor::from_cpu(vec![value; n], shape, d),
+            Device::Cuda(d) => {
+                let s = d
+                    .alloc(n)
+                    .and_then(|mut s| crate::ops::elementwise::cuda::fill(&mut s, value).map(|()| s))
+                    .unwrap_or_else(|e| panic!("Tensor::full {}: {e:#}", fmt_shape(shape)));
+                Tensor::from_cuda(s, shape)
+            }
+        }
     }
 
     pub fn scalar(value: f32, device: &Device) -> Tensor {
@@ -104,19 +126,39 @@ impl Tensor {
     pub fn device(&self) -> Device {
         match &*self.storage {
             Storage::Cpu(s) => Device::Cpu(s.device()),
+            Storage::Cuda(s) => Device::Cuda(s.device()),
         }
     }
 
-    /// The host slice of a CPU tensor.
+    /// The host slice of a CPU tensor; an error for a GPU tensor.
     pub fn cpu(&self) -> Result<&[f32]> {
         match &*self.storage {
             Storage::Cpu(s) => Ok(s.data()),
+            Storage::Cuda(_) => bail!(
+                "tensor {} is on the GPU; host code must copy it with to_vec() or to_device()",
+                fmt_shape(&self.shape)
+            ),
+        }
+    }
+
+    /// The device storage of a GPU tensor; an error for a host tensor (an op
+    /// given tensors on different devices).
+    pub(crate) fn cuda(&self) -> Result<&CudaStorage> {
+        match &*self.storage {
+            Storage::Cuda(s) => Ok(s),
+            Storage::Cpu(_) => bail!(
+                "tensor {} is on the CPU but the op runs on the GPU; move it with to_device()",
+                fmt_shape(&self.shape)
+            ),
         }
     }
 
     /// Copy the values to a host `Vec`, from any device.
     pub fn to_vec(&self) -> Result<Vec<f32>> {
-        Ok(self.cpu()?.to_vec())
+        match &*self.storage {
+            Storage::Cpu(s) => Ok(s.data().to_vec()),
+            Storage::Cuda(s) => s.to_vec(),
+        }
     }
 
     /// The single value of a one-element tensor.

@@ -88,7 +88,7 @@ impl EvalReport {
                 }
             }
         }
-        v.sort_by(|a, b| b.2.cmp(&a.2));
+        v.sort_by_key(|a| std::cmp::Reverse(a.2));
         v.truncate(n);
         v
     }

@@ -3,12 +3,14 @@
 //! project reports come from here.
 
 pub mod cpu;
+pub mod cuda;
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 pub use cpu::CpuDevice;
+pub use cuda::CudaDevice;
 
 /// Live and peak bytes of tensor storage on one device.
 #[derive(Debug, Default)]
@@ -52,12 +54,19 @@ pub struct MemStats {
 #[derive(Clone)]
 pub enum Device {
     Cpu(CpuDevice),
+    Cuda(CudaDevice),
 }
 
 impl Device {
     /// A fresh CPU device with its own memory counter.
     pub fn cpu() -> Device {
         Device::Cpu(CpuDevice::new())
+    }
+
+    /// GPU `ordinal`, or an error naming the missing piece (driver
+    /// library, device, NVRTC) and how to fix it.
+    pub fn cuda(ordinal: usize) -> anyhow::Result<Device> {
+        CudaDevice::new(ordinal).map(Device::Cuda)
     }
 
     pub fn is_cpu(&self) -> bool {
@@ -75,6 +84,7 @@ impl Device {
     pub(crate) fn counter(&self) -> &Arc<MemCounter> {
         match self {
             Device::Cpu(d) => &d.mem,
+            Device::Cuda(d) => &d.mem,
         }
     }
 
@@ -84,10 +94,65 @@ impl Device {
     }
 }
 
+/// The device `--device auto` picks: the GPU when one is usable and every op
+/// the model needs has a CUDA kernel, else the CPU. The string says which and
+/// why, in one line.
+pub fn auto_device() -> (Device, String) {
+    let cpu = || Device::cpu();
+    match Device::cuda(0) {
+        Err(e) => (cpu(), format!("device: cpu (no usable GPU: {e:#})")),
+        Ok(gpu) if !crate::ops::OPS_WITHOUT_CUDA_KERNEL.is_empty() => (
+            cpu(),
+            format!(
+                "device: cpu (found {gpu}, but ops {} have no CUDA kernel yet)",
+                crate::ops::OPS_WITHOUT_CUDA_KERNEL.join(", ")
+            ),
+        ),
+        Ok(gpu) => {
+            let line = format!("device: {gpu}");
+            (gpu, line)
+        }
+    }
+}
+
+/// The GPU for `--device cuda`, or an error naming what is missing: the
+/// driver library, a device, NVRTC, or kernels for some of the model's ops.
+pub fn require_cuda() -> anyhow::Result<Device> {
+    let gpu = Device::cuda(0)?;
+    anyhow::ensure!(
+        crate::ops::OPS_WITHOUT_CUDA_KERNEL.is_empty(),
+        "found {gpu}, but ops {} have no CUDA kernel yet; use --device cpu or --device auto",
+        crate::ops::OPS_WITHOUT_CUDA_KERNEL.join(", ")
+    );
+    Ok(gpu)
+}
+
+/// What `saccade device` prints: the CPU, the GPU or why there is none,
+/// and the NVRTC that compiles the kernels.
+pub fn report() -> String {
+    let mut out = format!("cpu: {} threads\n", rayon::current_num_threads());
+    match cuda::probe(0) {
+        Ok(info) => out += &format!("cuda: {info}\n"),
+        Err(e) => out += &format!("cuda: not available: {e:#}\n"),
+    }
+    match cuda::nvrtc_version() {
+        Ok((major, minor)) => out += &format!("nvrtc: {major}.{minor}\n"),
+        Err(e) => out += &format!("nvrtc: {e:#}\n"),
+    }
+    if !crate::ops::OPS_WITHOUT_CUDA_KERNEL.is_empty() {
+        out += &format!(
+            "cuda kernels missing for: {}\n",
+            crate::ops::OPS_WITHOUT_CUDA_KERNEL.join(", ")
+        );
+    }
+    out
+}
+
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Device::Cpu(_) => write!(f, "cpu ({} threads)", rayon::current_num_threads()),
+            Device::Cuda(d) => write!(f, "{}", d.info()),
         }
     }
 }

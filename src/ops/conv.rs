@@ -346,6 +346,7 @@ pub fn conv2d_forward(
     check_bias("conv2d", b, o)?;
     let n = x.shape()[0];
     match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("conv2d"))?,
         Storage::Cpu(_) => {
             let mut y = apply_cpu(&g, o, x.cpu()?, w.cpu()?);
             if let Some(b) = b {
@@ -369,6 +370,7 @@ pub fn conv2d_backward(
     let (g, o) = conv_geom("conv2d backward", x, w, stride, padding)?;
     gy.expect_shape(&[x.shape()[0], o, g.ho, g.wo], "conv2d output gradient")?;
     match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("conv2d backward"))?,
         Storage::Cpu(_) => {
             let (xv, wv, gv) = (x.cpu()?, w.cpu()?, gy.cpu()?);
             let dx = x.same_shape(adjoint_cpu(&g, o, gv, wv))?;
@@ -445,6 +447,7 @@ pub fn conv_transpose2d_forward(
     let (g, shape) = transpose_geom(x, w, stride, padding, output_padding)?;
     check_bias("conv_transpose2d", b, g.c)?;
     match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("conv_transpose2d"))?,
         Storage::Cpu(_) => {
             let mut y = adjoint_cpu(&g, x.shape()[1], x.cpu()?, w.cpu()?);
             if let Some(b) = b {
@@ -469,6 +472,7 @@ pub fn conv_transpose2d_backward(
     gy.expect_shape(&shape, "conv_transpose2d output gradient")?;
     let ci = x.shape()[1];
     match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("conv_transpose2d backward"))?,
         Storage::Cpu(_) => {
             let (xv, wv, gv) = (x.cpu()?, w.cpu()?, gy.cpu()?);
             let dx = x.same_shape(apply_cpu(&g, ci, gv, wv))?;

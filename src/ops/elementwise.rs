@@ -96,6 +96,7 @@ pub fn unary_forward(x: &Tensor, op: Unary) -> Result<Tensor> {
             let xs = x.cpu()?;
             x.same_shape(par_fill(xs.len(), |i| op.apply(xs[i])))
         }
+        Storage::Cuda(xs) => cuda::unary_forward(xs, x.shape(), op),
     }
 }
 
@@ -106,15 +107,129 @@ pub fn unary_backward(x: &Tensor, y: &Tensor, gy: &Tensor, op: Unary) -> Result<
             let (xs, ys, gs) = (x.cpu()?, y.cpu()?, gy.cpu()?);
             x.same_shape(par_fill(xs.len(), |i| gs[i] * op.derivative(xs[i], ys[i])))
         }
+        Storage::Cuda(xs) => cuda::unary_backward(xs, y.cuda()?, gy.cuda()?, x.shape(), op),
     }
 }
 
+/// Launchers of kernels/elementwise.cu.
+pub(crate) mod cuda {
+    use anyhow::Result;
+
+    use super::{Binary, Unary};
+    use crate::device::cuda::{grid, launch, CudaStorage, Dims};
+    use crate::tensor::Tensor;
+
+    /// Kernel op code and constants of a unary map.
+    fn code(op: Unary) -> (i32, f32, f32) {
+        match op {
+            Unary::Relu => (0, 0.0, 0.0),
+            Unary::Elu(a) => (1, a, 0.0),
+            Unary::Selu => (2, 0.0, 0.0),
+            Unary::Sigmoid => (3, 0.0, 0.0),
+            Unary::Tanh => (4, 0.0, 0.0),
+            Unary::Softplus => (5, 0.0, 0.0),
+            Unary::Exp => (6, 0.0, 0.0),
+            Unary::Log => (7, 0.0, 0.0),
+            Unary::Affine(a, b) => (8, a, b),
+        }
+    }
+
+    pub(crate) fn fill(s: &mut CudaStorage, value: f32) -> Result<()> {
+        let (dev, n) = (s.device(), s.len());
+        launch!(
+            &dev,
+            "elementwise",
+            "fill",
+            grid(n)?,
+            s.slice_mut(),
+            &(n as i32),
+            &value
+        );
+        Ok(())
+    }
+
+    pub(crate) fn unary_forward(x: &CudaStorage, shape: &[usize], op: Unary) -> Result<Tensor> {
+        let (dev, n) = (x.device(), x.len());
+        let mut y = dev.alloc(n)?;
+        let (c, a, b) = code(op);
+        let cfg = grid(n)?;
+        launch!(
+            &dev,
+            "elementwise",
+            "unary_forward",
+            cfg,
+            x.slice(),
+            y.slice_mut(),
+            &(n as i32),
+            &c,
+            &a,
+            &b
+        );
+        Ok(Tensor::from_cuda(y, shape))
+    }
+
+    pub(crate) fn unary_backward(
+        x: &CudaStorage,
+        y: &CudaStorage,
+        gy: &CudaStorage,
+        shape: &[usize],
+        op: Unary,
+    ) -> Result<Tensor> {
+        let (dev, n) = (x.device(), x.len());
+        let mut gx = dev.alloc(n)?;
+        let (c, a, _) = code(op);
+        let cfg = grid(n)?;
+        launch!(
+            &dev,
+            "elementwise",
+            "unary_backward",
+            cfg,
+            x.slice(),
+            y.slice(),
+            gy.slice(),
+            gx.slice_mut(),
+            &(n as i32),
+            &c,
+            &a
+        );
+        Ok(Tensor::from_cuda(gx, shape))
+    }
+
+    pub(crate) fn binary_forward(
+        a: &CudaStorage,
+        b: &CudaStorage,
+        shape: &[usize],
+        dims: Dims,
+        op: Binary,
+    ) -> Result<Tensor> {
+        let dev = a.device();
+        let n: usize = shape.iter().product();
+        let mut out = dev.alloc(n)?;
+        let c = op as i32;
+        let cfg = grid(n)?;
+        launch!(
+            &dev,
+            "elementwise",
+            "binary_forward",
+            cfg,
+            a.slice(),
+            b.slice(),
+            out.slice_mut(),
+            &(n as i32),
+            &c,
+            &dims
+        );
+        Ok(Tensor::from_cuda(out, shape))
+    }
+}
+
+/// Discriminants are the kernels' op codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Binary {
-    Add,
-    Sub,
-    Mul,
-    Div,
+    Add = 0,
+    Sub = 1,
+    Mul = 2,
+    Div = 3,
 }
 
 impl Binary {
@@ -190,6 +305,14 @@ pub fn binary_forward(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
                 })
             };
             Tensor::from_vec(data, &shape, &a.device())
+        }
+        Storage::Cuda(xa) => {
+            let dims = crate::device::cuda::Dims::new(
+                &shape,
+                &broadcast_strides(a.shape(), &shape),
+                &broadcast_strides(b.shape(), &shape),
+            )?;
+            cuda::binary_forward(xa, b.cuda()?, &shape, dims, op)
         }
     }
 }

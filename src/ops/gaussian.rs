@@ -15,6 +15,7 @@ pub fn reparameterize_forward(mu: &Tensor, logvar: &Tensor, eps: &Tensor) -> Res
     same_shapes("reparameterize", ["mu", "logvar"], mu, logvar)?;
     same_shapes("reparameterize", ["mu", "eps"], mu, eps)?;
     match mu.storage() {
+        Storage::Cuda(ms) => cuda::reparameterize(ms, logvar.cuda()?, eps.cuda()?, mu.shape()),
         Storage::Cpu(_) => {
             let (ms, ls, es) = (mu.cpu()?, logvar.cpu()?, eps.cpu()?);
             mu.same_shape(par_fill(ms.len(), |i| ms[i] + (0.5 * ls[i]).exp() * es[i]))
@@ -25,6 +26,10 @@ pub fn reparameterize_forward(mu: &Tensor, logvar: &Tensor, eps: &Tensor) -> Res
 /// Gradients `(d mu, d logvar)`: `g` and `0.5 * g * sigma * eps`.
 pub fn reparameterize_backward(logvar: &Tensor, eps: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
     match logvar.storage() {
+        Storage::Cuda(ls) => Ok((
+            g.clone(),
+            cuda::reparameterize_backward(ls, eps.cuda()?, g.cuda()?, logvar.shape())?,
+        )),
         Storage::Cpu(_) => {
             let (ls, es, gs) = (logvar.cpu()?, eps.cpu()?, g.cpu()?);
             let dlv = par_fill(ls.len(), |i| 0.5 * gs[i] * (0.5 * ls[i]).exp() * es[i]);
@@ -52,6 +57,7 @@ pub fn kl_diag_gaussians_forward(
     same_shapes("kl_diag_gaussians", ["mu_q", "logvar_p"], mu_q, lv_p)?;
     let rows = mu_q.dim(0);
     match mu_q.storage() {
+        Storage::Cuda(mq) => cuda::kl(mq, lv_q.cuda()?, mu_p.cuda()?, lv_p.cuda()?, rows),
         Storage::Cpu(_) => {
             let (mq, lq, mp, lp) = (mu_q.cpu()?, lv_q.cpu()?, mu_p.cpu()?, lv_p.cpu()?);
             let data = row_sums(rows, mq.len() / rows, |i| {
@@ -77,6 +83,12 @@ pub fn kl_diag_gaussians_backward(
 ) -> Result<[Tensor; 4]> {
     let d = mu_q.numel() / mu_q.dim(0);
     match mu_q.storage() {
+        Storage::Cuda(mq) => cuda::kl_backward(
+            [mq, lv_q.cuda()?, mu_p.cuda()?, lv_p.cuda()?],
+            g.cuda()?,
+            d,
+            mu_q.shape(),
+        ),
         Storage::Cpu(_) => {
             let (mq, lq, mp, lp, gs) = (mu_q.cpu()?, lv_q.cpu()?, mu_p.cpu()?, lv_p.cpu()?, g.cpu()?);
             let [dmq, dlq, dmp, dlp] = par_fill_multi(mq.len(), |i| {
@@ -99,6 +111,115 @@ pub fn kl_diag_gaussians_backward(
                 mu_q.same_shape(dlp)?,
             ])
         }
+    }
+}
+
+/// Launchers of kernels/gaussian.cu.
+mod cuda {
+    use anyhow::Result;
+
+    use crate::device::cuda::{grid, launch, CudaStorage};
+    use crate::tensor::Tensor;
+
+    pub(super) fn reparameterize(
+        mu: &CudaStorage,
+        lv: &CudaStorage,
+        eps: &CudaStorage,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let (dev, n) = (mu.device(), mu.len());
+        let mut z = dev.alloc(n)?;
+        let cfg = grid(n)?;
+        launch!(
+            &dev,
+            "gaussian",
+            "reparameterize",
+            cfg,
+            mu.slice(),
+            lv.slice(),
+            eps.slice(),
+            z.slice_mut(),
+            &(n as i32)
+        );
+        Ok(Tensor::from_cuda(z, shape))
+    }
+
+    pub(super) fn reparameterize_backward(
+        lv: &CudaStorage,
+        eps: &CudaStorage,
+        g: &CudaStorage,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let (dev, n) = (lv.device(), lv.len());
+        let mut dlv = dev.alloc(n)?;
+        let cfg = grid(n)?;
+        launch!(
+            &dev,
+            "gaussian",
+            "reparameterize_backward",
+            cfg,
+            lv.slice(),
+            eps.slice(),
+            g.slice(),
+            dlv.slice_mut(),
+            &(n as i32)
+        );
+        Ok(Tensor::from_cuda(dlv, shape))
+    }
+
+    pub(super) fn kl(
+        mq: &CudaStorage,
+        lq: &CudaStorage,
+        mp: &CudaStorage,
+        lp: &CudaStorage,
+        rows: usize,
+    ) -> Result<Tensor> {
+        let dev = mq.device();
+        let mut out = dev.alloc(rows)?;
+        let (r, d) = (rows as i32, (mq.len() / rows) as i32);
+        launch!(
+            &dev,
+            "gaussian",
+            "kl_diag",
+            grid(rows)?,
+            mq.slice(),
+            lq.slice(),
+            mp.slice(),
+            lp.slice(),
+            out.slice_mut(),
+            &r,
+            &d
+        );
+        Ok(Tensor::from_cuda(out, &[rows]))
+    }
+
+    pub(super) fn kl_backward(
+        [mq, lq, mp, lp]: [&CudaStorage; 4],
+        g: &CudaStorage,
+        d: usize,
+        shape: &[usize],
+    ) -> Result<[Tensor; 4]> {
+        let (dev, n) = (mq.device(), mq.len());
+        let mut outs = [dev.alloc(n)?, dev.alloc(n)?, dev.alloc(n)?, dev.alloc(n)?];
+        let [a, b, c, e] = &mut outs;
+        launch!(
+            &dev,
+            "gaussian",
+            "kl_diag_backward",
+            grid(n)?,
+            mq.slice(),
+            lq.slice(),
+            mp.slice(),
+            lp.slice(),
+            g.slice(),
+            a.slice_mut(),
+            b.slice_mut(),
+            c.slice_mut(),
+            e.slice_mut(),
+            &(n as i32),
+            &(d as i32)
+        );
+        Ok(outs.map(|s| Tensor::from_cuda(s, shape)))
     }
 }
 

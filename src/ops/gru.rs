@@ -64,6 +64,7 @@ pub fn gru_cell_forward(
     let gi = linear_forward(x, w_ih, Some(b_ih))?;
     let gh = linear_forward(h, w_hh, Some(b_hh))?;
     match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("gru_cell"))?,
         Storage::Cpu(_) => {
             let (gi, gh, hs) = (gi.cpu()?, gh.cpu()?, h.cpu()?);
             let mut out = vec![0.0f32; n * hd];
@@ -106,6 +107,7 @@ pub fn gru_cell_backward(
     // Gradients of the pre-activations x W_ih^T + b_ih and h W_hh^T + b_hh,
     // and of h through the direct path z * h.
     let (d_gi, d_gh, dh_direct) = match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("gru_cell backward"))?,
         Storage::Cpu(_) => {
             let (sv, gs, hs) = (saved.cpu()?, g.cpu()?, h.cpu()?);
             let mut d_gi = vec![0.0f32; n * 3 * hd];

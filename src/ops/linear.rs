@@ -96,6 +96,19 @@ pub fn matmul_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             let data = bmm_cpu(batch, (m, n, k), a.cpu()?, false, true, b.cpu()?, false, !shared);
             Tensor::from_vec(data, &shape, &a.device())
         }
+        Storage::Cuda(xa) => {
+            let mut out = xa.device().alloc(batch * m * n)?;
+            let bs = if shared { 0 } else { k * n };
+            cuda::sgemm(
+                batch,
+                (m, n, k),
+                (xa, false, m * k),
+                (b.cuda()?, false, bs),
+                &mut out,
+                false,
+            )?;
+            Ok(Tensor::from_cuda(out, &shape))
+        }
     }
 }
 
@@ -116,6 +129,42 @@ pub fn matmul_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Te
                 bmm_cpu(batch, (k, n, m), av, true, true, gv, false, true)
             };
             Ok((a.same_shape(da)?, b.same_shape(db)?))
+        }
+        Storage::Cuda(xa) => {
+            let (xb, xg) = (b.cuda()?, g.cuda()?);
+            let dev = xa.device();
+            let bs = if shared { 0 } else { k * n };
+            let mut da = dev.alloc(batch * m * k)?;
+            cuda::sgemm(
+                batch,
+                (m, k, n),
+                (xg, false, m * n),
+                (xb, true, bs),
+                &mut da,
+                false,
+            )?;
+            let mut db = dev.alloc(b.numel())?;
+            if shared {
+                // The batch stacked into the reduction: a^T g over batch * m rows.
+                cuda::sgemm(
+                    1,
+                    (k, n, batch * m),
+                    (xa, true, 0),
+                    (xg, false, 0),
+                    &mut db,
+                    false,
+                )?;
+            } else {
+                cuda::sgemm(
+                    batch,
+                    (k, n, m),
+                    (xa, true, m * k),
+                    (xg, false, m * n),
+                    &mut db,
+                    false,
+                )?;
+            }
+            Ok((Tensor::from_cuda(da, a.shape()), Tensor::from_cuda(db, b.shape())))
         }
     }
 }
@@ -151,6 +200,21 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tens
             );
             Tensor::from_vec(out, &[nb, fout], &x.device())
         }
+        Storage::Cuda(xs) => {
+            let mut out = match b {
+                Some(b) => super::shape::cuda::broadcast_rows(b.cuda()?, nb)?,
+                None => xs.device().alloc(nb * fout)?,
+            };
+            cuda::sgemm(
+                1,
+                (nb, fout, fin),
+                (xs, false, 0),
+                (w.cuda()?, true, 0),
+                &mut out,
+                b.is_some(),
+            )?;
+            Ok(Tensor::from_cuda(out, &[nb, fout]))
+        }
     }
 }
 
@@ -174,6 +238,79 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Te
                 Tensor::from_vec(db, &[fout], &dev)?,
             ))
         }
+        Storage::Cuda(xs) => {
+            let (ws, gs) = (w.cuda()?, g.cuda()?);
+            let dev = xs.device();
+            let mut dx = dev.alloc(nb * fin)?;
+            cuda::sgemm(1, (nb, fin, fout), (gs, false, 0), (ws, false, 0), &mut dx, false)?;
+            let mut dw = dev.alloc(fout * fin)?;
+            cuda::sgemm(1, (fout, fin, nb), (gs, true, 0), (xs, false, 0), &mut dw, false)?;
+            let db = super::reduce::cuda::sum_axis(gs, (1, nb, fout), &[fout])?;
+            Ok((
+                Tensor::from_cuda(dx, x.shape()),
+                Tensor::from_cuda(dw, w.shape()),
+                db,
+            ))
+        }
+    }
+}
+
+/// Launchers of kernels/matmul.cu.
+pub(crate) mod cuda {
+    use anyhow::{ensure, Result};
+    use cudarc::driver::LaunchConfig;
+
+    use crate::device::cuda::{launch, CudaStorage, BLOCK};
+
+    /// Tile of C one block computes (TM = TN in kernels/matmul.cu).
+    const TILE: usize = 64;
+
+    /// Batched row-major GEMM: `c[z] = a[z] b[z] (+ c[z] when accumulate)`,
+    /// `c[z]` is `m x n`. Each operand is (storage, transposed, batch stride),
+    /// a stride of 0 sharing one matrix across the batch.
+    pub(crate) fn sgemm(
+        batch: usize,
+        (m, n, k): (usize, usize, usize),
+        (a, ta, sa): (&CudaStorage, bool, usize),
+        (b, tb, sb): (&CudaStorage, bool, usize),
+        c: &mut CudaStorage,
+        accumulate: bool,
+    ) -> Result<()> {
+        if batch * m * n == 0 {
+            return Ok(());
+        }
+        ensure!(
+            batch <= 65_535
+                && m.div_ceil(TILE) <= 65_535
+                && [m, n, k].iter().all(|&d| d <= i32::MAX as usize),
+            "matmul of {batch} x [{m}, {k}] x [{k}, {n}] exceeds the CUDA kernel's grid"
+        );
+        let dev = a.device();
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, batch as u32),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+        let (tai, tbi, sai, sbi) = (ta as i32, tb as i32, sa as i64, sb as i64);
+        launch!(
+            &dev,
+            "matmul",
+            "sgemm",
+            cfg,
+            a.slice(),
+            b.slice(),
+            c.slice_mut(),
+            &mi,
+            &ni,
+            &ki,
+            &tai,
+            &tbi,
+            &sai,
+            &sbi,
+            &(accumulate as i32)
+        );
+        Ok(())
     }
 }
 

@@ -32,6 +32,7 @@ pub fn bce_with_logits_forward(logits: &Tensor, target: &Tensor) -> Result<Tenso
     let (rows, d) = per_sample(logits, "bce_with_logits")?;
     same_shapes("bce_with_logits", ["logits", "target"], logits, target)?;
     match logits.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("bce_with_logits"))?,
         Storage::Cpu(_) => {
             let (xs, ts) = (logits.cpu()?, target.cpu()?);
             if let Some(i) = ts.iter().position(|t| !(0.0..=1.0).contains(t)) {
@@ -50,6 +51,7 @@ pub fn bce_with_logits_forward(logits: &Tensor, target: &Tensor) -> Result<Tenso
 pub fn bce_with_logits_backward(logits: &Tensor, target: &Tensor, g: &Tensor) -> Result<Tensor> {
     let d = logits.numel() / logits.dim(0);
     match logits.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("bce_with_logits backward"))?,
         Storage::Cpu(_) => {
             let (xs, ts, gs) = (logits.cpu()?, target.cpu()?, g.cpu()?);
             logits.same_shape(par_fill(xs.len(), |i| {
@@ -68,6 +70,7 @@ pub fn gaussian_nll_forward(x: &Tensor, mu: &Tensor, logvar: &Tensor) -> Result<
     same_shapes("gaussian_nll", ["x", "mu"], x, mu)?;
     same_shapes("gaussian_nll", ["mu", "logvar"], mu, logvar)?;
     match mu.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("gaussian_nll"))?,
         Storage::Cpu(_) => {
             let (xs, ms, ls) = (x.cpu()?, mu.cpu()?, logvar.cpu()?);
             let data = row_sums(rows, d, |i| {
@@ -88,6 +91,7 @@ pub fn gaussian_nll_backward(
 ) -> Result<(Tensor, Tensor)> {
     let d = mu.numel() / mu.dim(0);
     match mu.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("gaussian_nll backward"))?,
         Storage::Cpu(_) => {
             let (xs, ms, ls, gs) = (x.cpu()?, mu.cpu()?, logvar.cpu()?, g.cpu()?);
             let [dmu, dlv] = par_fill_multi(ms.len(), |i| {
@@ -146,6 +150,7 @@ fn row_logsumexp(xs: &[f32], rows: usize, k: usize) -> Vec<f32> {
 pub fn softmax_cross_entropy_forward(logits: &Tensor, labels: &[usize]) -> Result<(Tensor, Tensor)> {
     let (n, k) = check_labels(logits, labels)?;
     match logits.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("softmax_cross_entropy"))?,
         Storage::Cpu(_) => {
             let xs = logits.cpu()?;
             let lse = row_logsumexp(xs, n, k);
@@ -168,6 +173,7 @@ pub fn softmax_cross_entropy_backward(
 ) -> Result<Tensor> {
     let k = logits.dim(1);
     match logits.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("softmax_cross_entropy backward"))?,
         Storage::Cpu(_) => {
             let (xs, ls, gs) = (logits.cpu()?, lse.cpu()?, g.cpu()?);
             logits.same_shape(par_fill(xs.len(), |i| {
@@ -188,6 +194,7 @@ pub fn softmax(logits: &Tensor) -> Result<Tensor> {
     let k = logits.dim(-1);
     let rows = logits.numel() / k;
     match logits.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("softmax"))?,
         Storage::Cpu(_) => {
             let xs = logits.cpu()?;
             let lse = row_logsumexp(xs, rows, k);

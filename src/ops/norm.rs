@@ -185,6 +185,7 @@ fn check_affine(op: &str, x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<(
 /// Per-statistic mean and biased variance as tensors of `shape`.
 fn stats(x: &Tensor, l: Layout, shape: &[usize]) -> Result<(Tensor, Tensor)> {
     let (mean, var) = match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("norm statistics"))?,
         Storage::Cpu(_) => stats_cpu(x.cpu()?, l),
     };
     let dev = x.device();
@@ -197,6 +198,7 @@ fn stats(x: &Tensor, l: Layout, shape: &[usize]) -> Result<(Tensor, Tensor)> {
 /// `1 / sqrt(var + eps)`.
 fn rstd_of(var: &Tensor, eps: f32) -> Result<Tensor> {
     match var.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("norm rstd"))?,
         Storage::Cpu(_) => var.same_shape(var.cpu()?.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()),
     }
 }
@@ -211,6 +213,7 @@ fn forward(
     rstd: &Tensor,
 ) -> Result<Tensor> {
     match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("group_norm/batch_norm"))?,
         Storage::Cpu(_) => x.same_shape(normalize_cpu(
             x.cpu()?,
             l,
@@ -232,6 +235,7 @@ fn backward(
     gy: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("group_norm/batch_norm backward"))?,
         Storage::Cpu(_) => {
             let (dx, dg, db) = backward_cpu(
                 x.cpu()?,

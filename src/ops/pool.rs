@@ -28,6 +28,7 @@ pub fn avg_pool2d_forward(x: &Tensor, kernel: usize, stride: usize) -> Result<Te
     let (ho, wo) = pool_geom(x, kernel, stride)?;
     let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("avg_pool2d"))?,
         Storage::Cpu(_) => {
             let xs = x.cpu()?;
             let scale = 1.0 / (kernel * kernel) as f32;
@@ -58,6 +59,7 @@ pub fn avg_pool2d_backward(x: &Tensor, gy: &Tensor, kernel: usize, stride: usize
     let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     gy.expect_shape(&[n, c, ho, wo], "avg_pool2d output gradient")?;
     match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("avg_pool2d backward"))?,
         Storage::Cpu(_) => {
             let gs = gy.cpu()?;
             let scale = 1.0 / (kernel * kernel) as f32;
@@ -93,6 +95,7 @@ pub fn global_avg_pool_forward(x: &Tensor) -> Result<Tensor> {
     check_global(x)?;
     let (n, c, hw) = (x.shape()[0], x.shape()[1], x.shape()[2] * x.shape()[3]);
     match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("global_avg_pool"))?,
         Storage::Cpu(_) => {
             let xs = x.cpu()?;
             let out = xs
@@ -110,6 +113,7 @@ pub fn global_avg_pool_backward(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
     let (n, c, hw) = (x.shape()[0], x.shape()[1], x.shape()[2] * x.shape()[3]);
     gy.expect_shape(&[n, c], "global_avg_pool output gradient")?;
     match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("global_avg_pool backward"))?,
         Storage::Cpu(_) => {
             let gs = gy.cpu()?;
             let mut dx = vec![0.0; x.numel()];

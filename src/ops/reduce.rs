@@ -29,6 +29,61 @@ fn sum_axis(x: &Tensor, axis: usize) -> Result<Tensor> {
             });
             Tensor::from_vec(data, &out_shape, &x.device())
         }
+        Storage::Cuda(xs) => cuda::sum_axis(xs, (outer, n, inner), &out_shape),
+    }
+}
+
+/// Launchers of kernels/reduce.cu.
+pub(crate) mod cuda {
+    use anyhow::Result;
+    use cudarc::driver::LaunchConfig;
+
+    use crate::device::cuda::{grid, launch, CudaStorage, BLOCK};
+    use crate::tensor::Tensor;
+
+    /// Sum the middle axis of `x` viewed as `[outer, n, inner]`.
+    pub(crate) fn sum_axis(
+        x: &CudaStorage,
+        (outer, n, inner): (usize, usize, usize),
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let dev = x.device();
+        let outs = outer * inner;
+        let mut out = dev.alloc(outs)?;
+        let (o, k, i) = (outer as i32, n as i32, inner as i32);
+        // A block per output only pays when outputs are too few to fill the GPU.
+        if outs < 4096 && n >= 256 {
+            grid(outs)?;
+            let cfg = LaunchConfig {
+                grid_dim: (outs as u32, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(
+                &dev,
+                "reduce",
+                "sum_axis_block",
+                cfg,
+                x.slice(),
+                out.slice_mut(),
+                &o,
+                &k,
+                &i
+            );
+        } else {
+            launch!(
+                &dev,
+                "reduce",
+                "sum_axis",
+                grid(outs)?,
+                x.slice(),
+                out.slice_mut(),
+                &o,
+                &k,
+                &i
+            );
+        }
+        Ok(Tensor::from_cuda(out, shape))
     }
 }
 

@@ -53,6 +53,7 @@ pub fn resize_bilinear_forward(x: &Tensor, out_h: usize, out_w: usize) -> Result
     let (planes, h, w) = geom(x, out_h, out_w)?;
     let (oh, ow) = (out_h, out_w);
     match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("resize_bilinear"))?,
         Storage::Cpu(_) => {
             let xs = x.cpu()?;
             let (ty, tx) = (taps(h, oh), taps(w, ow));
@@ -87,6 +88,7 @@ pub fn resize_bilinear_backward(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
         "resize_bilinear output gradient",
     )?;
     match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("resize_bilinear backward"))?,
         Storage::Cpu(_) => {
             let gs = gy.cpu()?;
             let (ty, tx) = (taps(h, oh), taps(w, ow));

@@ -42,6 +42,7 @@ pub fn affine_grid_forward(theta: &Tensor, out_h: usize, out_w: usize) -> Result
     );
     let n = theta.dim(0);
     match theta.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("affine_grid"))?,
         Storage::Cpu(_) => {
             let t = theta.cpu()?;
             let mut out = vec![0.0; n * out_h * out_w * 2];
@@ -73,6 +74,7 @@ pub fn affine_grid_backward(grad_grid: &Tensor) -> Result<Tensor> {
     );
     let (n, oh, ow) = (grad_grid.dim(0), grad_grid.dim(1), grad_grid.dim(2));
     match grad_grid.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("affine_grid backward"))?,
         Storage::Cpu(_) => {
             let g = grad_grid.cpu()?;
             let mut out = vec![0.0; n * 6];
@@ -298,6 +300,7 @@ fn sample_dims(img: &Tensor, grid: &Tensor) -> Result<[usize; 6]> {
 pub fn grid_sample_forward(img: &Tensor, grid: &Tensor) -> Result<Tensor> {
     let [n, c, h, w, oh, ow] = sample_dims(img, grid)?;
     match img.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("grid_sample"))?,
         Storage::Cpu(_) => {
             let (xs, gs) = (img.cpu()?, grid.cpu()?);
             let win = Region::whole(h, w);
@@ -321,6 +324,7 @@ pub fn grid_sample_backward(
     let [n, c, h, w, oh, ow] = sample_dims(img, grid)?;
     grad_out.expect_shape(&[n, c, oh, ow], "grid_sample backward: output gradient")?;
     match img.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("grid_sample backward"))?,
         Storage::Cpu(_) => {
             let (xs, gs, go) = (img.cpu()?, grid.cpu()?, grad_out.cpu()?);
             let win = Region::whole(h, w);
@@ -418,6 +422,7 @@ pub fn localized_crop_forward(
         );
     }
     match theta.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("localized_crop"))?,
         Storage::Cpu(_) => {
             let gs = grid.cpu()?;
             ensure!(
@@ -476,6 +481,7 @@ pub fn localized_crop_backward(saved: &LocalizedCrop, grad_out: &Tensor) -> Resu
     let c = saved.channels;
     grad_out.expect_shape(&[n, c, oh, ow], "localized_crop backward: output gradient")?;
     match grad_out.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("localized_crop backward"))?,
         Storage::Cpu(_) => {
             let (gs, go, ws) = (saved.grid.cpu()?, grad_out.cpu()?, saved.windows.cpu()?);
             let ppts = oh * ow * 2;

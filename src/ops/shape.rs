@@ -54,6 +54,16 @@ pub fn concat_forward(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
             });
             Tensor::from_vec(data, &shape, &xs[0].device())
         }
+        Storage::Cuda(first) => {
+            let mut out = first.device().alloc(outer * total * inner)?;
+            let mut off = 0;
+            for x in xs {
+                let n = x.shape()[axis];
+                cuda::copy_into(x.cuda()?, &mut out, (outer, n, inner), total, off)?;
+                off += n;
+            }
+            Ok(Tensor::from_cuda(out, &shape))
+        }
     }
 }
 
@@ -82,6 +92,7 @@ pub fn slice_forward(x: &Tensor, axis: usize, start: usize, len: usize) -> Resul
             });
             Tensor::from_vec(data, &shape, &x.device())
         }
+        Storage::Cuda(xs) => cuda::copy_from(xs, (outer, n, inner), start, len, &shape),
     }
 }
 
@@ -104,6 +115,12 @@ fn pad_axis(x: &Tensor, axis: usize, before: usize, total: usize) -> Result<Tens
                 }
             });
             Tensor::from_vec(data, &shape, &x.device())
+        }
+        Storage::Cuda(xs) => {
+            let mut out = xs.device().alloc(outer * total * inner)?;
+            super::elementwise::cuda::fill(&mut out, 0.0)?;
+            cuda::copy_into(xs, &mut out, (outer, len, inner), total, before)?;
+            Ok(Tensor::from_cuda(out, &shape))
         }
     }
 }
@@ -140,6 +157,108 @@ pub fn permute_forward(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
             });
             Tensor::from_vec(data, &shape, &x.device())
         }
+        Storage::Cuda(xs) => {
+            let dims = crate::device::cuda::Dims::new(&shape, &strides, &strides)?;
+            cuda::permute(xs, dims, &shape)
+        }
+    }
+}
+
+/// Launchers of kernels/shape.cu.
+pub(crate) mod cuda {
+    use anyhow::Result;
+
+    use crate::device::cuda::{grid, launch, CudaStorage, Dims};
+    use crate::tensor::Tensor;
+
+    /// Write `src` (`[outer, n, inner]`) into `dst` (`[outer, total, inner]`)
+    /// from offset `off` of the middle axis.
+    pub(crate) fn copy_into(
+        src: &CudaStorage,
+        dst: &mut CudaStorage,
+        (outer, n, inner): (usize, usize, usize),
+        total: usize,
+        off: usize,
+    ) -> Result<()> {
+        let dev = src.device();
+        let cfg = grid(outer * n * inner)?;
+        let (o, k, i, t, f) = (outer as i32, n as i32, inner as i32, total as i32, off as i32);
+        launch!(
+            &dev,
+            "shape",
+            "copy_into",
+            cfg,
+            src.slice(),
+            dst.slice_mut(),
+            &o,
+            &k,
+            &i,
+            &t,
+            &f
+        );
+        Ok(())
+    }
+
+    /// `len` entries of the middle axis of `src` (`[outer, n, inner]`) from `start`.
+    pub(crate) fn copy_from(
+        src: &CudaStorage,
+        (outer, n, inner): (usize, usize, usize),
+        start: usize,
+        len: usize,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let dev = src.device();
+        let mut out = dev.alloc(outer * len * inner)?;
+        let cfg = grid(outer * len * inner)?;
+        let (o, k, i, s, l) = (outer as i32, n as i32, inner as i32, start as i32, len as i32);
+        launch!(
+            &dev,
+            "shape",
+            "copy_from",
+            cfg,
+            src.slice(),
+            out.slice_mut(),
+            &o,
+            &k,
+            &i,
+            &s,
+            &l
+        );
+        Ok(Tensor::from_cuda(out, shape))
+    }
+
+    /// `[rows, cols]` with `src` (`[cols]`) on every row.
+    pub(crate) fn broadcast_rows(src: &CudaStorage, rows: usize) -> Result<CudaStorage> {
+        let (dev, cols) = (src.device(), src.len());
+        let mut out = dev.alloc(rows * cols)?;
+        let cfg = grid(rows * cols)?;
+        launch!(
+            &dev,
+            "shape",
+            "broadcast_rows",
+            cfg,
+            src.slice(),
+            out.slice_mut(),
+            &(rows as i32),
+            &(cols as i32)
+        );
+        Ok(out)
+    }
+
+    pub(crate) fn permute(x: &CudaStorage, dims: Dims, shape: &[usize]) -> Result<Tensor> {
+        let (dev, n) = (x.device(), x.len());
+        let mut out = dev.alloc(n)?;
+        launch!(
+            &dev,
+            "shape",
+            "permute",
+            grid(n)?,
+            x.slice(),
+            out.slice_mut(),
+            &(n as i32),
+            &dims
+        );
+        Ok(Tensor::from_cuda(out, shape))
     }
 }
 

@@ -1,0 +1,30 @@
+// Prepended to every kernel file by src/device/cuda.rs. Plain CUDA C: NVRTC
+// supplies the math built-ins, so no toolkit header is included.
+
+// One thread per item, looping when the grid is smaller than the work.
+#define FOR_EACH(i, n) for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += blockDim.x * gridDim.x)
+
+#define MAX_RANK 8
+
+// Index maps of up to MAX_RANK axes, passed by value (mirrors `Dims` in
+// src/device/cuda.rs): `shape` is the output's, `sa`/`sb` the element
+// strides of up to two inputs read in the output's index space.
+struct Dims {
+    int rank;
+    int shape[MAX_RANK];
+    int sa[MAX_RANK];
+    int sb[MAX_RANK];
+};
+
+// Offsets into the two inputs of output element `i`.
+__device__ __forceinline__ void dims_offsets(const Dims& d, int i, int* ia, int* ib) {
+    int a = 0, b = 0;
+    for (int ax = d.rank - 1; ax >= 0; --ax) {
+        int k = i % d.shape[ax];
+        i /= d.shape[ax];
+        a += k * d.sa[ax];
+        b += k * d.sb[ax];
+    }
+    *ia = a;
+    *ib = b;
+}

@@ -1,0 +1,369 @@
+//! GPU against CPU: every op with a CUDA kernel, forward and backward (a
+//! vector-Jacobian product with a random seed), on fresh random inputs at
+//! several shapes, odd sizes included. New GPU buffers are filled with NaN
+//! first, so a kernel that leaves an output element unwritten fails. Without
+//! a usable GPU each test prints why it skipped and passes.
+
+use anyhow::Result;
+use saccade::gradcheck::rand_tensor;
+use saccade::ops::elementwise::{Binary, Unary};
+use saccade::optim::{adam_update, clip_by_norm, clip_by_value, AdamConfig};
+use saccade::{Device, Graph, Tensor, Var};
+
+/// The GPU with NaN poisoning on, or None after printing why not.
+fn gpu() -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(d) => {
+            if let Device::Cuda(c) = &d {
+                c.set_poison(true);
+            }
+            Some(d)
+        }
+        Err(e) => {
+            println!("skipped: {e:#}");
+            None
+        }
+    }
+}
+
+/// `got` matches `want` within 1e-4 relative (1e-4 absolute near zero); a NaN fails.
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+            "{what}: element {i}: gpu {g} vs cpu {w}"
+        );
+    }
+}
+
+/// Output and input gradients of `build` on `inputs` placed on `dev`,
+/// backward seeded with `seed` (values of the output's shape).
+fn run(
+    dev: &Device,
+    inputs: &[Tensor],
+    seed: u64,
+    build: &dyn Fn(&mut Graph, &[Var]) -> Result<Var>,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let mut g = Graph::new();
+    let vars: Vec<Var> = inputs.iter().map(|t| g.leaf(t.to_device(dev).unwrap())).collect();
+    let out = build(&mut g, &vars).unwrap();
+    let shape = g.shape(out).to_vec();
+    let seed = rand_tensor(&shape, seed, &Device::cpu()).to_device(dev).unwrap();
+    let grads = g.backward_from(out, seed).unwrap();
+    let value = g.value(out).to_vec().unwrap();
+    let dins = vars
+        .iter()
+        .map(|&v| grads.get(v).map(|t| t.to_vec().unwrap()).unwrap_or_default())
+        .collect();
+    (value, dins)
+}
+
+/// Compare `build` on the GPU with the CPU reference.
+fn parity(what: &str, gpu: &Device, inputs: &[Tensor], build: impl Fn(&mut Graph, &[Var]) -> Result<Var>) {
+    let (want, dwant) = run(&Device::cpu(), inputs, 99, &build);
+    let (got, dgot) = run(gpu, inputs, 99, &build);
+    assert_close(&format!("{what} forward"), &got, &want);
+    for (i, (g, w)) in dgot.iter().zip(&dwant).enumerate() {
+        assert_close(&format!("{what} gradient of input {i}"), g, w);
+    }
+}
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    rand_tensor(shape, seed, &Device::cpu())
+}
+
+fn uniform(shape: &[usize], lo: f32, hi: f32, seed: u64) -> Tensor {
+    Tensor::uniform(shape, lo, hi, &mut saccade::gradcheck::rng(seed), &Device::cpu())
+}
+
+const SHAPES: &[&[usize]] = &[&[1], &[7], &[3, 5, 17], &[4099], &[2, 3, 65, 67]];
+
+#[test]
+fn cuda_parity_unary() {
+    let Some(dev) = gpu() else { return };
+    for op in [
+        Unary::Relu,
+        Unary::Elu(0.7),
+        Unary::Selu,
+        Unary::Sigmoid,
+        Unary::Tanh,
+        Unary::Softplus,
+        Unary::Exp,
+        Unary::Affine(-1.5, 0.25),
+    ] {
+        for (i, s) in SHAPES.iter().enumerate() {
+            parity(&format!("{op:?} {s:?}"), &dev, &[randn(s, i as u64)], |g, v| {
+                g.unary(v[0], op)
+            });
+        }
+    }
+    for s in SHAPES {
+        parity(&format!("Log {s:?}"), &dev, &[uniform(s, 0.3, 3.0, 1)], |g, v| {
+            g.log(v[0])
+        });
+    }
+}
+
+#[test]
+fn cuda_parity_binary() {
+    let Some(dev) = gpu() else { return };
+    for op in [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div] {
+        for (sa, sb) in [
+            (vec![2, 3, 4], vec![2, 3, 4]),
+            (vec![2, 3, 4], vec![4]),
+            (vec![2, 1, 4], vec![3, 1]),
+            (vec![1], vec![2, 3]),
+            (vec![5, 3, 33, 17], vec![1, 3, 1, 1]),
+            (vec![4099], vec![1]),
+        ] {
+            let (a, b) = (randn(&sa, 3), uniform(&sb, 0.5, 2.0, 4));
+            parity(&format!("{op:?} {sa:?} {sb:?}"), &dev, &[a, b], |g, v| {
+                g.binary(v[0], v[1], op)
+            });
+        }
+    }
+}
+
+#[test]
+fn cuda_parity_sum_mean() {
+    let Some(dev) = gpu() else { return };
+    let x = randn(&[3, 4, 5], 1);
+    for axes in [vec![0], vec![1], vec![2], vec![0, 2], vec![0, 1, 2]] {
+        parity(
+            &format!("sum {axes:?}"),
+            &dev,
+            std::slice::from_ref(&x),
+            |g, v| g.sum(v[0], &axes, false),
+        );
+        parity(
+            &format!("mean {axes:?}"),
+            &dev,
+            std::slice::from_ref(&x),
+            |g, v| g.mean(v[0], &axes, true),
+        );
+    }
+    // Long sums with few outputs take the block-per-output kernel.
+    let long = randn(&[3, 5001], 2);
+    parity("sum long axis", &dev, std::slice::from_ref(&long), |g, v| {
+        g.sum(v[0], &[1], false)
+    });
+    parity("sum_all", &dev, &[randn(&[70_001], 3)], |g, v| g.sum_all(v[0]));
+    parity("mean_all", &dev, &[randn(&[2, 3, 65, 67], 4)], |g, v| {
+        g.mean_all(v[0])
+    });
+}
+
+#[test]
+fn cuda_parity_reshape_concat_slice_permute() {
+    let Some(dev) = gpu() else { return };
+    let a = randn(&[2, 3, 5], 1);
+    let b = randn(&[2, 7, 5], 2);
+    let c = randn(&[2, 3, 5], 3);
+    parity("reshape", &dev, std::slice::from_ref(&a), |g, v| {
+        g.reshape(v[0], &[6, 5])
+    });
+    parity("concat", &dev, &[a.clone(), b.clone()], |g, v| {
+        g.concat(&[v[0], v[1]], 1)
+    });
+    parity("concat axis 0", &dev, &[a.clone(), c.clone()], |g, v| {
+        g.concat(&[v[0], v[1]], 0)
+    });
+    parity("slice", &dev, std::slice::from_ref(&b), |g, v| {
+        g.slice(v[0], 1, 2, 3)
+    });
+    parity("slice last axis", &dev, std::slice::from_ref(&b), |g, v| {
+        g.slice(v[0], 2, 1, 3)
+    });
+    parity("stack", &dev, &[a.clone(), c], |g, v| g.stack(&[v[0], v[1]], 3));
+    parity("transpose", &dev, std::slice::from_ref(&a), |g, v| {
+        g.transpose(v[0], 0, 2)
+    });
+    parity("permute", &dev, &[randn(&[3, 4, 33, 17], 4)], |g, v| {
+        g.permute(v[0], &[2, 0, 3, 1])
+    });
+}
+
+#[test]
+fn cuda_parity_matmul() {
+    let Some(dev) = gpu() else { return };
+    for (m, k, n) in [(1, 1, 1), (7, 13, 5), (65, 129, 67), (128, 64, 256)] {
+        let (a, b) = (randn(&[m, k], 1), randn(&[k, n], 2));
+        parity(&format!("matmul {m}x{k}x{n}"), &dev, &[a, b], |g, v| {
+            g.matmul(v[0], v[1])
+        });
+        let (a3, b3) = (randn(&[3, m, k], 3), randn(&[3, k, n], 4));
+        parity(
+            &format!("batched matmul {m}x{k}x{n}"),
+            &dev,
+            &[a3.clone(), b3],
+            |g, v| g.matmul(v[0], v[1]),
+        );
+        let b2 = randn(&[k, n], 5);
+        parity(
+            &format!("shared-b matmul {m}x{k}x{n}"),
+            &dev,
+            &[a3, b2],
+            |g, v| g.matmul(v[0], v[1]),
+        );
+    }
+}
+
+#[test]
+fn cuda_parity_linear() {
+    let Some(dev) = gpu() else { return };
+    for (nb, fin, fout) in [(1, 1, 1), (5, 7, 3), (130, 257, 65)] {
+        let (x, w, b) = (randn(&[nb, fin], 1), randn(&[fout, fin], 2), randn(&[fout], 3));
+        parity(
+            &format!("linear {nb}x{fin}->{fout}"),
+            &dev,
+            &[x.clone(), w.clone(), b],
+            |g, v| g.linear(v[0], v[1], Some(v[2])),
+        );
+        parity(
+            &format!("linear no bias {nb}x{fin}->{fout}"),
+            &dev,
+            &[x, w],
+            |g, v| g.linear(v[0], v[1], None),
+        );
+    }
+}
+
+#[test]
+fn cuda_parity_reparameterize() {
+    let Some(dev) = gpu() else { return };
+    for s in [&[1, 1][..], &[5, 7], &[3, 4, 17], &[64, 257]] {
+        let eps = randn(s, 7);
+        let inputs = [randn(s, 1), uniform(s, -2.0, 1.0, 2)];
+        parity(&format!("reparameterize {s:?}"), &dev, &inputs, |g, v| {
+            let e = eps.to_device(&g.value(v[0]).device())?;
+            g.reparameterize(v[0], v[1], &e)
+        });
+    }
+}
+
+#[test]
+fn cuda_parity_kl_diag_gaussians() {
+    let Some(dev) = gpu() else { return };
+    for s in [&[1, 1][..], &[5, 7], &[3, 4, 17], &[64, 257]] {
+        let inputs = [
+            randn(s, 1),
+            uniform(s, -2.0, 1.0, 2),
+            randn(s, 3),
+            uniform(s, -1.0, 1.0, 4),
+        ];
+        parity(&format!("kl_diag_gaussians {s:?}"), &dev, &inputs, |g, v| {
+            g.kl_diag_gaussians(v[0], v[1], v[2], v[3])
+        });
+    }
+}
+
+#[test]
+fn cuda_parity_adam_update() {
+    let Some(dev) = gpu() else { return };
+    let c = AdamConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        ..Default::default()
+    };
+    for (i, s) in SHAPES.iter().enumerate() {
+        let seed = 10 * i as u64;
+        let p = randn(s, seed);
+        let gr = randn(s, seed + 1);
+        let m = randn(s, seed + 2);
+        let v = uniform(s, 0.0, 1.0, seed + 3);
+        let want = adam_update(&p, &gr, &m, &v, &c, 3).unwrap();
+        let on = |t: &Tensor| t.to_device(&dev).unwrap();
+        let got = adam_update(&on(&p), &on(&gr), &on(&m), &on(&v), &c, 3).unwrap();
+        for (name, g, w) in [
+            ("param", got.0, want.0),
+            ("m", got.1, want.1),
+            ("v", got.2, want.2),
+        ] {
+            assert_close(
+                &format!("adam {name} {s:?}"),
+                &g.to_vec().unwrap(),
+                &w.to_vec().unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn cuda_parity_clipping() {
+    let Some(dev) = gpu() else { return };
+    // Gradients of sum(w * c) are c: known values to clip.
+    let grads_on = |d: &Device| {
+        let mut g = Graph::new();
+        let mut ps = saccade::nn::ParamStore::new();
+        let mut loss = None;
+        for (i, s) in [&[3, 5][..], &[4099], &[7]].iter().enumerate() {
+            let id = ps.add(&format!("w{i}"), randn(s, i as u64).to_device(d).unwrap());
+            let w = g.param(&ps, id);
+            let c = g.constant(randn(s, 10 + i as u64).to_device(d).unwrap());
+            let y = g.mul(w, c).unwrap();
+            let s = g.sum_all(y).unwrap();
+            loss = Some(match loss {
+                None => s,
+                Some(l) => g.add(l, s).unwrap(),
+            });
+        }
+        let grads = g.backward(loss.unwrap()).unwrap();
+        (grads, ps)
+    };
+    let (mut want, ps) = grads_on(&Device::cpu());
+    let (mut got, _) = grads_on(&dev);
+    clip_by_value(&mut want, 0.8).unwrap();
+    clip_by_value(&mut got, 0.8).unwrap();
+    let (nw, ng) = (
+        clip_by_norm(&mut want, 5.0).unwrap(),
+        clip_by_norm(&mut got, 5.0).unwrap(),
+    );
+    assert!((nw - ng).abs() <= 1e-4 * nw, "norm gpu {ng} vs cpu {nw}");
+    for id in ps.ids() {
+        let (g, w) = (got.param(id).unwrap(), want.param(id).unwrap());
+        assert_close("clipped gradient", &g.to_vec().unwrap(), &w.to_vec().unwrap());
+    }
+}
+
+#[test]
+fn cuda_allocator_counts_bytes_reuses_buffers_and_agrees_with_the_driver() {
+    let Some(dev) = gpu() else { return };
+    let Device::Cuda(cuda) = &dev else { unreachable!() };
+    let before = dev.memory().live_bytes;
+    let n = 16 << 20; // 64 MiB of f32
+    let t = Tensor::zeros(&[n], &dev);
+    assert_eq!(dev.memory().live_bytes, before + 4 * n);
+    assert!(cuda.reserved_bytes() >= dev.memory().live_bytes);
+    let (free, total) = cuda.mem_get_info().unwrap();
+    assert!(
+        total - free >= cuda.reserved_bytes(),
+        "driver: {free} of {total} free"
+    );
+    drop(t);
+    assert_eq!(dev.memory().live_bytes, before);
+    let reserved = cuda.reserved_bytes();
+    let t2 = Tensor::full(&[n], 2.0, &dev);
+    assert_eq!(
+        cuda.reserved_bytes(),
+        reserved,
+        "a freed buffer of the class is reused"
+    );
+    assert!(t2.to_vec().unwrap().iter().all(|&v| v == 2.0));
+    drop(t2);
+    cuda.empty_cache();
+    assert!(cuda.reserved_bytes() < reserved);
+}
+
+#[test]
+fn cuda_ops_without_kernels_fail_with_a_clear_error() {
+    let Some(dev) = gpu() else { return };
+    let Some(op) = saccade::ops::OPS_WITHOUT_CUDA_KERNEL.first() else {
+        return;
+    };
+    assert_eq!(*op, "conv2d", "update this test when conv2d gets its kernel");
+    let x = Tensor::zeros(&[1, 1, 4, 4], &dev);
+    let w = Tensor::zeros(&[1, 1, 3, 3], &dev);
+    let e = saccade::ops::conv::conv2d_forward(&x, &w, None, 1, 1).unwrap_err();
+    assert!(e.to_string().contains("no CUDA kernel"), "{e}");
+}
