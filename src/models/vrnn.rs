@@ -22,6 +22,9 @@ use crate::tensor::Tensor;
 /// Latent size: z = (scale, x, y) of the glimpse.
 pub const LATENT: usize = 3;
 
+/// Initial posterior log-variance (standard deviation e^-1 = 0.37 in z).
+const INIT_LOGVAR: f32 = -2.0;
+
 #[derive(Clone, Debug)]
 pub struct VrnnConfig {
     pub channels: usize,
@@ -101,6 +104,21 @@ impl Vrnn {
         let e = cfg.embed;
         let h = cfg.hidden;
         let proxy_values = cfg.channels * cfg.proxy_size * cfg.proxy_size;
+        // The posterior starts at N(0, e^INIT_LOGVAR) for every image: the
+        // glimpses begin at the centre at mid scale and jitter moderately.
+        // With PyTorch's default init they start saturated at random edges
+        // and, with unit variance, jump across the image from step to step.
+        let posterior = Mlp::new(ps, "vrnn.posterior", e + h, e, 2 * LATENT, rng, dev);
+        ps.set(posterior.l2.w, Tensor::zeros(&[2 * LATENT, e], dev))
+            .expect("same shape");
+        let bias: Vec<f32> = (0..2 * LATENT)
+            .map(|i| if i < LATENT { 0.0 } else { INIT_LOGVAR })
+            .collect();
+        ps.set(
+            posterior.l2.b,
+            Tensor::from_vec(bias, &[2 * LATENT], dev).expect("length"),
+        )
+        .expect("same shape");
         Vrnn {
             enc_fc: Linear::new(
                 ps,
@@ -112,7 +130,7 @@ impl Vrnn {
             ),
             enc_convs,
             phi_z: Linear::new(ps, "vrnn.phi_z", LATENT, e, rng, dev),
-            posterior: Mlp::new(ps, "vrnn.posterior", e + h, e, 2 * LATENT, rng, dev),
+            posterior,
             prior: Mlp::new(ps, "vrnn.prior", h, e, 2 * LATENT, rng, dev),
             decoder: Mlp::new(ps, "vrnn.decoder", e + h, e, proxy_values, rng, dev),
             gru: GruCell::new(ps, "vrnn.gru", 2 * e, h, rng, dev),
