@@ -185,6 +185,17 @@ pub struct Gradients {
 }
 
 impl Gradients {
+    /// Parameter gradients computed outside one graph (gradient
+    /// checkpointing sums them over several graphs).
+    pub fn from_params(grads: impl IntoIterator<Item = (ParamId, Tensor)>) -> Gradients {
+        let (params, grads): (HashMap<ParamId, Var>, Vec<Option<Tensor>>) = grads
+            .into_iter()
+            .enumerate()
+            .map(|(i, (id, g))| ((id, Var(i)), Some(g)))
+            .unzip();
+        Gradients { grads, params }
+    }
+
     pub fn get(&self, v: Var) -> Option<&Tensor> {
         self.grads.get(v.0).and_then(|g| g.as_ref())
     }

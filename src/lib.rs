@@ -11,6 +11,7 @@
 //! - [`nn`], [`optim`]: parameters, layers, Adam and clipping.
 
 pub mod autograd;
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod device;

@@ -11,8 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use saccade::data::commands::{self, GenerateArgs, ImportArgs, InspectArgs, OutputFormat};
 use saccade::data::spec::SPEC_HELP;
 use saccade::data::{self, Split, SplitSizes};
-use saccade::models::SaccadeConfig;
-use saccade::train::{TrainConfig, Trainer};
+use saccade::models::{ResNet18, ResNetConfig, SaccadeConfig, Saccader, TiledConfig, TiledResNet18};
+use saccade::train::{checkpoint_config, Baseline, Model, TrainConfig, Trainer};
 use saccade::Device;
 
 #[derive(Parser)]
@@ -46,6 +46,9 @@ enum Command {
     },
     /// Show the compute devices found.
     Device,
+    /// Time one training step and peak memory: saccade against the tiled
+    /// ResNet18 at 2528² and against ResNet18 at 100² (the paper's Table 1).
+    Bench(BenchArgs),
     /// CUDA kernel tools.
     Kernels {
         #[command(subcommand)]
@@ -153,6 +156,16 @@ enum Preset {
     Paper,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum ModelChoice {
+    /// Variational saccading.
+    Saccade,
+    /// Baseline: ResNet18 over the whole image (100x100 tasks).
+    Resnet18,
+    /// Baseline: one ResNet18 over every tile of a large image, features summed.
+    TiledResnet18,
+}
+
 #[derive(Args)]
 struct DeviceArgs {
     /// Compute device.
@@ -170,6 +183,21 @@ struct TrainArgs {
     dataset: String,
     #[arg(long, value_enum, default_value_t = Preset::Small)]
     preset: Preset,
+    /// Which model to train.
+    #[arg(long, value_enum, default_value_t = ModelChoice::Saccade)]
+    model: ModelChoice,
+    /// ResNet first-stage width for the baselines (64: the standard ResNet18).
+    #[arg(long, default_value_t = 64)]
+    resnet_width: usize,
+    /// Tiled ResNet18: tile side in pixels.
+    #[arg(long, default_value_t = 224)]
+    tile: usize,
+    /// Tiled ResNet18: tiles per trunk pass.
+    #[arg(long, default_value_t = 16)]
+    tile_chunk: usize,
+    /// Tiled ResNet18: recompute each chunk of tiles in backward (gradient checkpointing).
+    #[arg(long)]
+    checkpointing: bool,
     #[command(flatten)]
     device: DeviceArgs,
     /// Passes over the training set.
@@ -226,6 +254,36 @@ struct TrainArgs {
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Print one JSON object with the figures as the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Image side; 2528 compares with the tiled ResNet18, 100 with ResNet18 (default: both).
+    #[arg(long)]
+    size: Option<usize>,
+    #[arg(long, default_value_t = 2)]
+    batch_size: usize,
+    /// Timed steps per model after one warm-up step.
+    #[arg(long, default_value_t = 2)]
+    steps: usize,
+    /// Training images per epoch for the epoch estimate.
+    #[arg(long, default_value_t = 100_000)]
+    epoch_images: usize,
+    /// Tiled ResNet18: tiles per trunk pass.
+    #[arg(long, default_value_t = 16)]
+    tile_chunk: usize,
+    /// Tiled ResNet18 with gradient checkpointing per chunk of tiles.
+    #[arg(long)]
+    checkpointing: bool,
+    /// CPU only, even when a GPU is usable.
+    #[arg(long)]
+    no_gpu: bool,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the figures as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
 }
@@ -308,12 +366,41 @@ fn stop_flag() -> Arc<AtomicBool> {
     flag
 }
 
+/// The saccade picture for the saccade model; nothing for the baselines.
+type Picture<M> = fn(&M, &Arc<dyn data::Dataset>, &std::path::Path) -> Result<Option<PathBuf>>;
+
+fn saccade_picture(
+    m: &Saccader,
+    test: &Arc<dyn data::Dataset>,
+    out: &std::path::Path,
+) -> Result<Option<PathBuf>> {
+    let viz = out.join("saccades.png");
+    saccade::predict::save_saccade_picture(m, test, 8, &viz)?;
+    Ok(Some(viz))
+}
+
+fn no_picture<M>(_: &M, _: &Arc<dyn data::Dataset>, _: &std::path::Path) -> Result<Option<PathBuf>> {
+    Ok(None)
+}
+
 fn run_train(a: TrainArgs) -> Result<(), Failure> {
+    let cfg = match &a.resume {
+        Some(path) => checkpoint_config(path)?,
+        None => train_config(&a)?,
+    };
+    match cfg.baseline {
+        None => train_model::<Saccader>(a, cfg, saccade_picture),
+        Some(Baseline::ResNet18(_)) => train_model::<ResNet18>(a, cfg, no_picture),
+        Some(Baseline::TiledResNet18(_)) => train_model::<TiledResNet18>(a, cfg, no_picture),
+    }
+}
+
+fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) -> Result<(), Failure> {
     let device = select_device(&a.device)?;
     let started = std::time::Instant::now();
     let mut trainer = match &a.resume {
         Some(path) => {
-            let mut t = Trainer::from_checkpoint(path, device.clone())?;
+            let mut t = Trainer::<M>::from_checkpoint(path, device.clone())?;
             if let Some(e) = a.epochs {
                 t.cfg.epochs = e;
             }
@@ -325,7 +412,7 @@ fn run_train(a: TrainArgs) -> Result<(), Failure> {
             );
             t
         }
-        None => Trainer::new(train_config(&a)?, device.clone()),
+        None => Trainer::<M>::new(cfg, device.clone())?,
     };
     let [train, valid, test] = trainer.cfg.sizes;
     let cfg = data::DataConfig {
@@ -346,7 +433,7 @@ fn run_train(a: TrainArgs) -> Result<(), Failure> {
             test_set.len(),
             train_set.image_size(),
             train_set.num_classes(),
-            trainer.model.params.num_trainable()
+            trainer.model.params().num_trainable()
         );
     }
     let stop = stop_flag();
@@ -365,8 +452,7 @@ fn run_train(a: TrainArgs) -> Result<(), Failure> {
         });
     }
     let report = trainer.evaluate(&test_set, !a.json)?;
-    let viz = a.out.join("saccades.png");
-    saccade::predict::save_saccade_picture(&trainer.model, &test_set, 8, &viz)?;
+    let viz = picture(&trainer.model, &test_set, &a.out)?;
     let seconds = started.elapsed().as_secs_f64();
     let peak = fit.epochs.iter().map(|e| e.peak_bytes).max().unwrap_or(0);
     if a.json {
@@ -387,13 +473,13 @@ fn run_train(a: TrainArgs) -> Result<(), Failure> {
         );
     } else {
         println!(
-            "test accuracy {:.2}% on {} images; {:.0}s; peak tensor memory {:.1} MiB; wrote {} and {}",
+            "test accuracy {:.2}% on {} images; {:.0}s; peak tensor memory {:.1} MiB; wrote {}{}",
             100.0 * report.accuracy,
             report.samples,
             seconds,
             peak as f64 / (1 << 20) as f64,
             a.out.join("checkpoint.safetensors").display(),
-            viz.display()
+            viz.map(|v| format!(" and {}", v.display())).unwrap_or_default()
         );
     }
     Ok(())
@@ -451,8 +537,28 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
             bail!("--fixed-variance must be positive, got {v}");
         }
     }
+    let (channels, num_classes, width) = (m.channels, m.num_classes, a.resnet_width);
+    let baseline = match a.model {
+        ModelChoice::Saccade => None,
+        ModelChoice::Resnet18 => Some(Baseline::ResNet18(ResNetConfig {
+            channels,
+            num_classes,
+            width,
+        })),
+        ModelChoice::TiledResnet18 => Some(Baseline::TiledResNet18(TiledConfig {
+            width,
+            tile: a.tile,
+            chunk: a.tile_chunk,
+            checkpoint: a.checkpointing,
+            ..TiledConfig::paper(channels, num_classes)
+        })),
+    };
+    if a.model != ModelChoice::Saccade && (width == 0 || a.tile < 32 || a.tile_chunk == 0) {
+        bail!("need --resnet-width >= 1, --tile >= 32 and --tile-chunk >= 1");
+    }
     Ok(TrainConfig {
         model: m,
+        baseline,
         dataset: spec,
         epochs: a.epochs.unwrap_or(if paper { 60 } else { 3 }),
         batch_size: a.batch_size.unwrap_or(if paper { 100 } else { 32 }),
@@ -489,8 +595,16 @@ fn check_compatible(m: &SaccadeConfig, d: &dyn data::Dataset) -> Result<()> {
 }
 
 fn run_eval(a: EvalArgs) -> Result<(), Failure> {
+    match checkpoint_config(&a.checkpoint)?.baseline {
+        None => eval_model::<Saccader>(a),
+        Some(Baseline::ResNet18(_)) => eval_model::<ResNet18>(a),
+        Some(Baseline::TiledResNet18(_)) => eval_model::<TiledResNet18>(a),
+    }
+}
+
+fn eval_model<M: Model>(a: EvalArgs) -> Result<(), Failure> {
     let device = select_device(&a.device)?;
-    let t = Trainer::from_checkpoint(&a.checkpoint, device)?;
+    let mut t = Trainer::<M>::from_checkpoint(&a.checkpoint, device)?;
     let spec = a.dataset.unwrap_or_else(|| t.cfg.dataset.clone());
     let cfg = data::DataConfig {
         seed: t.cfg.seed,
@@ -530,7 +644,7 @@ fn run_eval(a: EvalArgs) -> Result<(), Failure> {
 
 fn run_predict(a: PredictArgs) -> Result<(), Failure> {
     let device = select_device(&a.device)?;
-    let t = Trainer::from_checkpoint(&a.checkpoint, device)?;
+    let t = Trainer::<Saccader>::from_checkpoint(&a.checkpoint, device)?;
     let names = probe(&t.cfg.dataset)?.class_names();
     let results = saccade::predict::predict_files(&t.model, &a.images, a.viz.as_deref())?;
     let mut rows = Vec::new();
@@ -621,6 +735,37 @@ fn run_data(command: DataCommand) -> Result<()> {
     }
 }
 
+fn run_bench(a: BenchArgs) -> Result<(), Failure> {
+    if let Some(n) = a.threads {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    if a.batch_size == 0 || a.steps == 0 || a.tile_chunk == 0 {
+        return Err(Failure {
+            code: 2,
+            error: anyhow::anyhow!("need --batch-size, --steps and --tile-chunk >= 1"),
+        });
+    }
+    let cfg = saccade::bench::BenchConfig {
+        sizes: a.size.map(|s| vec![s]).unwrap_or_else(|| vec![2528, 100]),
+        batch_size: a.batch_size,
+        steps: a.steps,
+        epoch_images: a.epoch_images,
+        tile_chunk: a.tile_chunk,
+        checkpointing: a.checkpointing,
+        gpu: !a.no_gpu,
+    };
+    let report = saccade::bench::run(&cfg, &|line| eprintln!("{line}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report).map_err(anyhow::Error::from)?);
+    } else {
+        print!("{}", saccade::bench::table(&report.comparisons));
+        for s in &report.skipped {
+            println!("skipped {s}");
+        }
+    }
+    Ok(())
+}
+
 fn run_device() -> Result<(), Failure> {
     print!("{}", saccade::device::report());
     Ok(())
@@ -653,6 +798,7 @@ fn main() -> ExitCode {
         Command::Predict(a) => run_predict(a),
         Command::Data { command } => run_data(command).map_err(Failure::from),
         Command::Device => run_device(),
+        Command::Bench(a) => run_bench(a),
         Command::Kernels { command } => run_kernels(command),
     };
     match result {

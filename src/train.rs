@@ -1,6 +1,7 @@
-//! Training and evaluation of the saccade model: the loop with its progress
-//! bar, per-epoch metrics and checkpoints, exact resume, NaN guards, Ctrl-C
-//! handling, evaluation reports and the saccade picture.
+//! Training and evaluation: the loop with its progress bar, per-epoch
+//! metrics and checkpoints, exact resume, NaN guards, Ctrl-C handling and
+//! evaluation reports, for any [`Model`]: the saccade model and the
+//! baselines (ResNet18 over whole images, tiled ResNet18 over large ones).
 //!
 //! Randomness is derived from (seed, epoch, step) alone: the loader's
 //! shuffle from (seed, epoch), the posterior noise from (seed, epoch, step).
@@ -20,18 +21,31 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::autograd::Graph;
+use crate::autograd::{Gradients, Graph};
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{Batch, Dataset, Loader, LoaderConfig};
 use crate::device::Device;
-use crate::models::{Images, SaccadeConfig, Saccader};
+use crate::models::{Images, ResNet18, ResNetConfig, SaccadeConfig, Saccader, TiledConfig, TiledResNet18};
+use crate::nn::ParamStore;
 use crate::optim::{clip_by_norm, clip_by_value, Adam, AdamConfig};
 use crate::tensor::Tensor;
+
+/// A baseline trained instead of the saccade model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Baseline {
+    ResNet18(ResNetConfig),
+    TiledResNet18(TiledConfig),
+}
 
 /// Everything a run needs besides the data; saved in every checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainConfig {
+    /// The saccade model, or with `baseline` only the data's shape
+    /// (channels, classes, proxy size).
     pub model: SaccadeConfig,
+    /// Train this baseline instead of the saccade model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Baseline>,
     pub dataset: String,
     pub epochs: usize,
     pub batch_size: usize,
@@ -121,10 +135,159 @@ pub fn argmax_rows(logits: &Tensor) -> Result<Vec<usize>> {
         .collect())
 }
 
+/// One training batch's loss terms, predictions and gradients.
+pub struct StepOutput {
+    pub loss: f64,
+    /// Batch means of the cross-entropy and of the KL term (0 without one).
+    pub ce: f64,
+    pub kl: f64,
+    pub logits: Tensor,
+    pub grads: Gradients,
+}
+
+fn batch_mean(x: &Tensor) -> Result<f64> {
+    let v = x.to_vec()?;
+    Ok(v.iter().map(|&a| a as f64).sum::<f64>() / v.len().max(1) as f64)
+}
+
+/// What the trainer needs of a model.
+pub trait Model: Sized {
+    /// The model `cfg` describes, initialized from `rng`.
+    fn build(cfg: &TrainConfig, rng: &mut StdRng, dev: &Device) -> Result<Self>;
+    fn params(&self) -> &ParamStore;
+    fn params_mut(&mut self) -> &mut ParamStore;
+    /// Forward and backward on a training batch; `rng` draws any noise.
+    fn train_batch(&mut self, batch: &Batch, rng: &mut StdRng) -> Result<StepOutput>;
+    /// Class scores `[B, K]` in evaluation mode (logits or probabilities:
+    /// evaluation takes their argmax).
+    fn scores(&mut self, batch: &Batch) -> Result<Tensor>;
+}
+
+impl Model for Saccader {
+    fn build(cfg: &TrainConfig, rng: &mut StdRng, dev: &Device) -> Result<Self> {
+        match cfg.baseline {
+            None => Ok(Saccader::new(cfg.model.clone(), rng, dev)),
+            Some(b) => bail!("the run's configuration is the baseline {b:?}, not the saccade model"),
+        }
+    }
+    fn params(&self) -> &ParamStore {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut ParamStore {
+        &mut self.params
+    }
+    fn train_batch(&mut self, batch: &Batch, rng: &mut StdRng) -> Result<StepOutput> {
+        let mut g = Graph::new();
+        let out = self.forward(
+            &mut g,
+            &images_of(batch),
+            &batch.proxies,
+            &batch.labels,
+            Some(rng as &mut dyn rand::RngCore),
+        )?;
+        let loss = g.value(out.loss).item()? as f64;
+        if !loss.is_finite() {
+            bail!("the loss is {loss}");
+        }
+        Ok(StepOutput {
+            loss,
+            ce: batch_mean(g.value(out.ce))?,
+            kl: batch_mean(g.value(out.kl))?,
+            logits: g.value(out.logits).clone(),
+            grads: g.backward(out.loss)?,
+        })
+    }
+    fn scores(&mut self, batch: &Batch) -> Result<Tensor> {
+        crate::predict::predict_batch(self, batch).map(|(probs, _, _)| probs)
+    }
+}
+
+/// The whole images of a batch, `[B, C, H, W]`, read from the sources when
+/// the loader did not keep them resident.
+fn whole_images(batch: &Batch) -> Result<Tensor> {
+    if let Some(t) = &batch.images {
+        return Ok(t.clone());
+    }
+    let (c, (h, w)) = (batch.sources[0].channels(), batch.sources[0].size());
+    let mut data = vec![0.0; batch.len() * c * h * w];
+    for (s, out) in batch.sources.iter().zip(data.chunks_mut(c * h * w)) {
+        s.read_region(0, 0, 0, h, w, out)?;
+    }
+    Tensor::from_vec(data, &[batch.len(), c, h, w], &batch.proxies.device())
+}
+
+impl Model for ResNet18 {
+    fn build(cfg: &TrainConfig, rng: &mut StdRng, dev: &Device) -> Result<Self> {
+        match cfg.baseline {
+            Some(Baseline::ResNet18(c)) => Ok(ResNet18::new(c, rng, dev)),
+            other => bail!("the run's configuration is {other:?}, not a ResNet18"),
+        }
+    }
+    fn params(&self) -> &ParamStore {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut ParamStore {
+        &mut self.params
+    }
+    fn train_batch(&mut self, batch: &Batch, _: &mut StdRng) -> Result<StepOutput> {
+        let mut g = Graph::new();
+        let logits = self.forward(&mut g, &whole_images(batch)?)?;
+        let ce = g.softmax_cross_entropy(logits, &batch.labels)?;
+        let loss = g.mean_all(ce)?;
+        let l = g.value(loss).item()? as f64;
+        if !l.is_finite() {
+            bail!("the loss is {l}");
+        }
+        Ok(StepOutput {
+            loss: l,
+            ce: l,
+            kl: 0.0,
+            logits: g.value(logits).clone(),
+            grads: g.backward(loss)?,
+        })
+    }
+    fn scores(&mut self, batch: &Batch) -> Result<Tensor> {
+        let mut g = Graph::inference();
+        let logits = self.forward(&mut g, &whole_images(batch)?)?;
+        Ok(g.value(logits).clone())
+    }
+}
+
+impl Model for TiledResNet18 {
+    fn build(cfg: &TrainConfig, rng: &mut StdRng, dev: &Device) -> Result<Self> {
+        match cfg.baseline {
+            Some(Baseline::TiledResNet18(c)) => Ok(TiledResNet18::new(c, rng, dev)),
+            other => bail!("the run's configuration is {other:?}, not a tiled ResNet18"),
+        }
+    }
+    fn params(&self) -> &ParamStore {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut ParamStore {
+        &mut self.params
+    }
+    fn train_batch(&mut self, batch: &Batch, _: &mut StdRng) -> Result<StepOutput> {
+        let s = self.train_step(&batch.sources, &batch.labels, &batch.proxies.device())?;
+        if !s.loss.is_finite() {
+            bail!("the loss is {}", s.loss);
+        }
+        Ok(StepOutput {
+            loss: s.loss,
+            ce: s.loss,
+            kl: 0.0,
+            logits: s.logits,
+            grads: s.grads,
+        })
+    }
+    fn scores(&mut self, batch: &Batch) -> Result<Tensor> {
+        TiledResNet18::logits(self, &batch.sources, &batch.proxies.device())
+    }
+}
+
 /// A trainer: the model, its optimizer and the run's state.
-pub struct Trainer {
+pub struct Trainer<M: Model = Saccader> {
     pub cfg: TrainConfig,
-    pub model: Saccader,
+    pub model: M,
     pub adam: Adam,
     pub progress: Progress,
     pub device: Device,
@@ -138,21 +301,28 @@ pub struct FitReport {
     pub last_checkpoint: Option<PathBuf>,
 }
 
-impl Trainer {
-    pub fn new(cfg: TrainConfig, device: Device) -> Self {
+/// The training configuration saved in a checkpoint.
+pub fn checkpoint_config(path: &Path) -> Result<TrainConfig> {
+    let ck = Checkpoint::load(path)?;
+    serde_json::from_value(ck.meta["train"].clone())
+        .with_context(|| format!("{}: no training configuration in the checkpoint", path.display()))
+}
+
+impl<M: Model> Trainer<M> {
+    pub fn new(cfg: TrainConfig, device: Device) -> Result<Self> {
         let mut rng = StdRng::seed_from_u64(cfg.seed);
-        let model = Saccader::new(cfg.model.clone(), &mut rng, &device);
+        let model = M::build(&cfg, &mut rng, &device)?;
         let adam = Adam::new(AdamConfig {
             lr: cfg.lr,
             ..Default::default()
         });
-        Trainer {
+        Ok(Trainer {
             cfg,
             model,
             adam,
             progress: Progress::default(),
             device,
-        }
+        })
     }
 
     /// Rebuild a trainer from a checkpoint, with its config and state.
@@ -161,8 +331,8 @@ impl Trainer {
         let cfg: TrainConfig = serde_json::from_value(ck.meta["train"].clone())
             .with_context(|| format!("{}: no training configuration in the checkpoint", path.display()))?;
         let progress: Progress = serde_json::from_value(ck.meta["progress"].clone()).unwrap_or_default();
-        let mut t = Trainer::new(cfg, device);
-        ck.restore(&mut t.model.params, Some(&mut t.adam), &t.device)?;
+        let mut t = Trainer::<M>::new(cfg, device)?;
+        ck.restore(t.model.params_mut(), Some(&mut t.adam), &t.device)?;
         t.progress = progress;
         Ok(t)
     }
@@ -173,25 +343,19 @@ impl Trainer {
             "progress": self.progress,
             "classes": self.cfg.model.num_classes,
         });
-        checkpoint::save(path, &self.model.params, Some(&self.adam), &meta)
+        checkpoint::save(path, self.model.params(), Some(&self.adam), &meta)
     }
 
     /// One optimizer step on one batch; returns (loss, ce, kl, correct).
     pub fn step(&mut self, batch: &Batch) -> Result<(f64, f64, f64, usize)> {
         let mut rng = step_rng(self.cfg.seed, self.progress.epoch, self.progress.step);
-        let mut g = Graph::new();
-        let out = self.model.forward(
-            &mut g,
-            &images_of(batch),
-            &batch.proxies,
-            &batch.labels,
-            Some(&mut rng),
-        )?;
-        let loss = g.value(out.loss).item()? as f64;
-        if !loss.is_finite() {
-            bail!("the loss is {loss}");
-        }
-        let mut grads = g.backward(out.loss)?;
+        let StepOutput {
+            loss,
+            ce,
+            kl,
+            logits,
+            mut grads,
+        } = self.model.train_batch(batch, &mut rng)?;
         if self.cfg.clip_value > 0.0 {
             clip_by_value(&mut grads, self.cfg.clip_value)?;
         }
@@ -206,15 +370,11 @@ impl Trainer {
         if !norm.is_finite() {
             bail!("the gradient norm is {norm}");
         }
-        self.adam.step(&mut self.model.params, &grads)?;
-        let mean = |v: crate::Var| -> Result<f64> {
-            let x = g.value(v).to_vec()?;
-            Ok(x.iter().map(|&a| a as f64).sum::<f64>() / x.len().max(1) as f64)
-        };
-        let pred = argmax_rows(g.value(out.logits))?;
+        self.adam.step(self.model.params_mut(), &grads)?;
+        let pred = argmax_rows(&logits)?;
         let correct = pred.iter().zip(&batch.labels).filter(|(p, l)| p == l).count();
         self.progress.step += 1;
-        Ok((loss, mean(out.ce)?, mean(out.kl)?, correct))
+        Ok((loss, ce, kl, correct))
     }
 
     /// Train for the configured epochs from the current progress. Writes
@@ -342,8 +502,14 @@ impl Trainer {
 
     /// Accuracy, per-class accuracy and the confusion matrix, using
     /// posterior means.
-    pub fn evaluate(&self, data: &Arc<dyn Dataset>, show_progress: bool) -> Result<EvalReport> {
-        evaluate(&self.model, data, self.cfg.batch_size, show_progress)
+    pub fn evaluate(&mut self, data: &Arc<dyn Dataset>, show_progress: bool) -> Result<EvalReport> {
+        evaluate(
+            &mut self.model,
+            data,
+            self.cfg.batch_size,
+            &self.device,
+            show_progress,
+        )
     }
 }
 
@@ -371,20 +537,21 @@ pub fn progress_bar(show: bool, len: u64, prefix: &str) -> ProgressBar {
     bar
 }
 
-pub fn evaluate(
-    model: &Saccader,
+pub fn evaluate<M: Model>(
+    model: &mut M,
     data: &Arc<dyn Dataset>,
     batch_size: usize,
+    device: &Device,
     show: bool,
 ) -> Result<EvalReport> {
     let k = data.num_classes();
     let mut confusion = vec![vec![0usize; k]; k];
-    let loader = Loader::new(data.clone(), loader_config(batch_size, None), &model.device())?;
+    let loader = Loader::new(data.clone(), loader_config(batch_size, None), device)?;
     let bar = progress_bar(show, loader.num_batches() as u64, "evaluating");
     for batch in loader.epoch(0) {
         let batch = batch?;
-        let (probs, _, _) = crate::predict::predict_batch(model, &batch)?;
-        for (p, &l) in argmax_rows(&probs)?.iter().zip(&batch.labels) {
+        let scores = model.scores(&batch)?;
+        for (p, &l) in argmax_rows(&scores)?.iter().zip(&batch.labels) {
             confusion[l][*p] += 1;
         }
         bar.inc(1);

@@ -29,6 +29,7 @@ pub const OPS_WITHOUT_CUDA_KERNEL: &[&str] = &[
     "conv2d",
     "conv_transpose2d",
     "avg_pool2d",
+    "max_pool2d",
     "global_avg_pool",
     "resize_bilinear",
     "group_norm",

@@ -1,5 +1,6 @@
-//! Average pooling: `avg_pool2d` over square windows without padding
-//! (PyTorch's `F.avg_pool2d(x, kernel, stride)`, floor mode), and
+//! Pooling: `avg_pool2d` over square windows without padding (PyTorch's
+//! `F.avg_pool2d(x, kernel, stride)`, floor mode), `max_pool2d` with
+//! padding (`F.max_pool2d(x, kernel, stride, padding)`, ResNet's stem), and
 //! `global_avg_pool` of each channel plane to one value. Every (image,
 //! channel) plane is independent, so the CPU loops thread over planes.
 
@@ -81,6 +82,102 @@ pub fn avg_pool2d_backward(x: &Tensor, gy: &Tensor, kernel: usize, stride: usize
     }
 }
 
+/// Output size of `max_pool2d`, or an error naming the shapes. Padding is at
+/// most half the kernel (as in PyTorch), so every window holds a real pixel.
+fn max_pool_geom(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<(usize, usize)> {
+    ensure!(
+        x.rank() == 4
+            && kernel >= 1
+            && stride >= 1
+            && 2 * padding <= kernel
+            && x.shape()[2] + 2 * padding >= kernel
+            && x.shape()[3] + 2 * padding >= kernel,
+        "max_pool2d: input {} with kernel {kernel}, stride {stride}, padding {padding} (expected [n, c, h, w] \
+         with h + 2 padding, w + 2 padding >= kernel >= 1, stride >= 1, padding <= kernel / 2)",
+        fmt_shape(x.shape())
+    );
+    let out = |s: usize| (s + 2 * padding - kernel) / stride + 1;
+    Ok((out(x.shape()[2]), out(x.shape()[3])))
+}
+
+/// For each output of one `h x w` plane, the index in the plane of its
+/// window's maximum (the first one on ties, as PyTorch).
+fn max_pool_argmax(
+    src: &[f32],
+    (h, w): (usize, usize),
+    (ho, wo): (usize, usize),
+    (kernel, stride, padding): (usize, usize, usize),
+    mut f: impl FnMut(usize, usize),
+) {
+    for oy in 0..ho {
+        let y0 = (oy * stride).saturating_sub(padding);
+        let y1 = (oy * stride + kernel - padding).min(h);
+        for ox in 0..wo {
+            let x0 = (ox * stride).saturating_sub(padding);
+            let x1 = (ox * stride + kernel - padding).min(w);
+            let mut best = y0 * w + x0;
+            for y in y0..y1 {
+                for (x, &v) in src[y * w..][x0..x1].iter().enumerate() {
+                    if v > src[best] {
+                        best = y * w + x0 + x;
+                    }
+                }
+            }
+            f(oy * wo + ox, best);
+        }
+    }
+}
+
+/// Maximum of every `kernel x kernel` window, windows `stride` apart, over
+/// the input padded by `padding` on each side (padding never wins):
+/// `[n, c, h, w] -> [n, c, (h + 2p - k) / s + 1, (w + 2p - k) / s + 1]`.
+pub fn max_pool2d_forward(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    let (ho, wo) = max_pool_geom(x, kernel, stride, padding)?;
+    let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("max_pool2d"))?,
+        Storage::Cpu(_) => {
+            let xs = x.cpu()?;
+            let mut out = vec![0.0; n * c * ho * wo];
+            for_chunks(&mut out, ho * wo, |q, dst| {
+                let src = &xs[q * h * w..][..h * w];
+                max_pool_argmax(src, (h, w), (ho, wo), (kernel, stride, padding), |o, i| {
+                    dst[o] = src[i]
+                });
+            });
+            Tensor::from_vec(out, &[n, c, ho, wo], &x.device())
+        }
+    }
+}
+
+/// Gradient of [`max_pool2d_forward`]: each output gradient goes to its
+/// window's maximum (found again from `x`; overlapping windows add up).
+pub fn max_pool2d_backward(
+    x: &Tensor,
+    gy: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (ho, wo) = max_pool_geom(x, kernel, stride, padding)?;
+    let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    gy.expect_shape(&[n, c, ho, wo], "max_pool2d output gradient")?;
+    match x.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("max_pool2d backward"))?,
+        Storage::Cpu(_) => {
+            let (xs, gs) = (x.cpu()?, gy.cpu()?);
+            let mut dx = vec![0.0; x.numel()];
+            for_chunks(&mut dx, h * w, |q, dst| {
+                let (src, g) = (&xs[q * h * w..][..h * w], &gs[q * ho * wo..][..ho * wo]);
+                max_pool_argmax(src, (h, w), (ho, wo), (kernel, stride, padding), |o, i| {
+                    dst[i] += g[o]
+                });
+            });
+            x.same_shape(dx)
+        }
+    }
+}
+
 fn check_global(x: &Tensor) -> Result<()> {
     ensure!(
         x.rank() == 4 && x.shape()[2] * x.shape()[3] > 0,
@@ -130,6 +227,15 @@ impl Graph {
         let y = avg_pool2d_forward(&xv, kernel, stride)?;
         Ok(self.record(y, &[x], move |g| {
             Ok(vec![Some(avg_pool2d_backward(&xv, g, kernel, stride)?)])
+        }))
+    }
+
+    /// Max pooling over `kernel x kernel` windows, `stride` apart, with `padding`.
+    pub fn max_pool2d(&mut self, x: Var, kernel: usize, stride: usize, padding: usize) -> Result<Var> {
+        let xv = self.value(x).clone();
+        let y = max_pool2d_forward(&xv, kernel, stride, padding)?;
+        Ok(self.record(y, &[x], move |g| {
+            Ok(vec![Some(max_pool2d_backward(&xv, g, kernel, stride, padding)?)])
         }))
     }
 
@@ -195,6 +301,85 @@ mod tests {
         }
     }
 
+    /// Distinct values at least 0.05 apart in shuffled order, so that the
+    /// finite-difference step never changes which element is a maximum.
+    fn distinct_tensor(shape: &[usize], seed: u64, dev: &Device) -> Tensor {
+        use rand::seq::SliceRandom;
+        let n: usize = shape.iter().product();
+        let mut v: Vec<f32> = (0..n).map(|i| (i as f32 - n as f32 / 2.0) * 0.05).collect();
+        v.shuffle(&mut crate::gradcheck::rng(seed));
+        Tensor::from_vec(v, shape, dev).unwrap()
+    }
+
+    #[test]
+    fn max_pool2d_matches_reference_loop() {
+        let dev = Device::cpu();
+        // (shape, kernel, stride, padding): ResNet's 3/2/1, odd sizes,
+        // overlapping windows, no padding, stride wider than the kernel.
+        for (shape, k, s, p) in [
+            ([2, 3, 9, 7], 3, 2, 1),
+            ([1, 2, 8, 5], 3, 1, 0),
+            ([3, 1, 11, 10], 2, 2, 1),
+            ([1, 1, 9, 9], 2, 3, 0),
+            ([2, 2, 4, 4], 4, 4, 2),
+            ([1, 1, 1, 1], 3, 2, 1),
+        ] {
+            let x = rand_tensor(&shape, 4, &dev);
+            let y = max_pool2d_forward(&x, k, s, p).unwrap();
+            let [n, c, h, w] = shape;
+            let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+            assert_eq!(y.shape(), &[n, c, ho, wo]);
+            let (xs, ys) = (x.to_vec().unwrap(), y.to_vec().unwrap());
+            for q in 0..n * c {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut want = f32::NEG_INFINITY;
+                        for i in 0..k {
+                            for j in 0..k {
+                                let (yy, xx) =
+                                    ((oy * s + i) as i64 - p as i64, (ox * s + j) as i64 - p as i64);
+                                if yy >= 0 && xx >= 0 && (yy as usize) < h && (xx as usize) < w {
+                                    want = want.max(xs[(q * h + yy as usize) * w + xx as usize]);
+                                }
+                            }
+                        }
+                        let got = ys[(q * ho + oy) * wo + ox];
+                        assert_eq!(got, want, "{shape:?} k{k} s{s} p{p}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gradcheck_max_pool2d() {
+        let dev = Device::cpu();
+        for (shape, k, s, p) in [
+            ([2, 2, 7, 6], 3, 2, 1),
+            ([1, 2, 6, 7], 2, 1, 0),
+            ([1, 1, 9, 8], 3, 3, 1),
+        ] {
+            let x = distinct_tensor(&shape, 5, &dev);
+            check_op(&[x], Check::default(), |g, v| g.max_pool2d(v[0], k, s, p))
+                .unwrap_or_else(|e| panic!("{shape:?} k{k} s{s} p{p}: {e}"));
+        }
+    }
+
+    #[test]
+    fn max_pool2d_backward_sends_each_gradient_to_its_maximum() {
+        let dev = Device::cpu();
+        let x = Tensor::from_vec(
+            vec![1.0, 5.0, 2.0, 0.0, 3.0, 4.0, 9.0, 8.0, 7.0],
+            &[1, 1, 3, 3],
+            &dev,
+        )
+        .unwrap();
+        // 2x2 windows, stride 1: maxima 5, 5, 9, 8.
+        let gy = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0], &[1, 1, 2, 2], &dev).unwrap();
+        let dx = max_pool2d_backward(&x, &gy, 2, 1, 0).unwrap().to_vec().unwrap();
+        assert_eq!(dx, vec![0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 3.0, 4.0, 0.0]);
+    }
+
     #[test]
     fn global_avg_pool_matches_mean_and_gradchecks() {
         let dev = Device::cpu();
@@ -219,6 +404,11 @@ mod tests {
         assert!(avg_pool2d_forward(&x, 0, 1).is_err());
         assert!(avg_pool2d_forward(&rand_tensor(&[2, 3, 5], 1, &dev), 2, 2).is_err());
         assert!(global_avg_pool_forward(&rand_tensor(&[2, 3], 1, &dev)).is_err());
+        let e = max_pool2d_forward(&x, 3, 2, 2).unwrap_err().to_string();
+        assert!(e.contains("max_pool2d") && e.contains("[1, 2, 3, 5]"), "{e}");
+        assert!(max_pool2d_forward(&x, 5, 1, 0).is_err());
+        assert!(max_pool2d_forward(&x, 3, 0, 1).is_err());
+        assert!(max_pool2d_backward(&x, &rand_tensor(&[1, 2, 3, 3], 1, &dev), 3, 2, 1).is_err());
         assert!(global_avg_pool_backward(&x, &rand_tensor(&[2, 1], 1, &dev)).is_err());
     }
 }

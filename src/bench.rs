@@ -1,0 +1,375 @@
+//! The paper's Table 1 measurement, shared by `saccade bench` and
+//! `benches/epoch.rs`: one training step (forward, backward, Adam) of the
+//! saccade model against the tiled ResNet18 at 2528², and against ResNet18
+//! at 100², at the same batch size, on the CPU and on the GPU when one is
+//! usable. Per model: the median step time, the time per epoch estimated as
+//! steps per epoch × step time, a measured short epoch (the same steps with
+//! the loader, warm-up included), and the peak bytes of tensor storage from
+//! the device's allocator counter (parameters and Adam moments included).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{ensure, Result};
+use serde::Serialize;
+
+use crate::data::{self, Batch, Dataset, Loader, LoaderConfig, Split, SplitSizes};
+use crate::device::Device;
+use crate::models::{ResNet18, ResNetConfig, SaccadeConfig, Saccader, TiledConfig, TiledResNet18};
+use crate::train::{Baseline, Model, TrainConfig, Trainer};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchConfig {
+    /// Image sides to compare at: 2528 (against the tiled ResNet18) and/or
+    /// anything else (against ResNet18 over the whole image).
+    pub sizes: Vec<usize>,
+    pub batch_size: usize,
+    /// Timed steps after one warm-up step.
+    pub steps: usize,
+    /// Training images per epoch for the epoch estimate (the paper's 100k).
+    pub epoch_images: usize,
+    /// Tiled ResNet18: tiles per trunk pass, and gradient checkpointing.
+    pub tile_chunk: usize,
+    pub checkpointing: bool,
+    /// Also run on the GPU when one is usable.
+    pub gpu: bool,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            sizes: vec![2528, 100],
+            batch_size: 2,
+            steps: 2,
+            epoch_images: 100_000,
+            tile_chunk: 16,
+            checkpointing: false,
+            gpu: true,
+        }
+    }
+}
+
+/// One model's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelBench {
+    pub model: String,
+    pub trainable_params: usize,
+    /// Median of the timed steps.
+    pub step_seconds: f64,
+    pub step_samples: Vec<f64>,
+    pub steps_per_epoch: usize,
+    pub epoch_seconds_estimate: f64,
+    /// Wall time of warm-up plus timed steps with the loader.
+    pub short_epoch_steps: usize,
+    pub short_epoch_seconds: f64,
+    pub peak_bytes: usize,
+}
+
+/// The saccade model against a baseline, same size, batch and device.
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    pub size: usize,
+    pub batch_size: usize,
+    pub device: String,
+    pub saccade: ModelBench,
+    pub baseline: ModelBench,
+    /// Baseline step time over saccade step time.
+    pub step_speedup: f64,
+    /// Saccade peak bytes over baseline peak bytes.
+    pub memory_fraction: f64,
+}
+
+/// Everything one run measured, and the devices it skipped and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub config: BenchConfig,
+    pub comparisons: Vec<Comparison>,
+    pub skipped: Vec<String>,
+}
+
+/// The generated cluttered-MNIST task at `size`, `n` training images.
+pub fn dataset(size: usize, n: usize) -> Result<Arc<dyn Dataset>> {
+    let spec = if size == 100 {
+        "cluttered-mnist".to_string()
+    } else {
+        format!("cluttered-mnist@{size}")
+    };
+    let cfg = data::DataConfig {
+        sizes: SplitSizes {
+            train: n,
+            valid: 1,
+            test: 1,
+        },
+        ..Default::default()
+    };
+    data::open_dataset(&spec, Split::Train, &cfg)
+}
+
+/// The run configurations: the paper's saccade model, then the baseline
+/// for this size (tiled at 2528² and above 224², whole-image otherwise).
+pub fn configs(cfg: &BenchConfig, data: &dyn Dataset) -> (TrainConfig, TrainConfig) {
+    let (c, k) = (data.channels(), data.num_classes());
+    let mut model = SaccadeConfig::paper(c, k);
+    model.proxy_size = data.proxy_shape().1;
+    let saccade = TrainConfig {
+        model,
+        baseline: None,
+        dataset: data.describe(),
+        epochs: 1,
+        batch_size: cfg.batch_size,
+        lr: 1e-3,
+        clip_value: 0.0,
+        clip_norm: 0.0,
+        seed: 0,
+        sizes: [data.len(), 1, 1],
+    };
+    let baseline = if data.image_size().0 > 224 {
+        Baseline::TiledResNet18(TiledConfig {
+            chunk: cfg.tile_chunk,
+            checkpoint: cfg.checkpointing,
+            ..TiledConfig::paper(c, k)
+        })
+    } else {
+        Baseline::ResNet18(ResNetConfig {
+            channels: c,
+            num_classes: k,
+            width: 64,
+        })
+    };
+    let base = TrainConfig {
+        baseline: Some(baseline),
+        ..saccade.clone()
+    };
+    (saccade, base)
+}
+
+/// The loader the measurement reads batches from.
+pub fn loader(data: &Arc<dyn Dataset>, batch_size: usize, dev: &Device) -> Result<Loader> {
+    let cfg = LoaderConfig {
+        batch_size,
+        shuffle: false,
+        drop_last: true,
+        ..LoaderConfig::default()
+    };
+    Loader::new(data.clone(), cfg, dev)
+}
+
+/// A trainer and one batch, for timing single steps (criterion).
+pub fn prepare<M: Model>(
+    cfg: TrainConfig,
+    data: &Arc<dyn Dataset>,
+    dev: &Device,
+) -> Result<(Trainer<M>, Batch)> {
+    let bs = cfg.batch_size;
+    let trainer = Trainer::<M>::new(cfg, dev.clone())?;
+    let batch = loader(data, bs, dev)?
+        .epoch(0)
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("bench: the dataset has no full batch"))??;
+    Ok((trainer, batch))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// Warm-up plus `steps` training steps of `M` through the loader.
+pub fn measure<M: Model>(
+    name: &str,
+    cfg: TrainConfig,
+    data: &Arc<dyn Dataset>,
+    steps: usize,
+    epoch_images: usize,
+    dev: &Device,
+) -> Result<ModelBench> {
+    let bs = cfg.batch_size;
+    let mut trainer = Trainer::<M>::new(cfg, dev.clone())?;
+    let loader = loader(data, bs, dev)?;
+    ensure!(
+        loader.num_batches() > steps,
+        "bench: {} images make {} batches of {bs}, need {}",
+        data.len(),
+        loader.num_batches(),
+        steps + 1
+    );
+    dev.reset_peak();
+    let t0 = Instant::now();
+    let mut samples = Vec::new();
+    for batch in loader.epoch(0).take(steps + 1) {
+        let batch = batch?;
+        let t = Instant::now();
+        trainer.step(&batch)?;
+        samples.push(t.elapsed().as_secs_f64());
+    }
+    let short_epoch_seconds = t0.elapsed().as_secs_f64();
+    let timed = &samples[1..];
+    let step_seconds = median(timed);
+    let steps_per_epoch = epoch_images.div_ceil(bs);
+    Ok(ModelBench {
+        model: name.to_string(),
+        trainable_params: trainer.model.params().num_trainable(),
+        step_seconds,
+        step_samples: timed.to_vec(),
+        steps_per_epoch,
+        epoch_seconds_estimate: steps_per_epoch as f64 * step_seconds,
+        short_epoch_steps: samples.len(),
+        short_epoch_seconds,
+        peak_bytes: dev.memory().peak_bytes,
+    })
+}
+
+/// Saccade against the baseline at one size on one device. `fresh` makes a
+/// new handle of the device, so each model's peak is its own.
+pub fn compare(cfg: &BenchConfig, size: usize, fresh: &dyn Fn() -> Result<Device>) -> Result<Comparison> {
+    let data = dataset(size, (cfg.steps + 1) * cfg.batch_size)?;
+    let (sc, bc) = configs(cfg, data.as_ref());
+    let (n, e) = (cfg.steps, cfg.epoch_images);
+    let dev = fresh()?;
+    let saccade = measure::<Saccader>("saccade", sc, &data, n, e, &dev)?;
+    let baseline = match bc.baseline {
+        Some(Baseline::TiledResNet18(t)) => {
+            let name = if t.checkpoint {
+                "tiled-resnet18 (checkpointed)"
+            } else {
+                "tiled-resnet18"
+            };
+            measure::<TiledResNet18>(name, bc, &data, n, e, &fresh()?)?
+        }
+        _ => measure::<ResNet18>("resnet18", bc, &data, n, e, &fresh()?)?,
+    };
+    Ok(Comparison {
+        size,
+        batch_size: cfg.batch_size,
+        device: dev.to_string(),
+        step_speedup: baseline.step_seconds / saccade.step_seconds,
+        memory_fraction: saccade.peak_bytes as f64 / baseline.peak_bytes as f64,
+        saccade,
+        baseline,
+    })
+}
+
+/// Makes a fresh handle of one device.
+type DeviceMaker = Box<dyn Fn() -> Result<Device>>;
+
+/// Every comparison of `cfg` on the CPU, then on the GPU when usable.
+pub fn run(cfg: &BenchConfig, log: &dyn Fn(&str)) -> Result<BenchReport> {
+    let mut comparisons = Vec::new();
+    let mut skipped = Vec::new();
+    let mut devices: Vec<(&str, DeviceMaker)> = vec![("cpu", Box::new(|| Ok(Device::cpu())))];
+    if cfg.gpu {
+        match crate::device::require_cuda() {
+            Ok(_) => devices.push(("cuda", Box::new(crate::device::require_cuda))),
+            Err(e) => skipped.push(format!("gpu: {e:#}")),
+        }
+    }
+    for (name, fresh) in &devices {
+        for &size in &cfg.sizes {
+            log(&format!("measuring {size}² on {name}, batch {}", cfg.batch_size));
+            let c = compare(cfg, size, fresh.as_ref())?;
+            log(&table(std::slice::from_ref(&c)));
+            comparisons.push(c);
+        }
+    }
+    Ok(BenchReport {
+        config: cfg.clone(),
+        comparisons,
+        skipped,
+    })
+}
+
+fn gib(b: usize) -> String {
+    format!("{:.3} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+/// The comparisons as a Markdown table.
+pub fn table(cs: &[Comparison]) -> String {
+    let mut s = String::from(
+        "| size | batch | device | model | params | step (median) | steps/epoch | epoch (est.) | short epoch \
+         (steps, s) | peak tensor memory |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for c in cs {
+        for m in [&c.saccade, &c.baseline] {
+            s += &format!(
+                "| {}² | {} | {} | {} | {:.2} M | {:.3} s | {} | {:.1} h | {}, {:.1} s | {} |\n",
+                c.size,
+                c.batch_size,
+                c.device,
+                m.model,
+                m.trainable_params as f64 / 1e6,
+                m.step_seconds,
+                m.steps_per_epoch,
+                m.epoch_seconds_estimate / 3600.0,
+                m.short_epoch_steps,
+                m.short_epoch_seconds,
+                gib(m.peak_bytes)
+            );
+        }
+        s += &format!(
+            "| {}² | | | **saccade vs {}** | | **{:.1}× faster** | | | | **{:.1}% of the memory** |\n",
+            c.size,
+            c.baseline.model,
+            c.step_speedup,
+            100.0 * c.memory_fraction
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn baselines_follow_the_image_size() {
+        let cfg = BenchConfig::default();
+        let small = dataset(100, 2).unwrap();
+        let (s, b) = configs(&cfg, small.as_ref());
+        assert!(s.baseline.is_none());
+        assert!(matches!(b.baseline, Some(Baseline::ResNet18(r)) if r.width == 64));
+        let large = dataset(2528, 2).unwrap();
+        let (_, b) = configs(&cfg, large.as_ref());
+        assert!(matches!(b.baseline, Some(Baseline::TiledResNet18(t)) if t.tile == 224));
+    }
+
+    #[test]
+    fn table_shows_both_models_and_the_ratios() {
+        let m = |name: &str, t: f64, p: usize| ModelBench {
+            model: name.into(),
+            trainable_params: 1_000_000,
+            step_seconds: t,
+            step_samples: vec![t],
+            steps_per_epoch: 10,
+            epoch_seconds_estimate: 10.0 * t,
+            short_epoch_steps: 2,
+            short_epoch_seconds: 2.0 * t,
+            peak_bytes: p,
+        };
+        let c = Comparison {
+            size: 2528,
+            batch_size: 2,
+            device: "cpu".into(),
+            saccade: m("saccade", 0.1, 1 << 20),
+            baseline: m("tiled-resnet18", 3.0, 1 << 30),
+            step_speedup: 30.0,
+            memory_fraction: 1.0 / 1024.0,
+        };
+        let t = table(&[c]);
+        assert!(
+            t.contains("tiled-resnet18") && t.contains("30.0× faster") && t.contains("0.1% of"),
+            "{t}"
+        );
+    }
+}
