@@ -22,6 +22,7 @@ fn config(epochs: usize, train: usize) -> TrainConfig {
         clip_norm: 0.0,
         seed: 5,
         sizes: [train, 64, 256],
+        baseline: None,
     }
 }
 
@@ -49,7 +50,7 @@ fn resume_equals_an_uninterrupted_run() {
     let train = data(&cfg, Split::Train);
     let dir = tempfile::tempdir().unwrap();
 
-    let mut whole = Trainer::new(cfg.clone(), Device::cpu());
+    let mut whole: Trainer = Trainer::new(cfg.clone(), Device::cpu()).unwrap();
     whole
         .fit(
             &train,
@@ -63,14 +64,14 @@ fn resume_equals_an_uninterrupted_run() {
     // Stop after the first step (as Ctrl-C does), then resume from the
     // checkpoint in a fresh trainer, mid-epoch.
     let out = dir.path().join("parts");
-    let mut first = Trainer::new(cfg, Device::cpu());
+    let mut first: Trainer = Trainer::new(cfg, Device::cpu()).unwrap();
     let report = first
         .fit(&train, None, &out, false, &AtomicBool::new(true))
         .unwrap();
     assert!(report.interrupted);
     assert_eq!((first.progress.epoch, first.progress.step), (0, 1));
     let ck = report.last_checkpoint.unwrap();
-    let mut resumed = Trainer::from_checkpoint(&ck, Device::cpu()).unwrap();
+    let mut resumed: Trainer = Trainer::from_checkpoint(&ck, Device::cpu()).unwrap();
     assert_eq!((resumed.progress.epoch, resumed.progress.step), (0, 1));
     resumed
         .fit(&train, None, &out, false, &AtomicBool::new(false))
