@@ -567,7 +567,7 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         clip_norm: 0.0,
         seed: a.seed,
         sizes: [
-            a.train_size.unwrap_or(if paper { 100_000 } else { 20_000 }),
+            a.train_size.unwrap_or(if paper { 100_000 } else { 50_000 }),
             a.valid_size.unwrap_or(if paper { 10_000 } else { 1_000 }),
             a.test_size.unwrap_or(if paper { 10_000 } else { 2_000 }),
         ],

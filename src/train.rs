@@ -9,7 +9,7 @@
 //! uninterrupted run would have.
 
 use std::fs;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -439,12 +439,19 @@ impl<M: Model> Trainer<M> {
                 correct += ok;
                 seen += batch.labels.len();
                 let el = t0.elapsed().as_secs_f64();
-                bar.set_message(format!(
+                let status = format!(
                     "loss {:.3} acc {:.1}% {:.0} samples/s",
                     loss_sum / nsteps as f64,
                     100.0 * correct as f64 / seen as f64,
                     seen as f64 / el
-                ));
+                );
+                // Without a terminal (nohup, a log file) the bar is hidden:
+                // print a line every tenth of the epoch instead.
+                let step = self.progress.step;
+                if show_progress && !std::io::stderr().is_terminal() && step % steps.div_ceil(10).max(1) == 0 {
+                    eprintln!("epoch {}/{} step {step}/{steps}: {status}", epoch + 1, self.cfg.epochs);
+                }
+                bar.set_message(status);
                 bar.inc(1);
                 if stop.load(Ordering::SeqCst) {
                     bar.abandon_with_message("interrupted");
