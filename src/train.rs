@@ -448,8 +448,13 @@ impl<M: Model> Trainer<M> {
                 // Without a terminal (nohup, a log file) the bar is hidden:
                 // print a line every tenth of the epoch instead.
                 let step = self.progress.step;
-                if show_progress && !std::io::stderr().is_terminal() && step % steps.div_ceil(10).max(1) == 0 {
-                    eprintln!("epoch {}/{} step {step}/{steps}: {status}", epoch + 1, self.cfg.epochs);
+                if show_progress && !std::io::stderr().is_terminal() && step % steps.div_ceil(10).max(1) == 0
+                {
+                    eprintln!(
+                        "epoch {}/{} step {step}/{steps}: {status}",
+                        epoch + 1,
+                        self.cfg.epochs
+                    );
                 }
                 bar.set_message(status);
                 bar.inc(1);
