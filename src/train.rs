@@ -448,7 +448,9 @@ impl<M: Model> Trainer<M> {
                 // Without a terminal (nohup, a log file) the bar is hidden:
                 // print a line every tenth of the epoch instead.
                 let step = self.progress.step;
-                if show_progress && !std::io::stderr().is_terminal() && step % steps.div_ceil(10).max(1) == 0
+                if show_progress
+                    && !std::io::stderr().is_terminal()
+                    && step.is_multiple_of(steps.div_ceil(10).max(1))
                 {
                     eprintln!(
                         "epoch {}/{} step {step}/{steps}: {status}",
