@@ -9,6 +9,21 @@
 //!   CPU reference loop (and, with the CUDA backend, the launcher).
 //! - [`autograd`]: the tape that records ops and runs their backward in reverse.
 //! - [`nn`], [`optim`]: parameters, layers, Adam and clipping.
+//!
+//! The tape in five lines: record ops on a [`Graph`], then ask for gradients.
+//!
+//! ```
+//! use saccade::{Device, Graph, Tensor};
+//!
+//! let dev = Device::cpu();
+//! let mut g = Graph::new();
+//! let x = g.leaf(Tensor::from_vec(vec![1.0, -2.0, 3.0], &[3], &dev)?);
+//! let y = g.mul(x, x)?; // x^2
+//! let loss = g.sum_all(y)?;
+//! let grads = g.backward(loss)?;
+//! assert_eq!(grads.get(x).unwrap().to_vec()?, vec![2.0, -4.0, 6.0]); // 2x
+//! # Ok::<(), saccade::Error>(())
+//! ```
 
 pub mod autograd;
 pub mod bench;
