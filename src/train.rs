@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::autograd::{Gradients, Graph};
 use crate::checkpoint::{self, Checkpoint};
-use crate::data::{Batch, Dataset, Loader, LoaderConfig};
+use crate::data::{mix_seed, Batch, Dataset, Loader, LoaderConfig};
 use crate::device::Device;
 use crate::models::{Images, ResNet18, ResNetConfig, SaccadeConfig, Saccader, TiledConfig, TiledResNet18};
 use crate::nn::ParamStore;
@@ -110,7 +110,7 @@ impl EvalReport {
 
 /// Per-step posterior-noise RNG.
 fn step_rng(seed: u64, epoch: usize, step: usize) -> StdRng {
-    StdRng::seed_from_u64(seed ^ ((epoch as u64) << 40) ^ ((step as u64) << 8) ^ 0x9e37_79b9)
+    StdRng::seed_from_u64(mix_seed(&[seed, epoch as u64, step as u64]))
 }
 
 pub fn images_of(batch: &Batch) -> Images<'_> {
@@ -185,12 +185,8 @@ impl Model for Saccader {
             &batch.labels,
             Some(rng as &mut dyn rand::RngCore),
         )?;
-        let loss = g.value(out.loss).item()? as f64;
-        if !loss.is_finite() {
-            bail!("the loss is {loss}");
-        }
         Ok(StepOutput {
-            loss,
+            loss: g.value(out.loss).item()? as f64,
             ce: batch_mean(g.value(out.ce))?,
             kl: batch_mean(g.value(out.kl))?,
             logits: g.value(out.logits).clone(),
@@ -198,7 +194,9 @@ impl Model for Saccader {
         })
     }
     fn scores(&mut self, batch: &Batch) -> Result<Tensor> {
-        crate::predict::predict_batch(self, batch).map(|(probs, _, _)| probs)
+        let mut g = Graph::inference();
+        let out = self.forward(&mut g, &images_of(batch), &batch.proxies, &batch.labels, None)?;
+        Ok(g.value(out.logits).clone())
     }
 }
 
@@ -235,9 +233,6 @@ impl Model for ResNet18 {
         let ce = g.softmax_cross_entropy(logits, &batch.labels)?;
         let loss = g.mean_all(ce)?;
         let l = g.value(loss).item()? as f64;
-        if !l.is_finite() {
-            bail!("the loss is {l}");
-        }
         Ok(StepOutput {
             loss: l,
             ce: l,
@@ -268,9 +263,6 @@ impl Model for TiledResNet18 {
     }
     fn train_batch(&mut self, batch: &Batch, _: &mut StdRng) -> Result<StepOutput> {
         let s = self.train_step(&batch.sources, &batch.labels, &batch.proxies.device())?;
-        if !s.loss.is_finite() {
-            bail!("the loss is {}", s.loss);
-        }
         Ok(StepOutput {
             loss: s.loss,
             ce: s.loss,
@@ -356,6 +348,9 @@ impl<M: Model> Trainer<M> {
             logits,
             mut grads,
         } = self.model.train_batch(batch, &mut rng)?;
+        if !loss.is_finite() {
+            bail!("the loss is {loss}");
+        }
         if self.cfg.clip_value > 0.0 {
             clip_by_value(&mut grads, self.cfg.clip_value)?;
         }
