@@ -153,19 +153,18 @@ impl Saccader {
     }
 
     /// z = (z_s, z_x, z_y) to `theta = [[s, 0, tx], [0, s, ty]]` with
-    /// `s = s_min + (s_max - s_min) * sigmoid(z_s)` and `tx = (1 - s) tanh(z_x)`
-    /// (likewise ty): the centre is bounded so that the whole glimpse stays
-    /// inside the image, whatever z is.
+    /// `s = s_min + (s_max - s_min) * sigmoid(z_s)` and `tx = tanh(z_x)`
+    /// (likewise ty): the glimpse's centre is bounded to the image, so it can
+    /// sit on an object at the very edge (the part of the glimpse past the
+    /// border reads zeros), and `tanh(z)` is the point the attention chose.
     pub fn theta(&self, g: &mut Graph, z: Var) -> Result<Var> {
         let b = g.shape(z)[0];
         let (lo, hi) = (self.cfg.scale_min, self.cfg.scale_max);
         let zs = g.slice(z, 1, 0, 1)?;
         let zs = g.sigmoid(zs)?;
         let s = g.affine(zs, hi - lo, lo)?;
-        let room = g.affine(s, -1.0, 1.0)?;
         let zxy = g.slice(z, 1, 1, 2)?;
-        let dir = g.tanh(zxy)?;
-        let txy = g.mul(dir, room)?;
+        let txy = g.tanh(zxy)?;
         let tx = g.slice(txy, 1, 0, 1)?;
         let ty = g.slice(txy, 1, 1, 1)?;
         let zero = g.constant(Tensor::zeros(&[b, 1], &g.value(z).device()));

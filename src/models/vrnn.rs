@@ -22,6 +22,20 @@ use crate::tensor::Tensor;
 /// Latent size: z = (scale, x, y) of the glimpse.
 pub const LATENT: usize = 3;
 
+/// Posterior net outputs: the scale's mean and the three log-variances (the
+/// glimpse centre's mean comes from attention over the proxy).
+const POSTERIOR_OUT: usize = 1 + LATENT;
+
+/// `[2, m*m]`: x then y of the centres of an `m x m` map's cells in
+/// normalized coordinates, row-major like the map.
+fn cell_centres(cells: usize, dev: &Device) -> Result<Tensor> {
+    let m = (cells as f64).sqrt().round() as usize;
+    let c = |k: usize| (2 * k + 1) as f32 / m as f32 - 1.0;
+    let xs = (0..m * m).map(|p| c(p % m));
+    let ys = (0..m * m).map(|p| c(p / m));
+    Tensor::from_vec(xs.chain(ys).collect(), &[2, m * m], dev)
+}
+
 /// Initial posterior log-variance (standard deviation e^-1 = 0.37 in z).
 const INIT_LOGVAR: f32 = -2.0;
 
@@ -74,6 +88,8 @@ pub struct Vrnn {
     enc_fc: Linear,
     phi_z: Linear,
     posterior: Mlp,
+    /// Attention query from `h` over the proxy's feature map.
+    query: Linear,
     prior: Mlp,
     decoder: Mlp,
     gru: GruCell,
@@ -96,7 +112,7 @@ impl Vrnn {
             ps,
             "vrnn.enc",
             cfg.channels,
-            &[(w, 2), (2 * w, 2), (2 * w, 2)],
+            &[(w, 2), (2 * w, 2), (2 * w, 1)],
             rng,
             dev,
         );
@@ -108,17 +124,21 @@ impl Vrnn {
         // glimpses begin at the centre at mid scale and jitter moderately.
         // With PyTorch's default init they start saturated at random edges
         // and, with unit variance, jump across the image from step to step.
-        let posterior = Mlp::new(ps, "vrnn.posterior", e + h, e, 2 * LATENT, rng, dev);
-        ps.set(posterior.l2.w, Tensor::zeros(&[2 * LATENT, e], dev))
+        let posterior = Mlp::new(ps, "vrnn.posterior", e + h, e, POSTERIOR_OUT, rng, dev);
+        ps.set(posterior.l2.w, Tensor::zeros(&[POSTERIOR_OUT, e], dev))
             .expect("same shape");
-        let bias: Vec<f32> = (0..2 * LATENT)
-            .map(|i| if i < LATENT { 0.0 } else { INIT_LOGVAR })
+        let bias: Vec<f32> = (0..POSTERIOR_OUT)
+            .map(|i| if i == 0 { 0.0 } else { INIT_LOGVAR })
             .collect();
         ps.set(
             posterior.l2.b,
-            Tensor::from_vec(bias, &[2 * LATENT], dev).expect("length"),
+            Tensor::from_vec(bias, &[POSTERIOR_OUT], dev).expect("length"),
         )
         .expect("same shape");
+        // The query starts at zero: uniform attention, glimpses at the centre.
+        let query = Linear::new(ps, "vrnn.query", h, enc_convs.out_channels, rng, dev);
+        ps.set(query.w, Tensor::zeros(&[enc_convs.out_channels, h], dev))
+            .expect("same shape");
         Vrnn {
             enc_fc: Linear::new(
                 ps,
@@ -128,6 +148,7 @@ impl Vrnn {
                 rng,
                 dev,
             ),
+            query,
             enc_convs,
             phi_z: Linear::new(ps, "vrnn.phi_z", LATENT, e, rng, dev),
             posterior,
@@ -138,28 +159,41 @@ impl Vrnn {
         }
     }
 
-    /// phi_x(c): proxy `[B, C, J, J]` to `[B, embed]`.
-    fn encode(&self, g: &mut Graph, ps: &ParamStore, proxy: Var) -> Result<Var> {
+    /// phi_x(c) `[B, embed]` and the feature map it comes from `[B, F, m*m]`.
+    fn encode(&self, g: &mut Graph, ps: &ParamStore, proxy: Var) -> Result<(Var, Var)> {
         let b = g.shape(proxy)[0];
-        let x = self.enc_convs.forward(g, ps, proxy)?;
-        let n: usize = g.shape(x)[1..].iter().product();
-        let x = g.reshape(x, &[b, n])?;
+        let map = self.enc_convs.forward(g, ps, proxy)?;
+        let (f, m) = (g.shape(map)[1], g.shape(map)[2]);
+        let x = g.reshape(map, &[b, f * m * m])?;
         let x = self.enc_fc.forward(g, ps, x)?;
-        g.elu(x)
+        let phi_x = g.elu(x)?;
+        Ok((phi_x, g.reshape(map, &[b, f, m * m])?))
     }
 
-    /// Split `[B, 6]` into mean and log-variance `[B, 3]` each.
-    fn gaussian(&self, g: &mut Graph, out: Var, fixed: Option<f32>) -> Result<(Var, Var)> {
-        let mu = g.slice(out, 1, 0, LATENT)?;
-        let logvar = match fixed {
-            Some(v) => {
-                let b = g.shape(out)[0];
-                let dev = g.value(out).device();
-                g.constant(Tensor::full(&[b, LATENT], v.ln(), &dev))
-            }
-            None => g.slice(out, 1, LATENT, LATENT)?,
-        };
-        Ok((mu, logvar))
+    /// Where to look, `[B, 2]` in z units: the attention-weighted mean of the
+    /// feature map's cell centres (x, y in [-1, 1], PyTorch's grid
+    /// convention), through atanh so that `tanh(z)` gives the point back.
+    /// Scores are `<query(h), features of the cell>`: a feature that marks an
+    /// object attracts the glimpse wherever it sits in the proxy, so what is
+    /// learnt on one image transfers to every position.
+    fn attend(&self, g: &mut Graph, ps: &ParamStore, keys: Var, cells: &Tensor, h: Var) -> Result<Var> {
+        let (b, f) = (g.shape(keys)[0], g.shape(keys)[1]);
+        let q = self.query.forward(g, ps, h)?;
+        let q = g.reshape(q, &[b, f, 1])?;
+        let scores = g.mul(keys, q)?;
+        let scores = g.sum(scores, &[1], true)?;
+        let weights = g.softmax(scores)?;
+        // [B, 1, P] * [2, P] summed over P: the expected (x, y).
+        let cells = g.constant(cells.clone());
+        let xy = g.mul(weights, cells)?;
+        let xy = g.sum(xy, &[2], false)?;
+        // atanh(c) = (ln(1 + c) - ln(1 - c)) / 2; |c| <= 1 - 1/m, finite.
+        let up = g.affine(xy, 1.0, 1.0)?;
+        let up = g.log(up)?;
+        let down = g.affine(xy, -1.0, 1.0)?;
+        let down = g.log(down)?;
+        let diff = g.sub(up, down)?;
+        g.affine(diff, 0.5, 0.0)
     }
 
     /// Unroll T steps over the proxy. `noise` holds one `[B, 3]` standard
@@ -175,15 +209,23 @@ impl Vrnn {
         let b = g.shape(proxy)[0];
         let dev = g.value(proxy).device();
         let target = g.value(proxy).reshape(&[b, g.value(proxy).numel() / b])?;
-        let phi_x = self.encode(g, ps, proxy)?;
+        let (phi_x, keys) = self.encode(g, ps, proxy)?;
+        let cells = cell_centres(g.shape(keys)[2], &dev)?;
         let mut h = g.constant(Tensor::zeros(&[b, self.cfg.hidden], &dev));
         let (mut zs, mut nll_kl, mut kls) = (Vec::new(), Vec::new(), Vec::new());
         for t in 0..steps {
             let xh = g.concat(&[phi_x, h], 1)?;
             let q = self.posterior.forward(g, ps, xh)?;
-            let (mu_q, logvar_q) = self.gaussian(g, q, self.cfg.fixed_variance)?;
+            let mu_s = g.slice(q, 1, 0, 1)?;
+            let mu_xy = self.attend(g, ps, keys, &cells, h)?;
+            let mu_q = g.concat(&[mu_s, mu_xy], 1)?;
+            let logvar_q = match self.cfg.fixed_variance {
+                Some(v) => g.constant(Tensor::full(&[b, LATENT], v.ln(), &dev)),
+                None => g.slice(q, 1, 1, LATENT)?,
+            };
             let p = self.prior.forward(g, ps, h)?;
-            let (mu_p, logvar_p) = self.gaussian(g, p, None)?;
+            let mu_p = g.slice(p, 1, 0, LATENT)?;
+            let logvar_p = g.slice(p, 1, LATENT, LATENT)?;
             let z = match noise {
                 Some(eps) => g.reparameterize(mu_q, logvar_q, &eps[t])?,
                 None => mu_q,

@@ -203,7 +203,28 @@ pub fn softmax(logits: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Softmax's vector-Jacobian product from its output `y`:
+/// `dx = y * (g - sum_j g_j y_j)` per row of the last axis.
+pub fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let k = y.dim(-1);
+    match y.storage() {
+        Storage::Cuda(_) => Err(super::no_cuda_kernel("softmax backward"))?,
+        Storage::Cpu(_) => {
+            let (ys, gs) = (y.cpu()?, g.cpu()?);
+            let dots = row_sums(ys.len() / k, k, |i| (gs[i] * ys[i]) as f64);
+            y.same_shape(par_fill(ys.len(), |i| ys[i] * (gs[i] - dots[i / k])))
+        }
+    }
+}
+
 impl Graph {
+    /// Softmax over the last axis.
+    pub fn softmax(&mut self, x: Var) -> Result<Var> {
+        let y = softmax(self.value(x))?;
+        let yv = y.clone();
+        Ok(self.record(y, &[x], move |g| Ok(vec![Some(softmax_backward(&yv, g)?)])))
+    }
+
     /// Per-sample Bernoulli NLL of `target` (constant, values in `[0, 1]`)
     /// under logits; shape `[N]`.
     pub fn bce_with_logits(&mut self, logits: Var, target: &Tensor) -> Result<Var> {
@@ -371,6 +392,13 @@ mod tests {
             g.softmax_cross_entropy(v[0], &[4, 0, 2])
         })
         .unwrap();
+    }
+
+    #[test]
+    fn gradcheck_softmax() {
+        let dev = Device::cpu();
+        let x = rand_tensor(&[2, 3, 7], 2, &dev);
+        check_op(&[x], Check::default(), |g, v| g.softmax(v[0])).unwrap();
     }
 
     #[test]
