@@ -367,3 +367,111 @@ fn cuda_ops_without_kernels_fail_with_a_clear_error() {
     let e = saccade::ops::conv::conv2d_forward(&x, &w, None, 1, 1).unwrap_err();
     assert!(e.to_string().contains("no CUDA kernel"), "{e}");
 }
+
+// --- norm and gru ---
+
+#[test]
+fn cuda_parity_group_norm() {
+    let Some(dev) = gpu() else { return };
+    // With one value per group (groups = C on [N, C]) the variance is zero,
+    // rstd = 1 / sqrt(eps) and dx a difference of terms that large, so those
+    // cases take a larger eps to stay comparable at 1e-4.
+    for (shape, groups, eps) in [
+        (&[1, 6][..], 1, 1e-5),
+        (&[5, 6][..], 2, 1e-5),
+        (&[5, 6][..], 6, 0.1),
+        (&[1, 6, 1, 1][..], 2, 1e-5),
+        (&[5, 6, 1, 1][..], 6, 0.1),
+        (&[1, 6, 7, 9][..], 1, 1e-5),
+        (&[5, 6, 7, 9][..], 2, 1e-5),
+        (&[5, 6, 7, 9][..], 6, 1e-5),
+        (&[3, 5, 17][..], 5, 1e-5),
+        (&[2, 32, 33, 31][..], 8, 1e-5),
+    ] {
+        let c = shape[1];
+        // Offset inputs check the variance keeps its precision.
+        let inputs = [uniform(shape, 2.0, 4.0, 1), randn(&[c], 2), randn(&[c], 3)];
+        parity(
+            &format!("group_norm {shape:?} groups {groups}"),
+            &dev,
+            &inputs,
+            |g, v| g.group_norm(v[0], v[1], v[2], groups, eps),
+        );
+    }
+}
+
+#[test]
+fn cuda_parity_batch_norm() {
+    let Some(dev) = gpu() else { return };
+    for (shape, training) in [
+        (&[5, 6][..], true),
+        (&[5, 6][..], false),
+        (&[1, 6][..], false),
+        (&[5, 6, 1, 1][..], true),
+        (&[1, 6, 7, 9][..], true),
+        (&[5, 6, 7, 9][..], true),
+        (&[5, 6, 7, 9][..], false),
+        (&[8, 3, 33, 31][..], true),
+    ] {
+        let c = shape[1];
+        let inputs = [uniform(shape, -1.0, 3.0, 1), randn(&[c], 2), randn(&[c], 3)];
+        let (rm, rv) = (randn(&[c], 4), uniform(&[c], 0.5, 2.0, 5));
+        let what = format!("batch_norm {shape:?} training {training}");
+        let norm = |g: &mut Graph, v: &[Var]| {
+            let d = g.value(v[0]).device();
+            g.batch_norm(
+                v[0],
+                v[1],
+                v[2],
+                &rm.to_device(&d)?,
+                &rv.to_device(&d)?,
+                training,
+                0.1,
+                1e-5,
+            )
+        };
+        parity(&what, &dev, &inputs, |g, v| Ok(norm(g, v)?.0));
+        // The updated running statistics.
+        let running = |d: &Device| {
+            let mut g = Graph::new();
+            let v: Vec<Var> = inputs.iter().map(|t| g.leaf(t.to_device(d).unwrap())).collect();
+            let r = norm(&mut g, &v).unwrap().1;
+            r.map(|(m, v)| [m.to_vec().unwrap(), v.to_vec().unwrap()])
+        };
+        match (running(&dev), running(&Device::cpu())) {
+            (Some(got), Some(want)) => {
+                assert_close(&format!("{what} running mean"), &got[0], &want[0]);
+                assert_close(&format!("{what} running var"), &got[1], &want[1]);
+            }
+            (got, want) => assert!(got.is_none() && want.is_none() && !training, "{what}"),
+        }
+    }
+}
+
+#[test]
+fn cuda_parity_gru_cell() {
+    let Some(dev) = gpu() else { return };
+    for (n, i, hd) in [
+        (1, 1, 1),
+        (5, 3, 1),
+        (1, 7, 17),
+        (5, 33, 17),
+        (5, 65, 128),
+        (2, 128, 128),
+    ] {
+        let inputs = [
+            randn(&[n, i], 1),
+            uniform(&[n, hd], -1.0, 1.0, 2),
+            uniform(&[3 * hd, i], -0.5, 0.5, 3),
+            uniform(&[3 * hd, hd], -0.5, 0.5, 4),
+            randn(&[3 * hd], 5),
+            randn(&[3 * hd], 6),
+        ];
+        parity(
+            &format!("gru_cell n {n} in {i} hidden {hd}"),
+            &dev,
+            &inputs,
+            |g, v| g.gru_cell(v[0], v[1], v[2], v[3], v[4], v[5]),
+        );
+    }
+}

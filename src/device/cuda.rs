@@ -28,6 +28,8 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("matmul", include_str!("../../kernels/matmul.cu")),
     ("optim", include_str!("../../kernels/optim.cu")),
     ("gaussian", include_str!("../../kernels/gaussian.cu")),
+    ("norm", include_str!("../../kernels/norm.cu")),
+    ("gru", include_str!("../../kernels/gru.cu")),
 ];
 
 /// Threads per block of the one-dimensional kernels.

@@ -64,7 +64,7 @@ pub fn gru_cell_forward(
     let gi = linear_forward(x, w_ih, Some(b_ih))?;
     let gh = linear_forward(h, w_hh, Some(b_hh))?;
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("gru_cell"))?,
+        Storage::Cuda(_) => cuda::forward(gi.cuda()?, gh.cuda()?, h.cuda()?, n, hd),
         Storage::Cpu(_) => {
             let (gi, gh, hs) = (gi.cpu()?, gh.cpu()?, h.cpu()?);
             let mut out = vec![0.0f32; n * hd];
@@ -107,7 +107,7 @@ pub fn gru_cell_backward(
     // Gradients of the pre-activations x W_ih^T + b_ih and h W_hh^T + b_hh,
     // and of h through the direct path z * h.
     let (d_gi, d_gh, dh_direct) = match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("gru_cell backward"))?,
+        Storage::Cuda(_) => cuda::backward(saved.cuda()?, g.cuda()?, h.cuda()?, n, hd)?,
         Storage::Cpu(_) => {
             let (sv, gs, hs) = (saved.cpu()?, g.cpu()?, h.cpu()?);
             let mut d_gi = vec![0.0f32; n * 3 * hd];
@@ -143,6 +143,75 @@ pub fn gru_cell_backward(
     let (dh_gates, dw_hh, db_hh) = linear_backward(h, w_hh, &d_gh)?;
     let dh = add_same(&dh_gates, &dh_direct)?;
     Ok([dx, dh, dw_ih, dw_hh, db_ih, db_hh])
+}
+
+/// Launchers of kernels/gru.cu.
+mod cuda {
+    use anyhow::Result;
+
+    use crate::device::cuda::{grid, launch, CudaStorage};
+    use crate::tensor::Tensor;
+
+    /// `(h', saved)` from the pre-activations `gi`, `gh [N, 3H]` and `h [N, H]`.
+    pub(super) fn forward(
+        gi: &CudaStorage,
+        gh: &CudaStorage,
+        h: &CudaStorage,
+        n: usize,
+        hd: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let dev = h.device();
+        let (mut out, mut saved) = (dev.alloc(n * hd)?, dev.alloc(n * 4 * hd)?);
+        launch!(
+            &dev,
+            "gru",
+            "gru_forward",
+            grid(n * hd)?,
+            gi.slice(),
+            gh.slice(),
+            h.slice(),
+            out.slice_mut(),
+            saved.slice_mut(),
+            &(n as i32),
+            &(hd as i32)
+        );
+        Ok((
+            Tensor::from_cuda(out, &[n, hd]),
+            Tensor::from_cuda(saved, &[n, 4 * hd]),
+        ))
+    }
+
+    /// `(d_gi, d_gh, dh_direct)` from the saved gates and the output gradient `g`.
+    pub(super) fn backward(
+        saved: &CudaStorage,
+        g: &CudaStorage,
+        h: &CudaStorage,
+        n: usize,
+        hd: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let dev = h.device();
+        let (mut d_gi, mut d_gh) = (dev.alloc(n * 3 * hd)?, dev.alloc(n * 3 * hd)?);
+        let mut dh = dev.alloc(n * hd)?;
+        launch!(
+            &dev,
+            "gru",
+            "gru_backward",
+            grid(n * hd)?,
+            saved.slice(),
+            g.slice(),
+            h.slice(),
+            d_gi.slice_mut(),
+            d_gh.slice_mut(),
+            dh.slice_mut(),
+            &(n as i32),
+            &(hd as i32)
+        );
+        Ok((
+            Tensor::from_cuda(d_gi, &[n, 3 * hd]),
+            Tensor::from_cuda(d_gh, &[n, 3 * hd]),
+            Tensor::from_cuda(dh, &[n, hd]),
+        ))
+    }
 }
 
 impl Graph {

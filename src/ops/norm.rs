@@ -184,21 +184,23 @@ fn check_affine(op: &str, x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<(
 
 /// Per-statistic mean and biased variance as tensors of `shape`.
 fn stats(x: &Tensor, l: Layout, shape: &[usize]) -> Result<(Tensor, Tensor)> {
-    let (mean, var) = match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("norm statistics"))?,
-        Storage::Cpu(_) => stats_cpu(x.cpu()?, l),
-    };
-    let dev = x.device();
-    Ok((
-        Tensor::from_vec(mean, shape, &dev)?,
-        Tensor::from_vec(var, shape, &dev)?,
-    ))
+    match x.storage() {
+        Storage::Cuda(xs) => cuda::stats(xs, l, shape),
+        Storage::Cpu(_) => {
+            let (mean, var) = stats_cpu(x.cpu()?, l);
+            let dev = x.device();
+            Ok((
+                Tensor::from_vec(mean, shape, &dev)?,
+                Tensor::from_vec(var, shape, &dev)?,
+            ))
+        }
+    }
 }
 
 /// `1 / sqrt(var + eps)`.
 fn rstd_of(var: &Tensor, eps: f32) -> Result<Tensor> {
     match var.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("norm rstd"))?,
+        Storage::Cuda(vs) => cuda::rstd(vs, eps, var.shape()),
         Storage::Cpu(_) => var.same_shape(var.cpu()?.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()),
     }
 }
@@ -213,7 +215,12 @@ fn forward(
     rstd: &Tensor,
 ) -> Result<Tensor> {
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("group_norm/batch_norm"))?,
+        Storage::Cuda(xs) => cuda::forward(
+            xs,
+            l,
+            [gamma.cuda()?, beta.cuda()?, mean.cuda()?, rstd.cuda()?],
+            x.shape(),
+        ),
         Storage::Cpu(_) => x.same_shape(normalize_cpu(
             x.cpu()?,
             l,
@@ -235,7 +242,20 @@ fn backward(
     gy: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("group_norm/batch_norm backward"))?,
+        Storage::Cuda(xs) => {
+            let (dx, dg, db) = cuda::backward(
+                xs,
+                gy.cuda()?,
+                l,
+                [gamma.cuda()?, mean.cuda()?, rstd.cuda()?],
+                through_stats,
+            )?;
+            Ok((
+                Tensor::from_cuda(dx, x.shape()),
+                Tensor::from_cuda(dg, gamma.shape()),
+                Tensor::from_cuda(db, gamma.shape()),
+            ))
+        }
         Storage::Cpu(_) => {
             let (dx, dg, db) = backward_cpu(
                 x.cpu()?,
@@ -345,6 +365,225 @@ pub fn batch_norm_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let l = Layout::new(x, Pooling::Channels);
     backward(x, l, gamma, (mean, rstd), training, gy)
+}
+
+/// Launchers of kernels/norm.cu.
+mod cuda {
+    use anyhow::{ensure, Result};
+    use cudarc::driver::LaunchConfig;
+
+    use super::{Layout, Pooling};
+    use crate::device::cuda::{grid, launch, CudaStorage, BLOCK};
+    use crate::ops::elementwise::cuda::fill;
+    use crate::tensor::Tensor;
+
+    /// The elements that `pooling` groups together, for the one-block-per-
+    /// segment reductions: `count` segments of `len` elements, element `j` of
+    /// segment `k` at `k * first + (j / run) * step + j % run`.
+    struct Segments {
+        count: usize,
+        len: i32,
+        first: i64,
+        run: i32,
+        step: i64,
+    }
+
+    impl Segments {
+        fn new(l: Layout, pooling: Pooling) -> Result<Segments> {
+            let total = l.n * l.c * l.s;
+            ensure!(
+                total <= i32::MAX as usize,
+                "{total} elements exceed the CUDA norm kernels' 32-bit indexing"
+            );
+            Ok(match pooling {
+                // The C / G channels of one sample's group are contiguous.
+                Pooling::Groups(g) => {
+                    let len = l.c / g * l.s;
+                    Segments {
+                        count: l.n * g,
+                        len: len as i32,
+                        first: len as i64,
+                        run: len as i32,
+                        step: 0,
+                    }
+                }
+                // One channel: a plane of S elements per sample, C * S apart.
+                Pooling::Channels => Segments {
+                    count: l.c,
+                    len: (l.n * l.s) as i32,
+                    first: l.s as i64,
+                    run: l.s as i32,
+                    step: (l.c * l.s) as i64,
+                },
+            })
+        }
+
+        /// One block of `BLOCK` threads per segment.
+        fn launch_config(&self) -> LaunchConfig {
+            LaunchConfig {
+                grid_dim: (self.count as u32, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        }
+    }
+
+    /// The kernels' `groups` argument: 0 pools channels across the batch.
+    fn groups_arg(l: Layout) -> i32 {
+        match l.pooling {
+            Pooling::Groups(g) => g as i32,
+            Pooling::Channels => 0,
+        }
+    }
+
+    pub(super) fn stats(x: &CudaStorage, l: Layout, shape: &[usize]) -> Result<(Tensor, Tensor)> {
+        let seg = Segments::new(l, l.pooling)?;
+        let dev = x.device();
+        let (mut mean, mut var) = (dev.alloc(seg.count)?, dev.alloc(seg.count)?);
+        if seg.count > 0 {
+            launch!(
+                &dev,
+                "norm",
+                "norm_stats",
+                seg.launch_config(),
+                x.slice(),
+                mean.slice_mut(),
+                var.slice_mut(),
+                &seg.len,
+                &seg.first,
+                &seg.run,
+                &seg.step
+            );
+        }
+        Ok((Tensor::from_cuda(mean, shape), Tensor::from_cuda(var, shape)))
+    }
+
+    pub(super) fn rstd(var: &CudaStorage, eps: f32, shape: &[usize]) -> Result<Tensor> {
+        let (dev, n) = (var.device(), var.len());
+        let mut out = dev.alloc(n)?;
+        launch!(
+            &dev,
+            "norm",
+            "norm_rstd",
+            grid(n)?,
+            var.slice(),
+            out.slice_mut(),
+            &(n as i32),
+            &eps
+        );
+        Ok(Tensor::from_cuda(out, shape))
+    }
+
+    pub(super) fn forward(
+        x: &CudaStorage,
+        l: Layout,
+        [gamma, beta, mean, rstd]: [&CudaStorage; 4],
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let (dev, n) = (x.device(), x.len());
+        let mut y = dev.alloc(n)?;
+        launch!(
+            &dev,
+            "norm",
+            "norm_forward",
+            grid(n)?,
+            x.slice(),
+            gamma.slice(),
+            beta.slice(),
+            mean.slice(),
+            rstd.slice(),
+            y.slice_mut(),
+            &(n as i32),
+            &(l.c as i32),
+            &(l.s as i32),
+            &groups_arg(l)
+        );
+        Ok(Tensor::from_cuda(y, shape))
+    }
+
+    /// Per segment of `pooling`: `(sum w * gy, sum w * gy * xhat)` with `w`
+    /// gamma when `weighted`, else 1.
+    fn backward_sums(
+        x: &CudaStorage,
+        gy: &CudaStorage,
+        l: Layout,
+        [gamma, mean, rstd]: [&CudaStorage; 3],
+        pooling: Pooling,
+        weighted: bool,
+    ) -> Result<(CudaStorage, CudaStorage)> {
+        let seg = Segments::new(l, pooling)?;
+        let dev = x.device();
+        let (mut a, mut b) = (dev.alloc(seg.count)?, dev.alloc(seg.count)?);
+        if seg.count > 0 {
+            launch!(
+                &dev,
+                "norm",
+                "norm_backward_sums",
+                seg.launch_config(),
+                x.slice(),
+                gy.slice(),
+                gamma.slice(),
+                mean.slice(),
+                rstd.slice(),
+                a.slice_mut(),
+                b.slice_mut(),
+                &seg.len,
+                &seg.first,
+                &seg.run,
+                &seg.step,
+                &(l.c as i32),
+                &(l.s as i32),
+                &groups_arg(l),
+                &(weighted as i32)
+            );
+        }
+        Ok((a, b))
+    }
+
+    /// `(dx, dgamma, dbeta)`: per-channel sums give `dbeta` and `dgamma`;
+    /// with `through_stats`, gamma-weighted sums per statistic give the
+    /// terms of `dx` that flow through the mean and variance (else zeros).
+    pub(super) fn backward(
+        x: &CudaStorage,
+        gy: &CudaStorage,
+        l: Layout,
+        [gamma, mean, rstd]: [&CudaStorage; 3],
+        through_stats: bool,
+    ) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
+        let params = [gamma, mean, rstd];
+        let (dbeta, dgamma) = backward_sums(x, gy, l, params, Pooling::Channels, false)?;
+        let (a, b) = if through_stats {
+            backward_sums(x, gy, l, params, l.pooling, true)?
+        } else {
+            let dev = x.device();
+            let (mut a, mut b) = (dev.alloc(l.num_stats())?, dev.alloc(l.num_stats())?);
+            fill(&mut a, 0.0)?;
+            fill(&mut b, 0.0)?;
+            (a, b)
+        };
+        let (dev, n) = (x.device(), x.len());
+        let mut dx = dev.alloc(n)?;
+        launch!(
+            &dev,
+            "norm",
+            "norm_backward_dx",
+            grid(n)?,
+            x.slice(),
+            gy.slice(),
+            gamma.slice(),
+            mean.slice(),
+            rstd.slice(),
+            a.slice(),
+            b.slice(),
+            dx.slice_mut(),
+            &(n as i32),
+            &(l.c as i32),
+            &(l.s as i32),
+            &groups_arg(l),
+            &(l.pooled() as i32)
+        );
+        Ok((dx, dgamma, dbeta))
+    }
 }
 
 impl Graph {
