@@ -28,3 +28,10 @@ __device__ __forceinline__ void dims_offsets(const Dims& d, int i, int* ia, int*
     *ia = a;
     *ib = b;
 }
+
+// The logistic function without overflow, as `sigmoid` in src/ops/elementwise.rs.
+__device__ __forceinline__ float sigmoid_f(float x) {
+    if (x >= 0.f) return 1.f / (1.f + expf(-x));
+    float e = expf(x);
+    return e / (1.f + e);
+}

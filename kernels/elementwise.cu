@@ -5,12 +5,6 @@
 #define SELU_ALPHA 1.6732632f
 #define SELU_SCALE 1.050701f
 
-__device__ __forceinline__ float sigmoid_f(float x) {
-    if (x >= 0.f) return 1.f / (1.f + expf(-x));
-    float e = expf(x);
-    return e / (1.f + e);
-}
-
 __device__ __forceinline__ float unary_apply(int op, float a, float b, float x) {
     switch (op) {
     case 0: return x > 0.f ? x : 0.f;

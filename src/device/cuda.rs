@@ -28,6 +28,9 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("matmul", include_str!("../../kernels/matmul.cu")),
     ("optim", include_str!("../../kernels/optim.cu")),
     ("gaussian", include_str!("../../kernels/gaussian.cu")),
+    ("pool", include_str!("../../kernels/pool.cu")),
+    ("resize", include_str!("../../kernels/resize.cu")),
+    ("loss", include_str!("../../kernels/loss.cu")),
 ];
 
 /// Threads per block of the one-dimensional kernels.
