@@ -475,3 +475,173 @@ fn cuda_parity_gru_cell() {
         );
     }
 }
+
+// --- pooling, resize and losses ---
+
+#[test]
+fn cuda_parity_avg_pool2d() {
+    let Some(dev) = gpu() else { return };
+    // (shape, kernel, stride): leftover rows and columns, overlapping
+    // windows, stride wider than the kernel, one window, a large image.
+    for (i, (s, k, st)) in [
+        ([2, 3, 7, 9], 2, 2),
+        ([1, 2, 8, 5], 3, 1),
+        ([3, 1, 11, 10], 3, 2),
+        ([1, 1, 9, 9], 2, 3),
+        ([2, 2, 4, 4], 4, 4),
+        ([2, 3, 65, 67], 3, 2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        parity(
+            &format!("avg_pool2d {s:?} k{k} s{st}"),
+            &dev,
+            &[randn(&s, i as u64)],
+            |g, v| g.avg_pool2d(v[0], k, st),
+        );
+    }
+}
+
+#[test]
+fn cuda_parity_max_pool2d() {
+    let Some(dev) = gpu() else { return };
+    // (shape, kernel, stride, padding): ResNet's 3/2/1, no padding,
+    // overlapping windows, stride wider than the kernel, padding half the
+    // kernel, a single pixel, a large image.
+    let cases = [
+        ([2, 3, 9, 7], 3, 2, 1),
+        ([1, 2, 8, 5], 3, 1, 0),
+        ([3, 1, 11, 10], 2, 2, 1),
+        ([1, 1, 9, 9], 2, 3, 0),
+        ([2, 2, 4, 4], 4, 4, 2),
+        ([1, 1, 1, 1], 3, 2, 1),
+        ([2, 4, 33, 35], 3, 2, 1),
+    ];
+    for (i, &(s, k, st, p)) in cases.iter().enumerate() {
+        parity(
+            &format!("max_pool2d {s:?} k{k} s{st} p{p}"),
+            &dev,
+            &[randn(&s, i as u64)],
+            |g, v| g.max_pool2d(v[0], k, st, p),
+        );
+    }
+    // Three values only, so most windows hold ties: the GPU must send each
+    // gradient to the same (first) maximum as the CPU.
+    for &(s, k, st, p) in &cases {
+        let n: usize = s.iter().product();
+        let x = Tensor::from_vec((0..n).map(|i| (i * 7 % 3) as f32).collect(), &s, &Device::cpu()).unwrap();
+        parity(
+            &format!("max_pool2d ties {s:?} k{k} s{st} p{p}"),
+            &dev,
+            &[x],
+            |g, v| g.max_pool2d(v[0], k, st, p),
+        );
+    }
+}
+
+#[test]
+fn cuda_parity_global_avg_pool() {
+    let Some(dev) = gpu() else { return };
+    for (i, s) in [[1, 1, 1, 1], [2, 3, 5, 7], [3, 64, 4, 4], [2, 3, 65, 67]]
+        .iter()
+        .enumerate()
+    {
+        parity(
+            &format!("global_avg_pool {s:?}"),
+            &dev,
+            &[randn(s, i as u64)],
+            |g, v| g.global_avg_pool(v[0]),
+        );
+    }
+}
+
+#[test]
+fn cuda_parity_resize_bilinear() {
+    let Some(dev) = gpu() else { return };
+    // Up and down by non-integer factors, mixed, to and from one pixel,
+    // the same size, and large factors both ways.
+    for (i, (s, oh, ow)) in [
+        ([2, 2, 3, 4], 7, 9),
+        ([1, 2, 9, 11], 4, 5),
+        ([1, 3, 5, 4], 3, 10),
+        ([2, 1, 4, 6], 1, 1),
+        ([1, 2, 1, 1], 5, 3),
+        ([2, 3, 5, 7], 5, 7),
+        ([2, 3, 7, 5], 61, 64),
+        ([1, 2, 65, 67], 9, 8),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        parity(
+            &format!("resize_bilinear {s:?} -> {oh}x{ow}"),
+            &dev,
+            &[randn(&s, i as u64)],
+            |g, v| g.resize_bilinear(v[0], oh, ow),
+        );
+    }
+}
+
+/// Per-sample loss shapes: one element, short rows, rows longer than a
+/// block of threads, few long rows.
+const LOSS_SHAPES: &[&[usize]] = &[&[1, 1], &[5, 7], &[3, 4, 17], &[4, 3, 33, 35], &[2, 70_001]];
+
+#[test]
+fn cuda_parity_bce_with_logits() {
+    let Some(dev) = gpu() else { return };
+    for (i, s) in LOSS_SHAPES.iter().enumerate() {
+        let target = uniform(s, 0.0, 1.0, 50 + i as u64);
+        parity(
+            &format!("bce_with_logits {s:?}"),
+            &dev,
+            &[uniform(s, -6.0, 6.0, i as u64)],
+            |g, v| {
+                let t = target.to_device(&g.value(v[0]).device())?;
+                g.bce_with_logits(v[0], &t)
+            },
+        );
+    }
+    // The GPU cannot reject a target outside [0, 1]; its sample's loss is NaN.
+    let t = Tensor::from_vec(vec![0.5, 0.5, 1.5, 0.5], &[2, 2], &dev).unwrap();
+    let y = saccade::ops::loss::bce_with_logits_forward(&Tensor::zeros(&[2, 2], &dev), &t).unwrap();
+    let y = y.to_vec().unwrap();
+    assert!(y[0].is_finite() && y[1].is_nan(), "{y:?}");
+}
+
+#[test]
+fn cuda_parity_gaussian_nll() {
+    let Some(dev) = gpu() else { return };
+    for (i, s) in LOSS_SHAPES.iter().enumerate() {
+        let x = randn(s, 50 + i as u64);
+        let inputs = [randn(s, i as u64), uniform(s, -2.0, 2.0, 20 + i as u64)];
+        parity(&format!("gaussian_nll {s:?}"), &dev, &inputs, |g, v| {
+            let xd = x.to_device(&g.value(v[0]).device())?;
+            g.gaussian_nll(&xd, v[0], v[1])
+        });
+    }
+}
+
+#[test]
+fn cuda_parity_softmax_cross_entropy() {
+    let Some(dev) = gpu() else { return };
+    for (i, (n, k)) in [(1, 1), (5, 7), (64, 10), (3, 1000)].into_iter().enumerate() {
+        let labels: Vec<usize> = (0..n).map(|r| (r * 7 + i) % k).collect();
+        let logits = uniform(&[n, k], -8.0, 8.0, i as u64);
+        parity(
+            &format!("softmax_cross_entropy {n}x{k}"),
+            &dev,
+            &[logits],
+            |g, v| g.softmax_cross_entropy(v[0], &labels),
+        );
+    }
+}
+
+#[test]
+fn cuda_parity_softmax() {
+    let Some(dev) = gpu() else { return };
+    for (i, s) in [&[1][..], &[5, 7], &[3, 4, 10], &[2, 1000]].iter().enumerate() {
+        let x = uniform(s, -20.0, 20.0, i as u64);
+        parity(&format!("softmax {s:?}"), &dev, &[x], |g, v| g.softmax(v[0]));
+    }
+}

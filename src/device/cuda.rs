@@ -30,6 +30,9 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("gaussian", include_str!("../../kernels/gaussian.cu")),
     ("norm", include_str!("../../kernels/norm.cu")),
     ("gru", include_str!("../../kernels/gru.cu")),
+    ("pool", include_str!("../../kernels/pool.cu")),
+    ("resize", include_str!("../../kernels/resize.cu")),
+    ("loss", include_str!("../../kernels/loss.cu")),
 ];
 
 /// Threads per block of the one-dimensional kernels.

@@ -27,12 +27,14 @@ fn per_sample(x: &Tensor, op: &str) -> Result<(usize, usize)> {
 
 /// Per-sample `sum(max(x, 0) - x t + log(1 + e^-|x|))`: the negative
 /// log-likelihood of targets `t` in `[0, 1]` under `Bernoulli(sigmoid(x))`,
-/// without overflow for large `|x|`.
+/// without overflow for large `|x|`. A target outside `[0, 1]` is an error
+/// on the CPU; on the GPU, which cannot check without a copy to the host,
+/// it makes its sample's loss NaN.
 pub fn bce_with_logits_forward(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
     let (rows, d) = per_sample(logits, "bce_with_logits")?;
     same_shapes("bce_with_logits", ["logits", "target"], logits, target)?;
     match logits.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("bce_with_logits"))?,
+        Storage::Cuda(xs) => cuda::bce_with_logits(xs, target.cuda()?, rows),
         Storage::Cpu(_) => {
             let (xs, ts) = (logits.cpu()?, target.cpu()?);
             if let Some(i) = ts.iter().position(|t| !(0.0..=1.0).contains(t)) {
@@ -51,7 +53,7 @@ pub fn bce_with_logits_forward(logits: &Tensor, target: &Tensor) -> Result<Tenso
 pub fn bce_with_logits_backward(logits: &Tensor, target: &Tensor, g: &Tensor) -> Result<Tensor> {
     let d = logits.numel() / logits.dim(0);
     match logits.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("bce_with_logits backward"))?,
+        Storage::Cuda(xs) => cuda::bce_with_logits_backward(xs, target.cuda()?, g.cuda()?, d, logits.shape()),
         Storage::Cpu(_) => {
             let (xs, ts, gs) = (logits.cpu()?, target.cpu()?, g.cpu()?);
             logits.same_shape(par_fill(xs.len(), |i| {
@@ -70,7 +72,7 @@ pub fn gaussian_nll_forward(x: &Tensor, mu: &Tensor, logvar: &Tensor) -> Result<
     same_shapes("gaussian_nll", ["x", "mu"], x, mu)?;
     same_shapes("gaussian_nll", ["mu", "logvar"], mu, logvar)?;
     match mu.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("gaussian_nll"))?,
+        Storage::Cuda(ms) => cuda::gaussian_nll(x.cuda()?, ms, logvar.cuda()?, rows),
         Storage::Cpu(_) => {
             let (xs, ms, ls) = (x.cpu()?, mu.cpu()?, logvar.cpu()?);
             let data = row_sums(rows, d, |i| {
@@ -91,7 +93,9 @@ pub fn gaussian_nll_backward(
 ) -> Result<(Tensor, Tensor)> {
     let d = mu.numel() / mu.dim(0);
     match mu.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("gaussian_nll backward"))?,
+        Storage::Cuda(ms) => {
+            cuda::gaussian_nll_backward(x.cuda()?, ms, logvar.cuda()?, g.cuda()?, d, mu.shape())
+        }
         Storage::Cpu(_) => {
             let (xs, ms, ls, gs) = (x.cpu()?, mu.cpu()?, logvar.cpu()?, g.cpu()?);
             let [dmu, dlv] = par_fill_multi(ms.len(), |i| {
@@ -150,7 +154,7 @@ fn row_logsumexp(xs: &[f32], rows: usize, k: usize) -> Vec<f32> {
 pub fn softmax_cross_entropy_forward(logits: &Tensor, labels: &[usize]) -> Result<(Tensor, Tensor)> {
     let (n, k) = check_labels(logits, labels)?;
     match logits.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("softmax_cross_entropy"))?,
+        Storage::Cuda(xs) => cuda::softmax_cross_entropy(xs, labels, (n, k)),
         Storage::Cpu(_) => {
             let xs = logits.cpu()?;
             let lse = row_logsumexp(xs, n, k);
@@ -173,7 +177,9 @@ pub fn softmax_cross_entropy_backward(
 ) -> Result<Tensor> {
     let k = logits.dim(1);
     match logits.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("softmax_cross_entropy backward"))?,
+        Storage::Cuda(xs) => {
+            cuda::softmax_cross_entropy_backward(xs, labels, lse.cuda()?, g.cuda()?, logits.shape())
+        }
         Storage::Cpu(_) => {
             let (xs, ls, gs) = (logits.cpu()?, lse.cpu()?, g.cpu()?);
             logits.same_shape(par_fill(xs.len(), |i| {
@@ -194,7 +200,7 @@ pub fn softmax(logits: &Tensor) -> Result<Tensor> {
     let k = logits.dim(-1);
     let rows = logits.numel() / k;
     match logits.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("softmax"))?,
+        Storage::Cuda(xs) => cuda::softmax(xs, rows, logits.shape()),
         Storage::Cpu(_) => {
             let xs = logits.cpu()?;
             let lse = row_logsumexp(xs, rows, k);
@@ -208,12 +214,220 @@ pub fn softmax(logits: &Tensor) -> Result<Tensor> {
 pub fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
     let k = y.dim(-1);
     match y.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("softmax backward"))?,
+        Storage::Cuda(ys) => cuda::softmax_backward(ys, g.cuda()?, ys.len() / k, y.shape()),
         Storage::Cpu(_) => {
             let (ys, gs) = (y.cpu()?, g.cpu()?);
             let dots = row_sums(ys.len() / k, k, |i| (gs[i] * ys[i]) as f64);
             y.same_shape(par_fill(ys.len(), |i| ys[i] * (gs[i] - dots[i / k])))
         }
+    }
+}
+
+/// Launchers of kernels/loss.cu.
+mod cuda {
+    use anyhow::{ensure, Result};
+    use cudarc::driver::LaunchConfig;
+
+    use crate::device::cuda::{grid, launch, CudaDevice, CudaStorage, BLOCK};
+    use crate::tensor::Tensor;
+
+    /// One block of `BLOCK` threads per row (`block_row_sum` in the kernels).
+    fn block_per_row(rows: usize) -> Result<LaunchConfig> {
+        grid(rows)?;
+        Ok(LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+
+    pub(super) fn bce_with_logits(x: &CudaStorage, t: &CudaStorage, rows: usize) -> Result<Tensor> {
+        let dev = x.device();
+        let mut out = dev.alloc(rows)?;
+        let d = (x.len() / rows) as i32;
+        launch!(
+            &dev,
+            "loss",
+            "bce_with_logits",
+            block_per_row(rows)?,
+            x.slice(),
+            t.slice(),
+            out.slice_mut(),
+            &d
+        );
+        Ok(Tensor::from_cuda(out, &[rows]))
+    }
+
+    pub(super) fn bce_with_logits_backward(
+        x: &CudaStorage,
+        t: &CudaStorage,
+        g: &CudaStorage,
+        d: usize,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let (dev, n) = (x.device(), x.len());
+        let mut dx = dev.alloc(n)?;
+        launch!(
+            &dev,
+            "loss",
+            "bce_with_logits_backward",
+            grid(n)?,
+            x.slice(),
+            t.slice(),
+            g.slice(),
+            dx.slice_mut(),
+            &(n as i32),
+            &(d as i32)
+        );
+        Ok(Tensor::from_cuda(dx, shape))
+    }
+
+    pub(super) fn gaussian_nll(
+        x: &CudaStorage,
+        mu: &CudaStorage,
+        lv: &CudaStorage,
+        rows: usize,
+    ) -> Result<Tensor> {
+        let dev = mu.device();
+        let mut out = dev.alloc(rows)?;
+        let d = (mu.len() / rows) as i32;
+        launch!(
+            &dev,
+            "loss",
+            "gaussian_nll",
+            block_per_row(rows)?,
+            x.slice(),
+            mu.slice(),
+            lv.slice(),
+            out.slice_mut(),
+            &d
+        );
+        Ok(Tensor::from_cuda(out, &[rows]))
+    }
+
+    pub(super) fn gaussian_nll_backward(
+        x: &CudaStorage,
+        mu: &CudaStorage,
+        lv: &CudaStorage,
+        g: &CudaStorage,
+        d: usize,
+        shape: &[usize],
+    ) -> Result<(Tensor, Tensor)> {
+        let (dev, n) = (mu.device(), mu.len());
+        let (mut dmu, mut dlv) = (dev.alloc(n)?, dev.alloc(n)?);
+        launch!(
+            &dev,
+            "loss",
+            "gaussian_nll_backward",
+            grid(n)?,
+            x.slice(),
+            mu.slice(),
+            lv.slice(),
+            g.slice(),
+            dmu.slice_mut(),
+            dlv.slice_mut(),
+            &(n as i32),
+            &(d as i32)
+        );
+        Ok((Tensor::from_cuda(dmu, shape), Tensor::from_cuda(dlv, shape)))
+    }
+
+    /// The labels on the device as floats (exact below 2^24 classes).
+    fn upload_labels(dev: &CudaDevice, labels: &[usize], k: usize) -> Result<CudaStorage> {
+        ensure!(
+            k <= 1 << 24,
+            "softmax_cross_entropy: {k} classes exceed the CUDA kernel's 2^24"
+        );
+        let as_f32: Vec<f32> = labels.iter().map(|&y| y as f32).collect();
+        dev.upload(&as_f32)
+    }
+
+    /// `(loss, lse)`, both `[n]`, of logits `[n, k]`.
+    pub(super) fn softmax_cross_entropy(
+        x: &CudaStorage,
+        labels: &[usize],
+        (n, k): (usize, usize),
+    ) -> Result<(Tensor, Tensor)> {
+        let dev = x.device();
+        let ys = upload_labels(&dev, labels, k)?;
+        let (mut loss, mut lse) = (dev.alloc(n)?, dev.alloc(n)?);
+        launch!(
+            &dev,
+            "loss",
+            "softmax_cross_entropy",
+            grid(n)?,
+            x.slice(),
+            ys.slice(),
+            loss.slice_mut(),
+            lse.slice_mut(),
+            &(n as i32),
+            &(k as i32)
+        );
+        Ok((Tensor::from_cuda(loss, &[n]), Tensor::from_cuda(lse, &[n])))
+    }
+
+    pub(super) fn softmax_cross_entropy_backward(
+        x: &CudaStorage,
+        labels: &[usize],
+        lse: &CudaStorage,
+        g: &CudaStorage,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let (dev, n, k) = (x.device(), x.len(), shape[1]);
+        let ys = upload_labels(&dev, labels, k)?;
+        let mut dx = dev.alloc(n)?;
+        launch!(
+            &dev,
+            "loss",
+            "softmax_cross_entropy_backward",
+            grid(n)?,
+            x.slice(),
+            ys.slice(),
+            lse.slice(),
+            g.slice(),
+            dx.slice_mut(),
+            &(n as i32),
+            &(k as i32)
+        );
+        Ok(Tensor::from_cuda(dx, shape))
+    }
+
+    pub(super) fn softmax(x: &CudaStorage, rows: usize, shape: &[usize]) -> Result<Tensor> {
+        let dev = x.device();
+        let mut y = dev.alloc(x.len())?;
+        launch!(
+            &dev,
+            "loss",
+            "softmax",
+            grid(rows)?,
+            x.slice(),
+            y.slice_mut(),
+            &(rows as i32),
+            &((x.len() / rows) as i32)
+        );
+        Ok(Tensor::from_cuda(y, shape))
+    }
+
+    pub(super) fn softmax_backward(
+        y: &CudaStorage,
+        g: &CudaStorage,
+        rows: usize,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let dev = y.device();
+        let mut dx = dev.alloc(y.len())?;
+        launch!(
+            &dev,
+            "loss",
+            "softmax_backward",
+            grid(rows)?,
+            y.slice(),
+            g.slice(),
+            dx.slice_mut(),
+            &(rows as i32),
+            &((y.len() / rows) as i32)
+        );
+        Ok(Tensor::from_cuda(dx, shape))
     }
 }
 

@@ -28,13 +28,6 @@ use crate::tensor::{fmt_shape, Tensor};
 pub const OPS_WITHOUT_CUDA_KERNEL: &[&str] = &[
     "conv2d",
     "conv_transpose2d",
-    "avg_pool2d",
-    "max_pool2d",
-    "global_avg_pool",
-    "resize_bilinear",
-    "bce_with_logits",
-    "gaussian_nll",
-    "softmax_cross_entropy",
     "affine_grid",
     "grid_sample",
     "localized_crop",

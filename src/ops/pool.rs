@@ -28,11 +28,14 @@ fn pool_geom(x: &Tensor, kernel: usize, stride: usize) -> Result<(usize, usize)>
 pub fn avg_pool2d_forward(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
     let (ho, wo) = pool_geom(x, kernel, stride)?;
     let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let scale = 1.0 / (kernel * kernel) as f32;
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("avg_pool2d"))?,
+        Storage::Cuda(xs) => {
+            let win = cuda::Window::new((h, w), (ho, wo), (kernel, stride, 0));
+            cuda::avg_pool2d(xs, win, scale, &[n, c, ho, wo])
+        }
         Storage::Cpu(_) => {
             let xs = x.cpu()?;
-            let scale = 1.0 / (kernel * kernel) as f32;
             let mut out = vec![0.0; n * c * ho * wo];
             for_chunks(&mut out, ho * wo, |q, dst| {
                 let src = &xs[q * h * w..][..h * w];
@@ -59,11 +62,14 @@ pub fn avg_pool2d_backward(x: &Tensor, gy: &Tensor, kernel: usize, stride: usize
     let (ho, wo) = pool_geom(x, kernel, stride)?;
     let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     gy.expect_shape(&[n, c, ho, wo], "avg_pool2d output gradient")?;
+    let scale = 1.0 / (kernel * kernel) as f32;
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("avg_pool2d backward"))?,
+        Storage::Cuda(_) => {
+            let win = cuda::Window::new((h, w), (ho, wo), (kernel, stride, 0));
+            cuda::avg_pool2d_backward(gy.cuda()?, win, scale, x.shape())
+        }
         Storage::Cpu(_) => {
             let gs = gy.cpu()?;
-            let scale = 1.0 / (kernel * kernel) as f32;
             let mut dx = vec![0.0; x.numel()];
             for_chunks(&mut dx, h * w, |q, dst| {
                 let src = &gs[q * ho * wo..][..ho * wo];
@@ -135,7 +141,10 @@ pub fn max_pool2d_forward(x: &Tensor, kernel: usize, stride: usize, padding: usi
     let (ho, wo) = max_pool_geom(x, kernel, stride, padding)?;
     let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("max_pool2d"))?,
+        Storage::Cuda(xs) => {
+            let win = cuda::Window::new((h, w), (ho, wo), (kernel, stride, padding));
+            cuda::max_pool2d(xs, win, &[n, c, ho, wo])
+        }
         Storage::Cpu(_) => {
             let xs = x.cpu()?;
             let mut out = vec![0.0; n * c * ho * wo];
@@ -163,7 +172,10 @@ pub fn max_pool2d_backward(
     let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     gy.expect_shape(&[n, c, ho, wo], "max_pool2d output gradient")?;
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("max_pool2d backward"))?,
+        Storage::Cuda(xs) => {
+            let win = cuda::Window::new((h, w), (ho, wo), (kernel, stride, padding));
+            cuda::max_pool2d_backward(xs, gy.cuda()?, win, x.shape())
+        }
         Storage::Cpu(_) => {
             let (xs, gs) = (x.cpu()?, gy.cpu()?);
             let mut dx = vec![0.0; x.numel()];
@@ -192,7 +204,7 @@ pub fn global_avg_pool_forward(x: &Tensor) -> Result<Tensor> {
     check_global(x)?;
     let (n, c, hw) = (x.shape()[0], x.shape()[1], x.shape()[2] * x.shape()[3]);
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("global_avg_pool"))?,
+        Storage::Cuda(xs) => cuda::global_avg_pool(xs, hw, &[n, c]),
         Storage::Cpu(_) => {
             let xs = x.cpu()?;
             let out = xs
@@ -210,13 +222,173 @@ pub fn global_avg_pool_backward(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
     let (n, c, hw) = (x.shape()[0], x.shape()[1], x.shape()[2] * x.shape()[3]);
     gy.expect_shape(&[n, c], "global_avg_pool output gradient")?;
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("global_avg_pool backward"))?,
+        Storage::Cuda(_) => cuda::global_avg_pool_backward(gy.cuda()?, hw, x.shape()),
         Storage::Cpu(_) => {
             let gs = gy.cpu()?;
             let mut dx = vec![0.0; x.numel()];
             for_chunks(&mut dx, hw, |q, p| p.fill(gs[q] / hw as f32));
             x.same_shape(dx)
         }
+    }
+}
+
+/// Launchers of kernels/pool.cu.
+mod cuda {
+    use anyhow::Result;
+
+    use crate::device::cuda::{grid, launch, CudaStorage};
+    use crate::tensor::Tensor;
+
+    /// A pooling's geometry as the kernels take it (mirrors `struct Window`
+    /// in kernels/pool.cu): input and output plane sizes, window size,
+    /// stride and padding.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub(super) struct Window {
+        h: i32,
+        w: i32,
+        ho: i32,
+        wo: i32,
+        k: i32,
+        s: i32,
+        p: i32,
+    }
+
+    // SAFETY: plain `repr(C)` integers, laid out as the kernels' `struct Window`.
+    unsafe impl cudarc::driver::DeviceRepr for Window {}
+
+    impl Window {
+        pub(super) fn new(
+            (h, w): (usize, usize),
+            (ho, wo): (usize, usize),
+            (k, s, p): (usize, usize, usize),
+        ) -> Window {
+            let [h, w, ho, wo, k, s, p] = [h, w, ho, wo, k, s, p].map(|v| v as i32);
+            Window {
+                h,
+                w,
+                ho,
+                wo,
+                k,
+                s,
+                p,
+            }
+        }
+    }
+
+    pub(super) fn avg_pool2d(x: &CudaStorage, win: Window, scale: f32, shape: &[usize]) -> Result<Tensor> {
+        let (dev, n) = (x.device(), shape.iter().product::<usize>());
+        let mut y = dev.alloc(n)?;
+        let cfg = grid(n)?;
+        launch!(
+            &dev,
+            "pool",
+            "avg_pool2d",
+            cfg,
+            x.slice(),
+            y.slice_mut(),
+            &(n as i32),
+            &win,
+            &scale
+        );
+        Ok(Tensor::from_cuda(y, shape))
+    }
+
+    pub(super) fn avg_pool2d_backward(
+        gy: &CudaStorage,
+        win: Window,
+        scale: f32,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let (dev, n) = (gy.device(), shape.iter().product::<usize>());
+        let mut dx = dev.alloc(n)?;
+        let cfg = grid(n)?;
+        launch!(
+            &dev,
+            "pool",
+            "avg_pool2d_backward",
+            cfg,
+            gy.slice(),
+            dx.slice_mut(),
+            &(n as i32),
+            &win,
+            &scale
+        );
+        Ok(Tensor::from_cuda(dx, shape))
+    }
+
+    pub(super) fn max_pool2d(x: &CudaStorage, win: Window, shape: &[usize]) -> Result<Tensor> {
+        let (dev, n) = (x.device(), shape.iter().product::<usize>());
+        let mut y = dev.alloc(n)?;
+        let cfg = grid(n)?;
+        launch!(
+            &dev,
+            "pool",
+            "max_pool2d",
+            cfg,
+            x.slice(),
+            y.slice_mut(),
+            &(n as i32),
+            &win
+        );
+        Ok(Tensor::from_cuda(y, shape))
+    }
+
+    pub(super) fn max_pool2d_backward(
+        x: &CudaStorage,
+        gy: &CudaStorage,
+        win: Window,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let (dev, n) = (x.device(), x.len());
+        let mut dx = dev.alloc(n)?;
+        let cfg = grid(n)?;
+        launch!(
+            &dev,
+            "pool",
+            "max_pool2d_backward",
+            cfg,
+            x.slice(),
+            gy.slice(),
+            dx.slice_mut(),
+            &(n as i32),
+            &win
+        );
+        Ok(Tensor::from_cuda(dx, shape))
+    }
+
+    pub(super) fn global_avg_pool(x: &CudaStorage, hw: usize, shape: &[usize]) -> Result<Tensor> {
+        let (dev, planes) = (x.device(), x.len() / hw);
+        let mut y = dev.alloc(planes)?;
+        let cfg = grid(planes)?;
+        launch!(
+            &dev,
+            "pool",
+            "global_avg_pool",
+            cfg,
+            x.slice(),
+            y.slice_mut(),
+            &(planes as i32),
+            &(hw as i32)
+        );
+        Ok(Tensor::from_cuda(y, shape))
+    }
+
+    pub(super) fn global_avg_pool_backward(gy: &CudaStorage, hw: usize, shape: &[usize]) -> Result<Tensor> {
+        let (dev, n) = (gy.device(), gy.len() * hw);
+        let mut dx = dev.alloc(n)?;
+        let cfg = grid(n)?;
+        launch!(
+            &dev,
+            "pool",
+            "global_avg_pool_backward",
+            cfg,
+            gy.slice(),
+            dx.slice_mut(),
+            &(n as i32),
+            &(hw as i32)
+        );
+        Ok(Tensor::from_cuda(dx, shape))
     }
 }
 

@@ -53,7 +53,10 @@ pub fn resize_bilinear_forward(x: &Tensor, out_h: usize, out_w: usize) -> Result
     let (planes, h, w) = geom(x, out_h, out_w)?;
     let (oh, ow) = (out_h, out_w);
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("resize_bilinear"))?,
+        Storage::Cuda(xs) => {
+            let shape = [x.shape()[0], x.shape()[1], oh, ow];
+            cuda::resize_bilinear(xs, (h, w), (oh, ow), &shape, false)
+        }
         Storage::Cpu(_) => {
             let xs = x.cpu()?;
             let (ty, tx) = (taps(h, oh), taps(w, ow));
@@ -88,7 +91,7 @@ pub fn resize_bilinear_backward(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
         "resize_bilinear output gradient",
     )?;
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("resize_bilinear backward"))?,
+        Storage::Cuda(_) => cuda::resize_bilinear(gy.cuda()?, (h, w), (oh, ow), x.shape(), true),
         Storage::Cpu(_) => {
             let gs = gy.cpu()?;
             let (ty, tx) = (taps(h, oh), taps(w, ow));
@@ -107,6 +110,58 @@ pub fn resize_bilinear_backward(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
             });
             x.same_shape(dx)
         }
+    }
+}
+
+/// Launcher of kernels/resize.cu.
+mod cuda {
+    use anyhow::Result;
+
+    use crate::device::cuda::{grid, launch, CudaStorage};
+    use crate::tensor::Tensor;
+
+    /// Resize `src` from `h x w` planes to `oh x ow` planes (`backward`
+    /// false), or send output gradients `src` back to the input planes
+    /// (`backward` true); the result has `shape`.
+    pub(super) fn resize_bilinear(
+        src: &CudaStorage,
+        (h, w): (usize, usize),
+        (oh, ow): (usize, usize),
+        shape: &[usize],
+        backward: bool,
+    ) -> Result<Tensor> {
+        let (dev, n) = (src.device(), shape.iter().product::<usize>());
+        let mut out = dev.alloc(n)?;
+        let cfg = grid(n)?;
+        // The CPU's `taps` scales, so both compute the same source positions.
+        let (sy, sx) = (h as f32 / oh as f32, w as f32 / ow as f32);
+        let [n, h, w, oh, ow] = [n, h, w, oh, ow].map(|v| v as i32);
+        // Forward and backward take the same arguments.
+        macro_rules! go {
+            ($kernel:literal) => {
+                launch!(
+                    &dev,
+                    "resize",
+                    $kernel,
+                    cfg,
+                    src.slice(),
+                    out.slice_mut(),
+                    &n,
+                    &h,
+                    &w,
+                    &oh,
+                    &ow,
+                    &sy,
+                    &sx
+                )
+            };
+        }
+        if backward {
+            go!("resize_bilinear_backward");
+        } else {
+            go!("resize_bilinear");
+        }
+        Ok(Tensor::from_cuda(out, shape))
     }
 }
 
