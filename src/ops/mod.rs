@@ -26,8 +26,6 @@ use crate::tensor::{fmt_shape, Tensor};
 /// Op families of the model that have no CUDA kernel yet; while any is
 /// listed, `--device auto` keeps the CPU.
 pub const OPS_WITHOUT_CUDA_KERNEL: &[&str] = &[
-    "conv2d",
-    "conv_transpose2d",
     "avg_pool2d",
     "max_pool2d",
     "global_avg_pool",
