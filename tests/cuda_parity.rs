@@ -361,10 +361,12 @@ fn cuda_ops_without_kernels_fail_with_a_clear_error() {
     let Some(op) = saccade::ops::OPS_WITHOUT_CUDA_KERNEL.first() else {
         return;
     };
-    assert_eq!(*op, "conv2d", "update this test when conv2d gets its kernel");
-    let x = Tensor::zeros(&[1, 1, 4, 4], &dev);
-    let w = Tensor::zeros(&[1, 1, 3, 3], &dev);
-    let e = saccade::ops::conv::conv2d_forward(&x, &w, None, 1, 1).unwrap_err();
+    assert_eq!(
+        *op, "affine_grid",
+        "update this test when affine_grid gets its kernel"
+    );
+    let theta = Tensor::zeros(&[1, 2, 3], &dev);
+    let e = saccade::ops::sampler::affine_grid_forward(&theta, 4, 4).unwrap_err();
     assert!(e.to_string().contains("no CUDA kernel"), "{e}");
 }
 
@@ -643,5 +645,72 @@ fn cuda_parity_softmax() {
     for (i, s) in [&[1][..], &[5, 7], &[3, 4, 10], &[2, 1000]].iter().enumerate() {
         let x = uniform(s, -20.0, 20.0, i as u64);
         parity(&format!("softmax {s:?}"), &dev, &[x], |g, v| g.softmax(v[0]));
+    }
+}
+
+// --- conv ---
+
+/// Inputs of a conv test: `x`, `w` and, when `bias`, a bias of `channels`.
+fn conv_inputs(xs: &[usize], ws: &[usize], channels: usize, bias: bool, seed: u64) -> Vec<Tensor> {
+    let mut v = vec![randn(xs, seed), randn(ws, seed + 1)];
+    if bias {
+        v.push(randn(&[channels], seed + 2));
+    }
+    v
+}
+
+#[test]
+fn cuda_parity_conv2d() {
+    let Some(dev) = gpu() else { return };
+    // (x, w, stride, padding): odd sizes, stride 2, padding 0/1/2, non-square,
+    // 1x1 (pointwise and strided) and 7x7 kernels, batches of 1 and 3; the
+    // last case needs several chunks of the GPU's column budget (2 + 1 images).
+    let cases = [
+        ([1, 1, 5, 5], [1, 1, 3, 3], 1, 0),
+        ([3, 2, 7, 9], [4, 2, 3, 3], 2, 1),
+        ([1, 3, 11, 13], [5, 3, 3, 3], 1, 1),
+        ([3, 3, 9, 8], [4, 3, 2, 5], 2, 2),
+        ([3, 4, 5, 7], [3, 4, 1, 1], 1, 0),
+        ([3, 4, 9, 7], [6, 4, 1, 1], 2, 0),
+        ([3, 3, 17, 15], [8, 3, 7, 7], 2, 2),
+        ([1, 2, 2, 3], [3, 2, 5, 5], 3, 2),
+        ([3, 8, 65, 63], [5, 8, 7, 7], 1, 3),
+    ];
+    for (k, (xs, ws, s, p)) in cases.into_iter().enumerate() {
+        for bias in [true, false] {
+            let inputs = conv_inputs(&xs, &ws, ws[0], bias, 10 * k as u64);
+            parity(&format!("conv2d case {k} bias {bias}"), &dev, &inputs, |g, v| {
+                g.conv2d(v[0], v[1], v.get(2).copied(), s, p)
+            });
+        }
+    }
+}
+
+#[test]
+fn cuda_parity_conv_transpose2d() {
+    let Some(dev) = gpu() else { return };
+    // (x, w, stride, padding, output_padding), as for conv2d; the last case's
+    // output side needs several chunks of the GPU's column budget.
+    let cases = [
+        ([1, 1, 3, 3], [1, 1, 3, 3], 1, 0, 0),
+        ([3, 3, 4, 5], [3, 2, 3, 3], 2, 1, 1),
+        ([1, 2, 5, 3], [2, 4, 2, 3], 3, 0, 2),
+        ([3, 3, 7, 6], [3, 2, 3, 3], 1, 1, 0),
+        ([3, 4, 5, 7], [4, 3, 1, 1], 1, 0, 0),
+        ([3, 4, 5, 7], [4, 3, 1, 1], 2, 0, 1),
+        ([3, 3, 9, 7], [3, 5, 7, 7], 2, 2, 1),
+        ([1, 2, 3, 3], [2, 2, 4, 4], 2, 2, 0),
+        ([3, 5, 65, 63], [5, 8, 7, 7], 2, 3, 1),
+    ];
+    for (k, (xs, ws, s, p, op)) in cases.into_iter().enumerate() {
+        for bias in [true, false] {
+            let inputs = conv_inputs(&xs, &ws, ws[1], bias, 10 * k as u64);
+            parity(
+                &format!("conv_transpose2d case {k} bias {bias}"),
+                &dev,
+                &inputs,
+                |g, v| g.conv_transpose2d(v[0], v[1], v.get(2).copied(), s, p, op),
+            );
+        }
     }
 }

@@ -33,6 +33,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("pool", include_str!("../../kernels/pool.cu")),
     ("resize", include_str!("../../kernels/resize.cu")),
     ("loss", include_str!("../../kernels/loss.cu")),
+    ("conv", include_str!("../../kernels/conv.cu")),
 ];
 
 /// Threads per block of the one-dimensional kernels.

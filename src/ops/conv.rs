@@ -13,6 +13,10 @@
 //! GEMM. Groups run in parallel, one per thread: with `o` rows (often 64) a
 //! single GEMM does not split well over threads, independent ones do. A
 //! batch of one falls back on the threads inside the GEMM and im2col.
+//!
+//! On the GPU the same three products run on chunks of images, each chunk one
+//! batched GEMM over per-image column matrices; col2im there is a gather
+//! (each pixel sums the column entries it feeds), so results are deterministic.
 
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
@@ -346,7 +350,13 @@ pub fn conv2d_forward(
     check_bias("conv2d", b, o)?;
     let n = x.shape()[0];
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("conv2d"))?,
+        Storage::Cuda(xs) => {
+            let mut y = cuda::apply(&g, o, xs, w.cuda()?)?;
+            if let Some(b) = b {
+                cuda::add_bias(&mut y, b.cuda()?, g.hw())?;
+            }
+            Ok(Tensor::from_cuda(y, &[n, o, g.ho, g.wo]))
+        }
         Storage::Cpu(_) => {
             let mut y = apply_cpu(&g, o, x.cpu()?, w.cpu()?);
             if let Some(b) = b {
@@ -370,7 +380,17 @@ pub fn conv2d_backward(
     let (g, o) = conv_geom("conv2d backward", x, w, stride, padding)?;
     gy.expect_shape(&[x.shape()[0], o, g.ho, g.wo], "conv2d output gradient")?;
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("conv2d backward"))?,
+        Storage::Cuda(xs) => {
+            let (ws, gs) = (w.cuda()?, gy.cuda()?);
+            let dx = Tensor::from_cuda(cuda::adjoint(&g, o, gs, ws)?, x.shape());
+            let dw = Tensor::from_cuda(cuda::weight_grad(&g, o, xs, gs)?, w.shape());
+            let db = if bias {
+                Some(Tensor::from_cuda(cuda::bias_grad(gs, o, g.hw())?, &[o]))
+            } else {
+                None
+            };
+            Ok((dx, dw, db))
+        }
         Storage::Cpu(_) => {
             let (xv, wv, gv) = (x.cpu()?, w.cpu()?, gy.cpu()?);
             let dx = x.same_shape(adjoint_cpu(&g, o, gv, wv))?;
@@ -447,7 +467,13 @@ pub fn conv_transpose2d_forward(
     let (g, shape) = transpose_geom(x, w, stride, padding, output_padding)?;
     check_bias("conv_transpose2d", b, g.c)?;
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("conv_transpose2d"))?,
+        Storage::Cuda(xs) => {
+            let mut y = cuda::adjoint(&g, x.shape()[1], xs, w.cuda()?)?;
+            if let Some(b) = b {
+                cuda::add_bias(&mut y, b.cuda()?, g.h * g.w)?;
+            }
+            Ok(Tensor::from_cuda(y, &shape))
+        }
         Storage::Cpu(_) => {
             let mut y = adjoint_cpu(&g, x.shape()[1], x.cpu()?, w.cpu()?);
             if let Some(b) = b {
@@ -472,7 +498,17 @@ pub fn conv_transpose2d_backward(
     gy.expect_shape(&shape, "conv_transpose2d output gradient")?;
     let ci = x.shape()[1];
     match x.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("conv_transpose2d backward"))?,
+        Storage::Cuda(xs) => {
+            let (ws, gs) = (w.cuda()?, gy.cuda()?);
+            let dx = Tensor::from_cuda(cuda::apply(&g, ci, gs, ws)?, x.shape());
+            let dw = Tensor::from_cuda(cuda::weight_grad(&g, ci, gs, xs)?, w.shape());
+            let db = if bias {
+                Some(Tensor::from_cuda(cuda::bias_grad(gs, g.c, g.h * g.w)?, &[g.c]))
+            } else {
+                None
+            };
+            Ok((dx, dw, db))
+        }
         Storage::Cpu(_) => {
             let (xv, wv, gv) = (x.cpu()?, w.cpu()?, gy.cpu()?);
             let dx = x.same_shape(apply_cpu(&g, ci, gv, wv))?;
@@ -482,6 +518,239 @@ pub fn conv_transpose2d_backward(
                 .transpose()?;
             Ok((dx, dw, db))
         }
+    }
+}
+
+/// Launchers of kernels/conv.cu: the same three products as on the CPU, with
+/// per-image column matrices `[ck, hw]` so that a chunk of images is one
+/// batched GEMM (kernels/matmul.cu, images along blockIdx.z). Chunks keep
+/// the scratch (column matrices, per-image weight gradients) near a budget.
+mod cuda {
+    use anyhow::Result;
+    use cudarc::driver::{CudaView, DeviceRepr, LaunchConfig};
+
+    use super::Geom;
+    use crate::device::cuda::{grid, launch, CudaDevice, CudaStorage, BLOCK};
+    use crate::ops::elementwise::cuda::fill;
+    use crate::ops::linear::cuda::sgemm_view;
+
+    /// Scratch floats a chunk of images aims for (16 MiB); one image always fits.
+    const BUDGET: usize = 1 << 22;
+
+    /// [`Geom`] as the kernels' `struct ConvDims`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct ConvDims([i32; 9]);
+
+    // SAFETY: plain `repr(C)` integers, laid out as the kernels' `struct ConvDims`.
+    unsafe impl DeviceRepr for ConvDims {}
+
+    fn dims(g: &Geom) -> ConvDims {
+        ConvDims([g.c, g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.ho, g.wo].map(|d| d as i32))
+    }
+
+    /// Images per chunk of a batch of `n` when each needs `per_image` scratch floats.
+    fn chunk_size(n: usize, per_image: usize) -> usize {
+        (BUDGET / per_image.max(1)).clamp(1, 65_535).min(n.max(1))
+    }
+
+    /// Scratch for the column matrices of `gs` images; none for a pointwise conv.
+    fn col_scratch(dev: &CudaDevice, g: &Geom, gs: usize) -> Result<Option<CudaStorage>> {
+        (!g.pointwise())
+            .then(|| dev.alloc(gs * g.ck() * g.hw()))
+            .transpose()
+    }
+
+    /// The column matrices `[nz, ck, hw]` of the `nz` images `x`: the images
+    /// themselves for a pointwise conv, else `cols` filled by im2col.
+    fn chunk_cols<'a>(
+        dev: &CudaDevice,
+        g: &Geom,
+        x: CudaView<'a, f32>,
+        cols: &'a mut Option<CudaStorage>,
+        nz: usize,
+    ) -> Result<CudaView<'a, f32>> {
+        let Some(c) = cols else { return Ok(x) };
+        let cfg = grid(nz * g.ck() * g.hw())?;
+        launch!(
+            dev,
+            "conv",
+            "im2col",
+            cfg,
+            &x,
+            c.slice_mut(),
+            &dims(g),
+            &(nz as i32)
+        );
+        Ok(c.slice().as_view())
+    }
+
+    /// `colside[n] = W · cols(img[n])` with `W [o, ck]`: `[n, o, hw]`.
+    pub(super) fn apply(g: &Geom, o: usize, imgs: &CudaStorage, w: &CudaStorage) -> Result<CudaStorage> {
+        let dev = imgs.device();
+        let (ck, hw, il) = (g.ck(), g.hw(), g.img_len());
+        let n = imgs.len() / il;
+        let mut out = dev.alloc(n * o * hw)?;
+        let gs = chunk_size(n, ck * hw);
+        let mut cols = col_scratch(&dev, g, gs)?;
+        for n0 in (0..n).step_by(gs) {
+            let nz = gs.min(n - n0);
+            let x = imgs.slice().slice(n0 * il..(n0 + nz) * il);
+            let b = chunk_cols(&dev, g, x, &mut cols, nz)?;
+            let mut y = out.slice_mut().slice_mut(n0 * o * hw..(n0 + nz) * o * hw);
+            let a = (&w.slice().as_view(), false, 0);
+            sgemm_view(&dev, nz, (o, hw, ck), a, (&b, false, ck * hw), &mut y, false)?;
+        }
+        Ok(out)
+    }
+
+    /// `img[n] = col2im(W^T · colside[n])`, the adjoint of [`apply`]: `[n, c, h, w]`.
+    pub(super) fn adjoint(g: &Geom, o: usize, colside: &CudaStorage, w: &CudaStorage) -> Result<CudaStorage> {
+        let dev = colside.device();
+        let (ck, hw, il) = (g.ck(), g.hw(), g.img_len());
+        let n = colside.len() / (o * hw);
+        let mut out = dev.alloc(n * il)?;
+        let gs = chunk_size(n, ck * hw);
+        let mut cols = col_scratch(&dev, g, gs)?;
+        for n0 in (0..n).step_by(gs) {
+            let nz = gs.min(n - n0);
+            let dy = colside.slice().slice(n0 * o * hw..(n0 + nz) * o * hw);
+            let mut dx = out.slice_mut().slice_mut(n0 * il..(n0 + nz) * il);
+            let (a, b) = ((&w.slice().as_view(), true, 0), (&dy, false, o * hw));
+            match &mut cols {
+                // A pointwise conv's column matrices are the images.
+                None => sgemm_view(&dev, nz, (ck, hw, o), a, b, &mut dx, false)?,
+                Some(c) => {
+                    sgemm_view(
+                        &dev,
+                        nz,
+                        (ck, hw, o),
+                        a,
+                        b,
+                        &mut c.slice_mut().as_view_mut(),
+                        false,
+                    )?;
+                    let cfg = grid(nz * il)?;
+                    launch!(
+                        &dev,
+                        "conv",
+                        "col2im",
+                        cfg,
+                        c.slice(),
+                        &mut dx,
+                        &dims(g),
+                        &(nz as i32)
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `dW [o, ck] = sum_n colside[n] · cols(img[n])^T`: per-image products
+    /// of a chunk side by side, then summed in image order by `sum_images`
+    /// (a chunk of one image accumulates straight into `dW`).
+    pub(super) fn weight_grad(
+        g: &Geom,
+        o: usize,
+        imgs: &CudaStorage,
+        colside: &CudaStorage,
+    ) -> Result<CudaStorage> {
+        let dev = imgs.device();
+        let (ck, hw, il) = (g.ck(), g.hw(), g.img_len());
+        let n = imgs.len() / il;
+        let gs = chunk_size(n, o * ck + if g.pointwise() { 0 } else { ck * hw });
+        let mut cols = col_scratch(&dev, g, gs)?;
+        let mut part = (gs > 1).then(|| dev.alloc(gs * o * ck)).transpose()?;
+        let mut dw = dev.alloc(o * ck)?;
+        fill(&mut dw, 0.0)?;
+        for n0 in (0..n).step_by(gs) {
+            let nz = gs.min(n - n0);
+            let x = imgs.slice().slice(n0 * il..(n0 + nz) * il);
+            let b = chunk_cols(&dev, g, x, &mut cols, nz)?;
+            let dy = colside.slice().slice(n0 * o * hw..(n0 + nz) * o * hw);
+            let (a, b) = ((&dy, false, o * hw), (&b, true, ck * hw));
+            match &mut part {
+                Some(p) if nz > 1 => {
+                    sgemm_view(
+                        &dev,
+                        nz,
+                        (o, ck, hw),
+                        a,
+                        b,
+                        &mut p.slice_mut().as_view_mut(),
+                        false,
+                    )?;
+                    let len = o * ck;
+                    let cfg = grid(len)?;
+                    launch!(
+                        &dev,
+                        "conv",
+                        "sum_images",
+                        cfg,
+                        p.slice(),
+                        dw.slice_mut(),
+                        &(nz as i32),
+                        &(len as i32)
+                    );
+                }
+                _ => sgemm_view(
+                    &dev,
+                    1,
+                    (o, ck, hw),
+                    a,
+                    b,
+                    &mut dw.slice_mut().as_view_mut(),
+                    true,
+                )?,
+            }
+        }
+        Ok(dw)
+    }
+
+    /// `y[n, c, :] += b[c]` over planes of `plane` values.
+    pub(super) fn add_bias(y: &mut CudaStorage, b: &CudaStorage, plane: usize) -> Result<()> {
+        let (dev, total) = (y.device(), y.len());
+        let cfg = grid(total)?;
+        let (c, p, t) = (b.len() as i32, plane as i32, total as i32);
+        launch!(
+            &dev,
+            "conv",
+            "add_bias",
+            cfg,
+            y.slice_mut(),
+            b.slice(),
+            &c,
+            &p,
+            &t
+        );
+        Ok(())
+    }
+
+    /// `db[c] = sum over n, h, w of gy[n, c, h, w]`, one block per channel.
+    pub(super) fn bias_grad(gy: &CudaStorage, c: usize, plane: usize) -> Result<CudaStorage> {
+        let dev = gy.device();
+        // The kernel's indices are 32-bit, like every one-thread-per-element launch.
+        grid(gy.len())?;
+        let mut db = dev.alloc(c)?;
+        let cfg = LaunchConfig {
+            grid_dim: (c as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n, ci, p) = ((gy.len() / (c * plane)) as i32, c as i32, plane as i32);
+        launch!(
+            &dev,
+            "conv",
+            "bias_grad",
+            cfg,
+            gy.slice(),
+            db.slice_mut(),
+            &n,
+            &ci,
+            &p
+        );
+        Ok(db)
     }
 }
 

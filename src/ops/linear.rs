@@ -258,9 +258,9 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Te
 /// Launchers of kernels/matmul.cu.
 pub(crate) mod cuda {
     use anyhow::{ensure, Result};
-    use cudarc::driver::LaunchConfig;
+    use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
-    use crate::device::cuda::{launch, CudaStorage, BLOCK};
+    use crate::device::cuda::{launch, CudaDevice, CudaStorage, BLOCK};
 
     /// Tile of C one block computes (TM = TN in kernels/matmul.cu).
     const TILE: usize = 64;
@@ -270,10 +270,32 @@ pub(crate) mod cuda {
     /// a stride of 0 sharing one matrix across the batch.
     pub(crate) fn sgemm(
         batch: usize,
-        (m, n, k): (usize, usize, usize),
+        dims: (usize, usize, usize),
         (a, ta, sa): (&CudaStorage, bool, usize),
         (b, tb, sb): (&CudaStorage, bool, usize),
         c: &mut CudaStorage,
+        accumulate: bool,
+    ) -> Result<()> {
+        sgemm_view(
+            &a.device(),
+            batch,
+            dims,
+            (&a.slice().as_view(), ta, sa),
+            (&b.slice().as_view(), tb, sb),
+            &mut c.slice_mut().as_view_mut(),
+            accumulate,
+        )
+    }
+
+    /// [`sgemm`] on views, for operands that start inside a buffer (one
+    /// chunk of a batch); `c[z]` lies at `z * m * n` in `c`.
+    pub(crate) fn sgemm_view(
+        dev: &CudaDevice,
+        batch: usize,
+        (m, n, k): (usize, usize, usize),
+        (a, ta, sa): (&CudaView<f32>, bool, usize),
+        (b, tb, sb): (&CudaView<f32>, bool, usize),
+        c: &mut CudaViewMut<f32>,
         accumulate: bool,
     ) -> Result<()> {
         if batch * m * n == 0 {
@@ -285,7 +307,6 @@ pub(crate) mod cuda {
                 && [m, n, k].iter().all(|&d| d <= i32::MAX as usize),
             "matmul of {batch} x [{m}, {k}] x [{k}, {n}] exceeds the CUDA kernel's grid"
         );
-        let dev = a.device();
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, batch as u32),
             block_dim: (BLOCK, 1, 1),
@@ -294,13 +315,13 @@ pub(crate) mod cuda {
         let (mi, ni, ki) = (m as i32, n as i32, k as i32);
         let (tai, tbi, sai, sbi) = (ta as i32, tb as i32, sa as i64, sb as i64);
         launch!(
-            &dev,
+            dev,
             "matmul",
             "sgemm",
             cfg,
-            a.slice(),
-            b.slice(),
-            c.slice_mut(),
+            a,
+            b,
+            c,
             &mi,
             &ni,
             &ki,

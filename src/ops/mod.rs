@@ -25,13 +25,7 @@ use crate::tensor::{fmt_shape, Tensor};
 
 /// Op families of the model that have no CUDA kernel yet; while any is
 /// listed, `--device auto` keeps the CPU.
-pub const OPS_WITHOUT_CUDA_KERNEL: &[&str] = &[
-    "conv2d",
-    "conv_transpose2d",
-    "affine_grid",
-    "grid_sample",
-    "localized_crop",
-];
+pub const OPS_WITHOUT_CUDA_KERNEL: &[&str] = &["affine_grid", "grid_sample", "localized_crop"];
 
 /// The error of an op called on GPU tensors that has no CUDA kernel yet.
 pub(crate) fn no_cuda_kernel(op: &str) -> anyhow::Error {
