@@ -28,6 +28,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("matmul", include_str!("../../kernels/matmul.cu")),
     ("optim", include_str!("../../kernels/optim.cu")),
     ("gaussian", include_str!("../../kernels/gaussian.cu")),
+    ("sampler", include_str!("../../kernels/sampler.cu")),
 ];
 
 /// Threads per block of the one-dimensional kernels.

@@ -38,9 +38,6 @@ pub const OPS_WITHOUT_CUDA_KERNEL: &[&str] = &[
     "bce_with_logits",
     "gaussian_nll",
     "softmax_cross_entropy",
-    "affine_grid",
-    "grid_sample",
-    "localized_crop",
 ];
 
 /// The error of an op called on GPU tensors that has no CUDA kernel yet.
