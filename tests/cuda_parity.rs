@@ -355,21 +355,6 @@ fn cuda_allocator_counts_bytes_reuses_buffers_and_agrees_with_the_driver() {
     assert!(cuda.reserved_bytes() < reserved);
 }
 
-#[test]
-fn cuda_ops_without_kernels_fail_with_a_clear_error() {
-    let Some(dev) = gpu() else { return };
-    let Some(op) = saccade::ops::OPS_WITHOUT_CUDA_KERNEL.first() else {
-        return;
-    };
-    assert_eq!(
-        *op, "affine_grid",
-        "update this test when affine_grid gets its kernel"
-    );
-    let theta = Tensor::zeros(&[1, 2, 3], &dev);
-    let e = saccade::ops::sampler::affine_grid_forward(&theta, 4, 4).unwrap_err();
-    assert!(e.to_string().contains("no CUDA kernel"), "{e}");
-}
-
 // --- norm and gru ---
 
 #[test]
@@ -713,4 +698,123 @@ fn cuda_parity_conv_transpose2d() {
             );
         }
     }
+}
+
+// --- sampler ---
+
+/// Random thetas `[n, 2, 3]`: scales 0.1..1.2, rotation and shear, and
+/// centres reaching past the border, so that many crops cross it and some
+/// lie wholly outside.
+fn thetas(n: usize, seed: u64) -> Tensor {
+    use rand::Rng;
+    let mut r = saccade::gradcheck::rng(seed);
+    let v: Vec<f32> = (0..n)
+        .flat_map(|_| {
+            let s = r.random_range(0.1..1.2);
+            let (a, b) = (r.random_range(-0.3..0.3), r.random_range(-0.3..0.3));
+            let (tx, ty) = (r.random_range(-1.3..1.3), r.random_range(-1.3..1.3));
+            [s, a, tx, b, s * r.random_range(0.7..1.3), ty]
+        })
+        .collect();
+    Tensor::from_vec(v, &[n, 2, 3], &Device::cpu()).unwrap()
+}
+
+/// `(N, C, H, W, Ho, Wo)`: odd image sizes, crops of 1x1, 5x7 and 32x32
+/// (smaller and larger than the image), several channels and batch sizes.
+const SAMPLER_SHAPES: &[[usize; 6]] = &[
+    [1, 1, 37, 53, 1, 1],
+    [2, 3, 37, 53, 5, 7],
+    [3, 4, 37, 53, 32, 32],
+    [5, 2, 9, 7, 32, 32],
+    [4, 3, 64, 33, 5, 7],
+];
+
+#[test]
+fn cuda_parity_affine_grid() {
+    let Some(dev) = gpu() else { return };
+    // 32x32 and 37x53 grids sum more points than a block has threads.
+    for (n, oh, ow) in [(1, 1, 1), (3, 5, 7), (4, 32, 32), (2, 37, 53)] {
+        parity(
+            &format!("affine_grid {n}x{oh}x{ow}"),
+            &dev,
+            &[thetas(n, n as u64)],
+            |g, v| g.affine_grid(v[0], oh, ow),
+        );
+    }
+}
+
+#[test]
+fn cuda_parity_grid_sample() {
+    let Some(dev) = gpu() else { return };
+    for (k, &[n, c, h, w, oh, ow]) in SAMPLER_SHAPES.iter().enumerate() {
+        let what = format!("grid_sample {n}x{c}x{h}x{w} -> {oh}x{ow}");
+        let seed = 10 * k as u64;
+        let img = uniform(&[n, c, h, w], 0.0, 1.0, seed);
+        let theta = thetas(n, seed + 1);
+        // The grid as an input: its gradient and the image's.
+        let grid = saccade::ops::sampler::affine_grid_forward(&theta, oh, ow).unwrap();
+        parity(&what, &dev, &[img.clone(), grid], |g, v| {
+            g.grid_sample(v[0], v[1])
+        });
+        // Through theta, as the model crops resident images (no image gradient).
+        parity(&format!("{what} via theta"), &dev, &[theta], |g, v| {
+            let x = g.constant(img.to_device(&g.value(v[0]).device())?);
+            let grid = g.affine_grid(v[0], oh, ow)?;
+            g.grid_sample(x, grid)
+        });
+    }
+}
+
+#[test]
+fn cuda_parity_localized_crop() {
+    use std::sync::Arc;
+
+    use saccade::data::{ImageSource, InMemoryImage};
+    let Some(dev) = gpu() else { return };
+    let image = |c: usize, h: usize, w: usize, seed: u64| {
+        let data = uniform(&[c * h * w], 0.0, 1.0, seed).to_vec().unwrap();
+        Arc::new(InMemoryImage::new(data, c, h, w, 4).unwrap())
+    };
+    for (k, &[n, c, h, w, oh, ow]) in SAMPLER_SHAPES.iter().enumerate() {
+        let seed = 10 * k as u64;
+        let images: Vec<_> = (0..n).map(|i| image(c, h, w, seed + i as u64)).collect();
+        let sources: Vec<Arc<dyn ImageSource>> = images.iter().map(|i| i.clone() as _).collect();
+        let mut rows = thetas(n, seed + 1).to_vec().unwrap();
+        rows[..6].copy_from_slice(&[0.2, 0.0, 1.5, 0.0, 0.2, 0.0]); // wholly outside
+        let theta = Tensor::from_vec(rows, &[n, 2, 3], &Device::cpu()).unwrap();
+        for level in 0..images[0].levels().min(2) {
+            let what = format!("localized_crop {n}x{c}x{h}x{w} -> {oh}x{ow} level {level}");
+            parity(&what, &dev, std::slice::from_ref(&theta), |g, v| {
+                g.localized_crop(&sources, v[0], oh, ow, level)
+            });
+
+            // On the GPU too, the crop equals grid_sample of the whole level
+            // image bit for bit: the same kernel code with another window.
+            let (lh, lw) = images[0].level_size(level);
+            let level_data: Vec<f32> = images.iter().flat_map(|i| i.level_data(level).to_vec()).collect();
+            let full_img = Tensor::from_vec(level_data, &[n, c, lh, lw], &dev).unwrap();
+            let seed_grad = randn(&[n, c, oh, ow], 5).to_device(&dev).unwrap();
+            let crop = |full: bool| {
+                let mut g = Graph::new();
+                let t = g.leaf(theta.to_device(&dev).unwrap());
+                let y = if full {
+                    let x = g.constant(full_img.clone());
+                    let grid = g.affine_grid(t, oh, ow).unwrap();
+                    g.grid_sample(x, grid).unwrap()
+                } else {
+                    g.localized_crop(&sources, t, oh, ow, level).unwrap()
+                };
+                let grads = g.backward_from(y, seed_grad.clone()).unwrap();
+                let dt = grads.get(t).unwrap().to_vec().unwrap();
+                (g.value(y).to_vec().unwrap(), dt)
+            };
+            assert_eq!(crop(false), crop(true), "{what}: localized vs full on the GPU");
+        }
+    }
+    // Sources of different sizes in one batch.
+    let sources: Vec<Arc<dyn ImageSource>> =
+        vec![image(3, 37, 53, 1), image(3, 29, 31, 2), image(3, 8, 5, 3)];
+    parity("localized_crop mixed sizes", &dev, &[thetas(3, 4)], |g, v| {
+        g.localized_crop(&sources, v[0], 5, 7, 0)
+    });
 }

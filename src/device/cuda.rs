@@ -34,6 +34,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("resize", include_str!("../../kernels/resize.cu")),
     ("loss", include_str!("../../kernels/loss.cu")),
     ("conv", include_str!("../../kernels/conv.cu")),
+    ("sampler", include_str!("../../kernels/sampler.cu")),
 ];
 
 /// Threads per block of the one-dimensional kernels.

@@ -94,20 +94,11 @@ impl Device {
     }
 }
 
-/// The device `--device auto` picks: the GPU when one is usable and every op
-/// the model needs has a CUDA kernel, else the CPU. The string says which and
-/// why, in one line.
+/// The device `--device auto` picks: the GPU when one is usable, else the
+/// CPU. The string says which and why, in one line.
 pub fn auto_device() -> (Device, String) {
-    let cpu = || Device::cpu();
     match Device::cuda(0) {
-        Err(e) => (cpu(), format!("device: cpu (no usable GPU: {e:#})")),
-        Ok(gpu) if !crate::ops::OPS_WITHOUT_CUDA_KERNEL.is_empty() => (
-            cpu(),
-            format!(
-                "device: cpu (found {gpu}, but ops {} have no CUDA kernel yet)",
-                crate::ops::OPS_WITHOUT_CUDA_KERNEL.join(", ")
-            ),
-        ),
+        Err(e) => (Device::cpu(), format!("device: cpu (no usable GPU: {e:#})")),
         Ok(gpu) => {
             let line = format!("device: {gpu}");
             (gpu, line)
@@ -116,15 +107,9 @@ pub fn auto_device() -> (Device, String) {
 }
 
 /// The GPU for `--device cuda`, or an error naming what is missing: the
-/// driver library, a device, NVRTC, or kernels for some of the model's ops.
+/// driver library, a device or NVRTC.
 pub fn require_cuda() -> anyhow::Result<Device> {
-    let gpu = Device::cuda(0)?;
-    anyhow::ensure!(
-        crate::ops::OPS_WITHOUT_CUDA_KERNEL.is_empty(),
-        "found {gpu}, but ops {} have no CUDA kernel yet; use --device cpu or --device auto",
-        crate::ops::OPS_WITHOUT_CUDA_KERNEL.join(", ")
-    );
-    Ok(gpu)
+    Device::cuda(0)
 }
 
 /// What `saccade device` prints: the CPU, the GPU or why there is none,
@@ -138,12 +123,6 @@ pub fn report() -> String {
     match cuda::nvrtc_version() {
         Ok((major, minor)) => out += &format!("nvrtc: {major}.{minor}\n"),
         Err(e) => out += &format!("nvrtc: {e:#}\n"),
-    }
-    if !crate::ops::OPS_WITHOUT_CUDA_KERNEL.is_empty() {
-        out += &format!(
-            "cuda kernels missing for: {}\n",
-            crate::ops::OPS_WITHOUT_CUDA_KERNEL.join(", ")
-        );
     }
     out
 }

@@ -23,15 +23,6 @@ use rayon::prelude::*;
 
 use crate::tensor::{fmt_shape, Tensor};
 
-/// Op families of the model that have no CUDA kernel yet; while any is
-/// listed, `--device auto` keeps the CPU.
-pub const OPS_WITHOUT_CUDA_KERNEL: &[&str] = &["affine_grid", "grid_sample", "localized_crop"];
-
-/// The error of an op called on GPU tensors that has no CUDA kernel yet.
-pub(crate) fn no_cuda_kernel(op: &str) -> anyhow::Error {
-    anyhow::anyhow!("op {op} has no CUDA kernel yet; run with --device cpu")
-}
-
 /// Below this many elements a loop is not worth splitting across threads.
 pub(crate) const PAR_MIN: usize = 1 << 15;
 

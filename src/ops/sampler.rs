@@ -9,14 +9,21 @@
 //! localized crop the pixels its taps can reach plus a one-pixel margin, so
 //! both run the very same arithmetic and agree bit for bit, outputs and
 //! gradients.
+//!
+//! On the GPU (kernels/sampler.cu) the same core runs per output element;
+//! the localized crop still reads its regions on the host (data loading) and
+//! uploads them once per batch, then samples and differentiates on the GPU.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, ensure, Result};
 use rayon::prelude::*;
 
 use crate::autograd::{Graph, Var};
 use crate::data::ImageSource;
+use crate::device::cuda::CudaStorage;
+use crate::device::Device;
 use crate::tensor::{fmt_shape, Storage, Tensor};
 
 /// Normalized coordinate of pixel centre `i` of an axis of `size` pixels.
@@ -42,26 +49,31 @@ pub fn affine_grid_forward(theta: &Tensor, out_h: usize, out_w: usize) -> Result
     );
     let n = theta.dim(0);
     match theta.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("affine_grid"))?,
+        Storage::Cuda(ts) => cuda::affine_grid(ts, n, out_h, out_w),
         Storage::Cpu(_) => {
-            let t = theta.cpu()?;
-            let mut out = vec![0.0; n * out_h * out_w * 2];
-            out.par_chunks_mut(out_h * out_w * 2)
-                .zip(t.par_chunks(6))
-                .for_each(|(o, t)| {
-                    for i in 0..out_h {
-                        let y = base_coord(i, out_h);
-                        for j in 0..out_w {
-                            let x = base_coord(j, out_w);
-                            let p = 2 * (i * out_w + j);
-                            o[p] = t[0] * x + t[1] * y + t[2];
-                            o[p + 1] = t[3] * x + t[4] * y + t[5];
-                        }
-                    }
-                });
+            let out = affine_grid_cpu(theta.cpu()?, out_h, out_w);
             Tensor::from_vec(out, &[n, out_h, out_w, 2], &theta.device())
         }
     }
+}
+
+/// The host loop of [`affine_grid_forward`] over thetas `t` (6 values each).
+fn affine_grid_cpu(t: &[f32], out_h: usize, out_w: usize) -> Vec<f32> {
+    let mut out = vec![0.0; t.len() / 6 * out_h * out_w * 2];
+    out.par_chunks_mut(out_h * out_w * 2)
+        .zip(t.par_chunks(6))
+        .for_each(|(o, t)| {
+            for i in 0..out_h {
+                let y = base_coord(i, out_h);
+                for j in 0..out_w {
+                    let x = base_coord(j, out_w);
+                    let p = 2 * (i * out_w + j);
+                    o[p] = t[0] * x + t[1] * y + t[2];
+                    o[p + 1] = t[3] * x + t[4] * y + t[5];
+                }
+            }
+        });
+    out
 }
 
 /// Gradient of theta `[N, 2, 3]` from the grid's gradient `[N, Ho, Wo, 2]`
@@ -74,7 +86,7 @@ pub fn affine_grid_backward(grad_grid: &Tensor) -> Result<Tensor> {
     );
     let (n, oh, ow) = (grad_grid.dim(0), grad_grid.dim(1), grad_grid.dim(2));
     match grad_grid.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("affine_grid backward"))?,
+        Storage::Cuda(gs) => cuda::affine_grid_backward(gs, n, oh, ow),
         Storage::Cpu(_) => {
             let g = grad_grid.cpu()?;
             let mut out = vec![0.0; n * 6];
@@ -298,9 +310,10 @@ fn sample_dims(img: &Tensor, grid: &Tensor) -> Result<[usize; 6]> {
 /// Bilinear sampling of `img` `[N, C, H, W]` at `grid` `[N, Ho, Wo, 2]`
 /// (normalized `x, y`) into `[N, C, Ho, Wo]`; taps outside the image are 0.
 pub fn grid_sample_forward(img: &Tensor, grid: &Tensor) -> Result<Tensor> {
-    let [n, c, h, w, oh, ow] = sample_dims(img, grid)?;
+    let d = sample_dims(img, grid)?;
+    let [n, c, h, w, oh, ow] = d;
     match img.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("grid_sample"))?,
+        Storage::Cuda(xs) => cuda::grid_sample(xs, grid.cuda()?, d),
         Storage::Cpu(_) => {
             let (xs, gs) = (img.cpu()?, grid.cpu()?);
             let win = Region::whole(h, w);
@@ -321,10 +334,11 @@ pub fn grid_sample_backward(
     grad_out: &Tensor,
     img_grad: bool,
 ) -> Result<(Option<Tensor>, Tensor)> {
-    let [n, c, h, w, oh, ow] = sample_dims(img, grid)?;
+    let d = sample_dims(img, grid)?;
+    let [n, c, h, w, oh, ow] = d;
     grad_out.expect_shape(&[n, c, oh, ow], "grid_sample backward: output gradient")?;
     match img.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("grid_sample backward"))?,
+        Storage::Cuda(xs) => cuda::grid_sample_backward(xs, grid.cuda()?, grad_out.cuda()?, d, img_grad),
         Storage::Cpu(_) => {
             let (xs, gs, go) = (img.cpu()?, grid.cpu()?, grad_out.cpu()?);
             let win = Region::whole(h, w);
@@ -362,6 +376,8 @@ pub struct LocalizedCrop {
     regions: Vec<Region>,
     offsets: Vec<usize>,
     channels: usize,
+    /// On the GPU, the regions and offsets as its kernels read them.
+    table: Option<Tensor>,
 }
 
 impl LocalizedCrop {
@@ -378,6 +394,14 @@ impl LocalizedCrop {
     fn window<'a>(&self, windows: &'a [f32], i: usize) -> (Region, &'a [f32]) {
         let len = self.channels * self.regions[i].pixels();
         (self.regions[i], &windows[self.offsets[i]..self.offsets[i] + len])
+    }
+
+    /// The regions and offsets on the GPU, for its kernels.
+    fn table(&self) -> Result<&CudaStorage> {
+        self.table
+            .as_ref()
+            .ok_or_else(|| anyhow!("localized_crop: a GPU gradient for a crop made on the CPU"))?
+            .cuda()
     }
 }
 
@@ -421,58 +445,77 @@ pub fn localized_crop_forward(
             "localized_crop: source {i} is empty at level {level}"
         );
     }
-    match theta.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("localized_crop"))?,
+    let ppts = out_h * out_w * 2;
+    let regions: Vec<Region> = {
+        // The regions come from the grid on the host. On the GPU that takes
+        // theta back (6 values per sample): which pixels to load depends on
+        // it. The host grid has the very values of `grid`, whose kernel rounds
+        // like the CPU; were it off by an ulp, the margin would still hold
+        // every tap.
+        let host_grid = match grid.storage() {
+            Storage::Cpu(_) => Cow::Borrowed(grid.cpu()?),
+            Storage::Cuda(_) => Cow::Owned(affine_grid_cpu(&theta.to_vec()?, out_h, out_w)),
+        };
+        ensure!(
+            host_grid.iter().all(|v| v.is_finite()),
+            "localized_crop: theta gives non-finite sampling coordinates"
+        );
+        sources
+            .iter()
+            .zip(host_grid.chunks(ppts))
+            .map(|(s, g)| {
+                let (h, w) = s.level_size(level);
+                Region::of_grid(g, h, w)
+            })
+            .collect()
+    };
+    let mut offsets = Vec::with_capacity(n);
+    let mut total = 0;
+    for r in &regions {
+        offsets.push(total);
+        total += c * r.pixels();
+    }
+    let mut windows = vec![0.0; total];
+    let mut bufs = Vec::with_capacity(n);
+    let mut rest = windows.as_mut_slice();
+    for r in &regions {
+        let (buf, tail) = rest.split_at_mut(c * r.pixels());
+        bufs.push(buf);
+        rest = tail;
+    }
+    bufs.into_par_iter()
+        .zip(regions.par_iter().zip(sources.par_iter()))
+        .try_for_each(|(buf, (r, s))| s.read_region(level, r.y0, r.x0, r.h, r.w, buf))?;
+    let device = theta.device();
+    let table = match &device {
+        Device::Cuda(d) => Some(cuda::window_table(d, &regions, &offsets)?),
+        Device::Cpu(_) => None,
+    };
+    let saved = LocalizedCrop {
+        grid,
+        windows: Tensor::from_vec(windows, &[total], &device)?,
+        regions,
+        offsets,
+        channels: c,
+        table,
+    };
+    let dims = [n, c, out_h, out_w];
+    let out = match saved.windows.storage() {
+        Storage::Cuda(ws) => cuda::localized_crop(ws, saved.table()?, saved.grid.cuda()?, dims)?,
         Storage::Cpu(_) => {
-            let gs = grid.cpu()?;
-            ensure!(
-                gs.iter().all(|v| v.is_finite()),
-                "localized_crop: theta gives non-finite sampling coordinates"
-            );
-            let ppts = out_h * out_w * 2;
-            let regions: Vec<Region> = sources
-                .iter()
-                .zip(gs.chunks(ppts))
-                .map(|(s, g)| {
-                    let (h, w) = s.level_size(level);
-                    Region::of_grid(g, h, w)
-                })
-                .collect();
-            let mut offsets = Vec::with_capacity(n);
-            let mut total = 0;
-            for r in &regions {
-                offsets.push(total);
-                total += c * r.pixels();
-            }
-            let mut windows = vec![0.0; total];
-            let mut bufs = Vec::with_capacity(n);
-            let mut rest = windows.as_mut_slice();
-            for r in &regions {
-                let (buf, tail) = rest.split_at_mut(c * r.pixels());
-                bufs.push(buf);
-                rest = tail;
-            }
+            let (gs, ws) = (saved.grid.cpu()?, saved.windows.cpu()?);
             let mut out = vec![0.0; n * c * out_h * out_w];
             out.par_chunks_mut(c * out_h * out_w)
-                .zip(bufs.into_par_iter())
-                .zip(regions.par_iter().zip(sources.par_iter()))
                 .zip(gs.par_chunks(ppts))
-                .try_for_each(|(((o, buf), (r, s)), g)| -> Result<()> {
-                    s.read_region(level, r.y0, r.x0, r.h, r.w, buf)?;
-                    sample_forward(r, buf, c, g, o);
-                    Ok(())
-                })?;
-            let device = theta.device();
-            let saved = LocalizedCrop {
-                grid,
-                windows: Tensor::from_vec(windows, &[total], &device)?,
-                regions,
-                offsets,
-                channels: c,
-            };
-            Ok((Tensor::from_vec(out, &[n, c, out_h, out_w], &device)?, saved))
+                .enumerate()
+                .for_each(|(i, (o, g))| {
+                    let (r, data) = saved.window(ws, i);
+                    sample_forward(&r, data, c, g, o);
+                });
+            Tensor::from_vec(out, &dims, &device)?
         }
-    }
+    };
+    Ok((out, saved))
 }
 
 /// Gradient of theta from the crops' gradient (the images are data).
@@ -481,7 +524,16 @@ pub fn localized_crop_backward(saved: &LocalizedCrop, grad_out: &Tensor) -> Resu
     let c = saved.channels;
     grad_out.expect_shape(&[n, c, oh, ow], "localized_crop backward: output gradient")?;
     match grad_out.storage() {
-        Storage::Cuda(_) => Err(super::no_cuda_kernel("localized_crop backward"))?,
+        Storage::Cuda(gos) => {
+            let ggrid = cuda::localized_crop_backward(
+                saved.windows.cuda()?,
+                saved.table()?,
+                saved.grid.cuda()?,
+                gos,
+                [n, c, oh, ow],
+            )?;
+            affine_grid_backward(&ggrid)
+        }
         Storage::Cpu(_) => {
             let (gs, go, ws) = (saved.grid.cpu()?, grad_out.cpu()?, saved.windows.cpu()?);
             let ppts = oh * ow * 2;
@@ -520,6 +572,216 @@ pub fn choose_level(source: &dyn ImageSource, theta_scale: f32, out_size: usize)
         level += 1;
     }
     level
+}
+
+/// Launchers of kernels/sampler.cu.
+mod cuda {
+    use anyhow::{ensure, Result};
+    use cudarc::driver::LaunchConfig;
+
+    use super::Region;
+    use crate::device::cuda::{grid, launch, CudaDevice, CudaStorage, BLOCK};
+    use crate::tensor::Tensor;
+
+    /// Sizes as the kernels take them.
+    fn ints<const K: usize>(v: [usize; K]) -> [i32; K] {
+        v.map(|x| x as i32)
+    }
+
+    pub(super) fn affine_grid(theta: &CudaStorage, n: usize, oh: usize, ow: usize) -> Result<Tensor> {
+        let dev = theta.device();
+        let mut out = dev.alloc(n * oh * ow * 2)?;
+        let [n32, oh32, ow32] = ints([n, oh, ow]);
+        launch!(
+            &dev,
+            "sampler",
+            "affine_grid",
+            grid(n * oh * ow)?,
+            theta.slice(),
+            out.slice_mut(),
+            &n32,
+            &oh32,
+            &ow32
+        );
+        Ok(Tensor::from_cuda(out, &[n, oh, ow, 2]))
+    }
+
+    pub(super) fn affine_grid_backward(gg: &CudaStorage, n: usize, oh: usize, ow: usize) -> Result<Tensor> {
+        let dev = gg.device();
+        grid(n * oh * ow)?; // the kernel's 32-bit point indices
+        let mut out = dev.alloc(n * 6)?;
+        // One block per theta entry (none for an empty batch); the kernel's
+        // shared array holds BLOCK partial sums.
+        let cfg = LaunchConfig {
+            grid_dim: ((n * 6) as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let [oh32, ow32] = ints([oh, ow]);
+        if n > 0 {
+            launch!(
+                &dev,
+                "sampler",
+                "affine_grid_backward",
+                cfg,
+                gg.slice(),
+                out.slice_mut(),
+                &oh32,
+                &ow32
+            );
+        }
+        Ok(Tensor::from_cuda(out, &[n, 2, 3]))
+    }
+
+    /// `d` is `[N, C, H, W, Ho, Wo]`.
+    pub(super) fn grid_sample(img: &CudaStorage, gs: &CudaStorage, d: [usize; 6]) -> Result<Tensor> {
+        let [n, c, h, w, oh, ow] = d;
+        let dev = img.device();
+        let mut out = dev.alloc(n * c * oh * ow)?;
+        let [n32, c32, h32, w32, p32] = ints([n, c, h, w, oh * ow]);
+        launch!(
+            &dev,
+            "sampler",
+            "grid_sample",
+            grid(n * c * oh * ow)?,
+            img.slice(),
+            gs.slice(),
+            out.slice_mut(),
+            &n32,
+            &c32,
+            &h32,
+            &w32,
+            &p32
+        );
+        Ok(Tensor::from_cuda(out, &[n, c, oh, ow]))
+    }
+
+    /// The image's gradient (when `img_grad`) and the grid's.
+    pub(super) fn grid_sample_backward(
+        img: &CudaStorage,
+        gs: &CudaStorage,
+        go: &CudaStorage,
+        d: [usize; 6],
+        img_grad: bool,
+    ) -> Result<(Option<Tensor>, Tensor)> {
+        let [n, c, h, w, oh, ow] = d;
+        let dev = img.device();
+        let [n32, c32, h32, w32, p32] = ints([n, c, h, w, oh * ow]);
+        let mut ggrid = dev.alloc(n * oh * ow * 2)?;
+        launch!(
+            &dev,
+            "sampler",
+            "grid_sample_backward_grid",
+            grid(n * oh * ow)?,
+            img.slice(),
+            gs.slice(),
+            go.slice(),
+            ggrid.slice_mut(),
+            &n32,
+            &c32,
+            &h32,
+            &w32,
+            &p32
+        );
+        let gimg = if img_grad {
+            // The kernel scatters with atomicAdd into zeros.
+            let mut gimg = dev.alloc(n * c * h * w)?;
+            crate::ops::elementwise::cuda::fill(&mut gimg, 0.0)?;
+            launch!(
+                &dev,
+                "sampler",
+                "grid_sample_backward_img",
+                grid(n * c * oh * ow)?,
+                gs.slice(),
+                go.slice(),
+                gimg.slice_mut(),
+                &n32,
+                &c32,
+                &h32,
+                &w32,
+                &p32
+            );
+            Some(Tensor::from_cuda(gimg, &[n, c, h, w]))
+        } else {
+            None
+        };
+        Ok((gimg, Tensor::from_cuda(ggrid, &[n, oh, ow, 2])))
+    }
+
+    /// The localized crop's regions and window offsets as the kernels read
+    /// them: per sample `y0, x0, h, w, img_h, img_w, offset`, i32 bit
+    /// patterns in f32 storage (the kernels take it as `const int*`).
+    pub(super) fn window_table(dev: &CudaDevice, regions: &[Region], offsets: &[usize]) -> Result<Tensor> {
+        let int = |v: usize| {
+            ensure!(
+                v <= i32::MAX as usize,
+                "localized_crop: {v} exceeds the CUDA kernels' 32-bit indexing"
+            );
+            Ok(f32::from_bits(v as u32))
+        };
+        let table = regions
+            .iter()
+            .zip(offsets)
+            .flat_map(|(r, &o)| [r.y0 as usize, r.x0 as usize, r.h, r.w, r.img_h, r.img_w, o].map(int))
+            .collect::<Result<Vec<f32>>>()?;
+        Ok(Tensor::from_cuda(dev.upload(&table)?, &[table.len()]))
+    }
+
+    /// `d` is `[N, C, Ho, Wo]`.
+    pub(super) fn localized_crop(
+        windows: &CudaStorage,
+        table: &CudaStorage,
+        gs: &CudaStorage,
+        d: [usize; 4],
+    ) -> Result<Tensor> {
+        let [n, c, oh, ow] = d;
+        let dev = windows.device();
+        let mut out = dev.alloc(n * c * oh * ow)?;
+        let [n32, c32, p32] = ints([n, c, oh * ow]);
+        launch!(
+            &dev,
+            "sampler",
+            "localized_crop",
+            grid(n * c * oh * ow)?,
+            windows.slice(),
+            table.slice(),
+            gs.slice(),
+            out.slice_mut(),
+            &n32,
+            &c32,
+            &p32
+        );
+        Ok(Tensor::from_cuda(out, &d))
+    }
+
+    /// The grid's gradient `[N, Ho, Wo, 2]`; `d` is `[N, C, Ho, Wo]`.
+    pub(super) fn localized_crop_backward(
+        windows: &CudaStorage,
+        table: &CudaStorage,
+        gs: &CudaStorage,
+        go: &CudaStorage,
+        d: [usize; 4],
+    ) -> Result<Tensor> {
+        let [n, c, oh, ow] = d;
+        let dev = windows.device();
+        let mut ggrid = dev.alloc(n * oh * ow * 2)?;
+        let [n32, c32, p32] = ints([n, c, oh * ow]);
+        launch!(
+            &dev,
+            "sampler",
+            "localized_crop_backward",
+            grid(n * oh * ow)?,
+            windows.slice(),
+            table.slice(),
+            gs.slice(),
+            go.slice(),
+            ggrid.slice_mut(),
+            &n32,
+            &c32,
+            &p32
+        );
+        Ok(Tensor::from_cuda(ggrid, &[n, oh, ow, 2]))
+    }
 }
 
 impl Graph {
