@@ -13,7 +13,8 @@
 // comes out wrong.
 //
 // Not here (a kernel using them does not compile as C++ until they are
-// added): textures, surfaces, cooperative groups, half precision, clock().
+// added): textures, surfaces, cooperative groups, half precision, clock(),
+// __syncthreads_count/_and/_or, shuffles over part of a warp (masks are ignored).
 
 #pragma once
 
