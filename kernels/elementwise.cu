@@ -1,5 +1,5 @@
 // Elementwise ops: fill, the unary maps with their derivatives, and the four
-// broadcasting binary ops. Op codes follow `cuda::unary_code` / `Binary` in
+// broadcasting binary ops. Op codes follow `Unary::kernel_code` / `Binary` in
 // src/ops/elementwise.rs.
 
 #define SELU_ALPHA 1.6732632f

@@ -18,7 +18,7 @@ use md5::{Digest, Md5};
 use super::MemCounter;
 
 /// Helpers every kernel file sees, prepended at compile time.
-const COMMON: &str = include_str!("../../kernels/common.cuh");
+pub const COMMON: &str = include_str!("../../kernels/common.cuh");
 
 /// Every kernel file, by module name (`kernels/<name>.cu`).
 pub const KERNEL_FILES: &[(&str, &str)] = &[
@@ -38,7 +38,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
 ];
 
 /// Threads per block of the one-dimensional kernels.
-pub(crate) const BLOCK: u32 = 256;
+pub const BLOCK: u32 = 256;
 
 /// How to make NVRTC or the driver findable; part of every "not found" message.
 const NVRTC_HINT: &str =
@@ -528,8 +528,8 @@ impl Drop for CudaStorage {
 /// Index maps of up to [`MAX_RANK`] axes passed to kernels by value
 /// (mirrors `struct Dims` in kernels/common.cuh).
 #[repr(C)]
-#[derive(Clone, Copy, Default)]
-pub(crate) struct Dims {
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Dims {
     rank: i32,
     shape: [i32; MAX_RANK],
     sa: [i32; MAX_RANK],
@@ -537,14 +537,14 @@ pub(crate) struct Dims {
 }
 
 /// The most axes a [`Dims`] holds.
-pub(crate) const MAX_RANK: usize = 8;
+pub const MAX_RANK: usize = 8;
 
 // SAFETY: plain `repr(C)` integers, laid out as the kernels' `struct Dims`.
 unsafe impl cudarc::driver::DeviceRepr for Dims {}
 
 impl Dims {
     /// Output `shape` with the element strides `sa`, `sb` of two inputs.
-    pub(crate) fn new(shape: &[usize], sa: &[usize], sb: &[usize]) -> Result<Dims> {
+    pub fn new(shape: &[usize], sa: &[usize], sb: &[usize]) -> Result<Dims> {
         ensure!(
             shape.len() <= MAX_RANK,
             "CUDA kernels take at most {MAX_RANK} axes, got shape {shape:?}"
@@ -563,7 +563,7 @@ impl Dims {
 }
 
 /// A launch over `n` items, one thread each, `BLOCK` per block.
-pub(crate) fn grid(n: usize) -> Result<LaunchConfig> {
+pub fn grid(n: usize) -> Result<LaunchConfig> {
     ensure!(
         n <= i32::MAX as usize,
         "{n} elements exceed the CUDA kernels' 32-bit indexing"

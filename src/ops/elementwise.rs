@@ -61,6 +61,21 @@ impl Unary {
         }
     }
 
+    /// The op code and two constants the kernels in kernels/elementwise.cu take.
+    pub fn kernel_code(self) -> (i32, f32, f32) {
+        match self {
+            Unary::Relu => (0, 0.0, 0.0),
+            Unary::Elu(a) => (1, a, 0.0),
+            Unary::Selu => (2, 0.0, 0.0),
+            Unary::Sigmoid => (3, 0.0, 0.0),
+            Unary::Tanh => (4, 0.0, 0.0),
+            Unary::Softplus => (5, 0.0, 0.0),
+            Unary::Exp => (6, 0.0, 0.0),
+            Unary::Log => (7, 0.0, 0.0),
+            Unary::Affine(a, b) => (8, a, b),
+        }
+    }
+
     /// d apply / dx, given the input `x` and the output `y = apply(x)`.
     #[inline]
     pub fn derivative(self, x: f32, y: f32) -> f32 {
@@ -119,21 +134,6 @@ pub(crate) mod cuda {
     use crate::device::cuda::{grid, launch, CudaStorage, Dims};
     use crate::tensor::Tensor;
 
-    /// Kernel op code and constants of a unary map.
-    fn code(op: Unary) -> (i32, f32, f32) {
-        match op {
-            Unary::Relu => (0, 0.0, 0.0),
-            Unary::Elu(a) => (1, a, 0.0),
-            Unary::Selu => (2, 0.0, 0.0),
-            Unary::Sigmoid => (3, 0.0, 0.0),
-            Unary::Tanh => (4, 0.0, 0.0),
-            Unary::Softplus => (5, 0.0, 0.0),
-            Unary::Exp => (6, 0.0, 0.0),
-            Unary::Log => (7, 0.0, 0.0),
-            Unary::Affine(a, b) => (8, a, b),
-        }
-    }
-
     pub(crate) fn fill(s: &mut CudaStorage, value: f32) -> Result<()> {
         let (dev, n) = (s.device(), s.len());
         launch!(
@@ -151,7 +151,7 @@ pub(crate) mod cuda {
     pub(crate) fn unary_forward(x: &CudaStorage, shape: &[usize], op: Unary) -> Result<Tensor> {
         let (dev, n) = (x.device(), x.len());
         let mut y = dev.alloc(n)?;
-        let (c, a, b) = code(op);
+        let (c, a, b) = op.kernel_code();
         let cfg = grid(n)?;
         launch!(
             &dev,
@@ -177,7 +177,7 @@ pub(crate) mod cuda {
     ) -> Result<Tensor> {
         let (dev, n) = (x.device(), x.len());
         let mut gx = dev.alloc(n)?;
-        let (c, a, _) = code(op);
+        let (c, a, _) = op.kernel_code();
         let cfg = grid(n)?;
         launch!(
             &dev,
@@ -265,7 +265,7 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
 }
 
 /// Strides of `shape` read in the index space of `out` (0 on broadcast axes).
-fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     let mut strides = vec![0; out.len()];
     let off = out.len() - shape.len();
     let mut s = 1;

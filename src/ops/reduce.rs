@@ -51,8 +51,9 @@ pub(crate) mod cuda {
         let outs = outer * inner;
         let mut out = dev.alloc(outs)?;
         let (o, k, i) = (outer as i32, n as i32, inner as i32);
-        // A block per output only pays when outputs are too few to fill the GPU.
-        if outs < 4096 && n >= 256 {
+        // A block per output only pays when outputs are too few to fill the
+        // GPU (and with no outputs it would be a grid of 0 blocks, which fails).
+        if (1..4096).contains(&outs) && n >= 256 {
             grid(outs)?;
             let cfg = LaunchConfig {
                 grid_dim: (outs as u32, 1, 1),
