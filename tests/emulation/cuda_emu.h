@@ -183,6 +183,14 @@ inline float __sinf(float x) { return sinf(x); }
 inline float __cosf(float x) { return cosf(x); }
 inline float __powf(float x, float y) { return powf(x, y); }
 inline float __fdividef(float x, float y) { return x / y; }
+// Round-to-nearest arithmetic the GPU never fuses into an FMA; the host build
+// targets plain x86-64 (no FMA instructions), so plain operators match.
+inline float __fadd_rn(float x, float y) { return x + y; }
+inline float __fsub_rn(float x, float y) { return x - y; }
+inline float __fmul_rn(float x, float y) { return x * y; }
+inline float __fdiv_rn(float x, float y) { return x / y; }
+inline double __dadd_rn(double x, double y) { return x + y; }
+inline double __dmul_rn(double x, double y) { return x * y; }
 inline float __saturatef(float x) { return fminf(fmaxf(x, 0.f), 1.f); }
 template <class T>
 inline T __ldg(const T* p) { return *p; }
