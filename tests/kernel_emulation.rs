@@ -873,3 +873,256 @@ fn every_kernel_has_an_emulation_test() {
         "kernels without an emulation test (see the top of tests/kernel_emulation.rs): {missing:?}"
     );
 }
+
+// --- sampler ---
+
+use emulation::Arg;
+use saccade::data::{ImageSource, InMemoryImage};
+use saccade::ops::sampler::{
+    affine_grid_backward, affine_grid_forward, grid_sample_backward, grid_sample_forward,
+    localized_crop_backward, localized_crop_forward,
+};
+
+/// `n` thetas `[n, 2, 3]`, cycling from `first` through: inside the image,
+/// crossing its right and top borders, larger than it (crossing all four),
+/// wholly outside; each jittered a little.
+fn sampler_thetas(n: usize, first: usize, seed: u64) -> Tensor {
+    const KINDS: [[f32; 6]; 4] = [
+        [0.4, 0.1, -0.2, -0.05, 0.5, 0.1],
+        [0.6, -0.3, 0.7, 0.25, 0.5, -0.8],
+        [1.3, 0.2, 0.0, -0.1, 1.2, 0.05],
+        [0.2, 0.0, 1.6, 0.0, 0.3, -0.1],
+    ];
+    let jitter = vals(&uniform(&[n * 6], -0.05, 0.05, seed));
+    let t = (0..n)
+        .flat_map(|i| KINDS[(first + i) % 4])
+        .zip(jitter)
+        .map(|(t, j)| t + j)
+        .collect();
+    Tensor::from_vec(t, &[n, 2, 3], &Device::cpu()).unwrap()
+}
+
+/// `affine_grid`'s grid `[n, oh, ow, 2]` as `sampler::cuda::affine_grid` launches it.
+fn emu_affine_grid(emu: &Emu, theta: &Tensor, oh: usize, ow: usize) -> Vec<f32> {
+    let n = theta.dim(0);
+    let mut g = poisoned(n * oh * ow * 2);
+    emu.launch(
+        "sampler",
+        "affine_grid",
+        grid(n * oh * ow).unwrap(),
+        &mut [
+            In(&vals(theta)),
+            Out(&mut g),
+            I32(n as i32),
+            I32(oh as i32),
+            I32(ow as i32),
+        ],
+    );
+    g
+}
+
+/// theta's gradient `[n, 2, 3]` as `sampler::cuda::affine_grid_backward`
+/// launches it: one block of BLOCK threads per theta entry.
+fn emu_affine_grid_backward(emu: &Emu, gg: &[f32], n: usize, oh: usize, ow: usize) -> Vec<f32> {
+    let cfg = LaunchConfig {
+        grid_dim: ((n * 6) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut dtheta = poisoned(n * 6);
+    emu.launch(
+        "sampler",
+        "affine_grid_backward",
+        cfg,
+        &mut [In(gg), Out(&mut dtheta), I32(oh as i32), I32(ow as i32)],
+    );
+    dtheta
+}
+
+#[test]
+fn sampler_affine_grid_and_backward() {
+    let Some(emu) = Emu::get() else { return };
+    for (k, &(n, oh, ow)) in [(1, 1, 1), (4, 5, 7), (3, 32, 32), (2, 17, 3)].iter().enumerate() {
+        let seed = 10 * k as u64;
+        let theta = sampler_thetas(n, k, seed);
+        let what = format!("n={n} {oh}x{ow}");
+        let g = emu_affine_grid(emu, &theta, oh, ow);
+        assert_close(
+            &format!("affine_grid {what}"),
+            &g,
+            &vals(&affine_grid_forward(&theta, oh, ow).unwrap()),
+        );
+        let gg = randn(&[n, oh, ow, 2], seed + 1);
+        assert_close(
+            &format!("affine_grid_backward {what}"),
+            &emu_affine_grid_backward(emu, &vals(&gg), n, oh, ow),
+            &vals(&affine_grid_backward(&gg).unwrap()),
+        );
+    }
+}
+
+/// `args` followed by `ints` as `I32`s.
+fn with_ints<'a>(mut args: Vec<Arg<'a>>, ints: &[usize]) -> Vec<Arg<'a>> {
+    args.extend(ints.iter().map(|&v| I32(v as i32)));
+    args
+}
+
+#[test]
+fn sampler_grid_sample_forward_and_backward() {
+    let Some(emu) = Emu::get() else { return };
+    let shapes = [
+        (1, 1, 9, 7, 1, 1),
+        (2, 3, 37, 53, 5, 7),
+        (4, 2, 9, 7, 32, 32),
+        (3, 1, 37, 53, 32, 32),
+    ];
+    for (k, &(n, c, h, w, oh, ow)) in shapes.iter().enumerate() {
+        let seed = 100 + 10 * k as u64;
+        let img = randn(&[n, c, h, w], seed);
+        let gout = randn(&[n, c, oh, ow], seed + 1);
+        // The grid of thetas, and random points around the image with two
+        // far off (the kernel clamps them before its integer casts).
+        let mut random = vals(&uniform(&[n, oh, ow, 2], -1.3, 1.3, seed + 2));
+        if random.len() >= 4 {
+            random[..4].copy_from_slice(&[3e9, -1.0, 0.2, -7e9]);
+        }
+        let grids = [
+            affine_grid_forward(&sampler_thetas(n, k, seed + 3), oh, ow).unwrap(),
+            Tensor::from_vec(random, &[n, oh, ow, 2], &Device::cpu()).unwrap(),
+        ];
+        for (gk, grid_t) in grids.iter().enumerate() {
+            let what = format!("n={n} c={c} {h}x{w} -> {oh}x{ow}, grid {gk}");
+            let want = grid_sample_forward(&img, grid_t).unwrap();
+            let (want_gimg, want_ggrid) = grid_sample_backward(&img, grid_t, &gout, true).unwrap();
+            let (iv, gv, gov) = (vals(&img), vals(grid_t), vals(&gout));
+            let ints = [n, c, h, w, oh * ow];
+            let mut out = poisoned(n * c * oh * ow);
+            emu.launch(
+                "sampler",
+                "grid_sample",
+                grid(n * c * oh * ow).unwrap(),
+                &mut with_ints(vec![In(&iv), In(&gv), Out(&mut out)], &ints),
+            );
+            assert_close(&format!("grid_sample {what}"), &out, &vals(&want));
+            let mut ggrid = poisoned(n * oh * ow * 2);
+            emu.launch(
+                "sampler",
+                "grid_sample_backward_grid",
+                grid(n * oh * ow).unwrap(),
+                &mut with_ints(vec![In(&iv), In(&gv), In(&gov), Out(&mut ggrid)], &ints),
+            );
+            assert_close(
+                &format!("grid_sample_backward_grid {what}"),
+                &ggrid,
+                &vals(&want_ggrid),
+            );
+            // The launcher zero-fills the image gradient with `fill`, then scatters.
+            let len = n * c * h * w;
+            let mut gimg = poisoned(len);
+            emu.launch(
+                "elementwise",
+                "fill",
+                grid(len).unwrap(),
+                &mut [Out(&mut gimg), I32(len as i32), F32(0.0)],
+            );
+            emu.launch(
+                "sampler",
+                "grid_sample_backward_img",
+                grid(n * c * oh * ow).unwrap(),
+                &mut with_ints(vec![In(&gv), In(&gov), Out(&mut gimg)], &ints),
+            );
+            assert_close(
+                &format!("grid_sample_backward_img {what}"),
+                &gimg,
+                &vals(&want_gimg.unwrap()),
+            );
+        }
+    }
+}
+
+/// The localized crop as `localized_crop_forward` and `_backward` run it on
+/// the GPU: regions read on the host (the CPU op's windows and table), the
+/// grid from `affine_grid`, the crop, then the grid's gradient through
+/// `affine_grid_backward` to theta's. Samples alternate between 37x53 and
+/// 9x7 images, so the table's per-sample image sizes matter.
+#[test]
+fn sampler_localized_crop_forward_and_backward() {
+    let Some(emu) = Emu::get() else { return };
+    // (batch, channels, level, crop height, crop width, first theta kind)
+    let cases = [
+        (1, 1, 0, 1, 1, 1),
+        (1, 2, 0, 5, 7, 3), // wholly outside: no pixels read at all
+        (4, 3, 1, 5, 7, 0),
+        (3, 2, 0, 32, 32, 1),
+        (4, 1, 1, 32, 32, 2),
+        (2, 3, 1, 1, 1, 3),
+    ];
+    for (k, &(n, c, level, oh, ow, first)) in cases.iter().enumerate() {
+        let seed = 200 + 10 * k as u64;
+        let images: Vec<InMemoryImage> = (0..n)
+            .map(|i| {
+                let (h, w) = if i % 2 == 0 { (37, 53) } else { (9, 7) };
+                let d = vals(&uniform(&[c * h * w], 0.0, 1.0, seed + i as u64));
+                InMemoryImage::new(d, c, h, w, 1).unwrap()
+            })
+            .collect();
+        let sources: Vec<&dyn ImageSource> = images.iter().map(|i| i as _).collect();
+        let theta = sampler_thetas(n, first, seed);
+        let gout = randn(&[n, c, oh, ow], seed + 9);
+        let (want, saved) = localized_crop_forward(&sources, &theta, oh, ow, level).unwrap();
+        let want_dtheta = localized_crop_backward(&saved, &gout).unwrap();
+        let what = format!("n={n} c={c} level {level} {oh}x{ow}");
+
+        let (windows, table) = (vals(saved.windows()), saved.window_table().unwrap());
+        let g = emu_affine_grid(emu, &theta, oh, ow);
+        let ints = [n, c, oh * ow];
+        let mut out = poisoned(n * c * oh * ow);
+        emu.launch(
+            "sampler",
+            "localized_crop",
+            grid(n * c * oh * ow).unwrap(),
+            &mut with_ints(vec![In(&windows), InInt(&table), In(&g), Out(&mut out)], &ints),
+        );
+        assert_close(&format!("localized_crop {what}"), &out, &vals(&want));
+        let mut ggrid = poisoned(n * oh * ow * 2);
+        emu.launch(
+            "sampler",
+            "localized_crop_backward",
+            grid(n * oh * ow).unwrap(),
+            &mut with_ints(
+                vec![
+                    In(&windows),
+                    InInt(&table),
+                    In(&g),
+                    In(&vals(&gout)),
+                    Out(&mut ggrid),
+                ],
+                &ints,
+            ),
+        );
+        // The grid's gradient equals grid_sample's on the whole level image.
+        let (pts, outs) = (oh * ow * 2, c * oh * ow);
+        let cpu = Device::cpu();
+        for (i, img) in images.iter().enumerate() {
+            let (lh, lw) = img.level_size(level);
+            let level_img = Tensor::from_vec(img.level_data(level).to_vec(), &[1, c, lh, lw], &cpu).unwrap();
+            let grid_i = Tensor::from_vec(g[i * pts..(i + 1) * pts].to_vec(), &[1, oh, ow, 2], &cpu).unwrap();
+            let gout_i = Tensor::from_vec(
+                vals(&gout)[i * outs..(i + 1) * outs].to_vec(),
+                &[1, c, oh, ow],
+                &cpu,
+            );
+            let (_, want_ggrid) = grid_sample_backward(&level_img, &grid_i, &gout_i.unwrap(), false).unwrap();
+            assert_close(
+                &format!("localized_crop_backward {what}, sample {i}"),
+                &ggrid[i * pts..(i + 1) * pts],
+                &vals(&want_ggrid),
+            );
+        }
+        assert_close(
+            &format!("localized_crop theta gradient {what}"),
+            &emu_affine_grid_backward(emu, &ggrid, n, oh, ow),
+            &vals(&want_dtheta),
+        );
+    }
+}

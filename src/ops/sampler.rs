@@ -396,6 +396,19 @@ impl LocalizedCrop {
         (self.regions[i], &windows[self.offsets[i]..self.offsets[i] + len])
     }
 
+    /// The pixels read, packed sample after sample (`channels` planes of
+    /// `regions()[i].pixels()` values each).
+    pub fn windows(&self) -> &Tensor {
+        &self.windows
+    }
+
+    /// The regions and offsets as the CUDA kernels read them (what the GPU
+    /// path uploads): per sample `y0, x0, h, w, img_h, img_w, offset`, i32
+    /// bit patterns in f32 storage (the kernels take it as `const int*`).
+    pub fn window_table(&self) -> Result<Vec<f32>> {
+        window_table(&self.regions, &self.offsets)
+    }
+
     /// The regions and offsets on the GPU, for its kernels.
     fn table(&self) -> Result<&CudaStorage> {
         self.table
@@ -403,6 +416,22 @@ impl LocalizedCrop {
             .ok_or_else(|| anyhow!("localized_crop: a GPU gradient for a crop made on the CPU"))?
             .cuda()
     }
+}
+
+/// See [`LocalizedCrop::window_table`].
+fn window_table(regions: &[Region], offsets: &[usize]) -> Result<Vec<f32>> {
+    let int = |v: usize| {
+        ensure!(
+            v <= i32::MAX as usize,
+            "localized_crop: {v} exceeds the CUDA kernels' 32-bit indexing"
+        );
+        Ok(f32::from_bits(v as u32))
+    };
+    regions
+        .iter()
+        .zip(offsets)
+        .flat_map(|(r, &o)| [r.y0 as usize, r.x0 as usize, r.h, r.w, r.img_h, r.img_w, o].map(int))
+        .collect()
 }
 
 /// Crops `[N, C, Ho, Wo]` of `sources[n]` at pyramid `level` through
@@ -576,7 +605,7 @@ pub fn choose_level(source: &dyn ImageSource, theta_scale: f32, out_size: usize)
 
 /// Launchers of kernels/sampler.cu.
 mod cuda {
-    use anyhow::{ensure, Result};
+    use anyhow::Result;
     use cudarc::driver::LaunchConfig;
 
     use super::Region;
@@ -708,22 +737,9 @@ mod cuda {
         Ok((gimg, Tensor::from_cuda(ggrid, &[n, oh, ow, 2])))
     }
 
-    /// The localized crop's regions and window offsets as the kernels read
-    /// them: per sample `y0, x0, h, w, img_h, img_w, offset`, i32 bit
-    /// patterns in f32 storage (the kernels take it as `const int*`).
+    /// The localized crop's window table on the GPU.
     pub(super) fn window_table(dev: &CudaDevice, regions: &[Region], offsets: &[usize]) -> Result<Tensor> {
-        let int = |v: usize| {
-            ensure!(
-                v <= i32::MAX as usize,
-                "localized_crop: {v} exceeds the CUDA kernels' 32-bit indexing"
-            );
-            Ok(f32::from_bits(v as u32))
-        };
-        let table = regions
-            .iter()
-            .zip(offsets)
-            .flat_map(|(r, &o)| [r.y0 as usize, r.x0 as usize, r.h, r.w, r.img_h, r.img_w, o].map(int))
-            .collect::<Result<Vec<f32>>>()?;
+        let table = super::window_table(regions, offsets)?;
         Ok(Tensor::from_cuda(dev.upload(&table)?, &[table.len()]))
     }
 

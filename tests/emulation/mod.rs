@@ -30,6 +30,9 @@ use Arg::*;
 pub enum Arg<'a> {
     /// A buffer the kernel reads (`x.slice()`; parameter `const float*`).
     In(&'a [f32]),
+    /// A buffer of i32 bit patterns in f32 storage that the kernel reads as
+    /// `const int*` (`table.slice()` of the localized crop).
+    InInt(&'a [f32]),
     /// A buffer the kernel writes (`x.slice_mut()`; parameter `float*`).
     Out(&'a mut [f32]),
     I32(i32),
@@ -43,6 +46,7 @@ impl Arg<'_> {
     fn c_type(&self) -> &'static str {
         match self {
             In(_) => "float const*",
+            InInt(_) => "int const*",
             Out(_) => "float*",
             I32(_) => "int",
             I64(_) => "long long",
@@ -53,7 +57,7 @@ impl Arg<'_> {
 
     fn buffer(&self) -> Option<&[f32]> {
         match self {
-            In(b) => Some(b),
+            In(b) | InInt(b) => Some(b),
             Out(b) => Some(b),
             _ => None,
         }
@@ -261,7 +265,7 @@ impl Emu {
         let params: Vec<*mut c_void> = args
             .iter()
             .map(|a| match a {
-                In(_) | Out(_) => next.next().unwrap() as *const *mut f32 as *mut c_void,
+                In(_) | InInt(_) | Out(_) => next.next().unwrap() as *const *mut f32 as *mut c_void,
                 I32(v) => v as *const i32 as *mut c_void,
                 I64(v) => v as *const i64 as *mut c_void,
                 F32(v) => v as *const f32 as *mut c_void,
@@ -295,7 +299,7 @@ impl Emu {
         let mut copies = copies.iter();
         for a in args.iter_mut() {
             match a {
-                In(_) => {
+                In(_) | InInt(_) => {
                     copies.next();
                 }
                 Out(b) => {
