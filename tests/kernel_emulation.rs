@@ -1126,3 +1126,391 @@ fn sampler_localized_crop_forward_and_backward() {
         );
     }
 }
+
+// --- conv ---
+//
+// The launchers of src/ops/conv.rs (`mod cuda`) chain im2col, the batched
+// GEMM (`linear::cuda::sgemm_view`) and col2im over chunks of images; the
+// functions below repeat them launch for launch, buffers as the launchers
+// allocate them (NaN, as `alloc` leaves them under poisoning) and views as
+// sub-slices, with the chunk budget a parameter so that small batches split.
+
+use saccade::ops::conv::{
+    conv2d_backward, conv2d_forward, conv_out_size, conv_transpose2d_backward, conv_transpose2d_forward,
+};
+
+/// `Geom` of src/ops/conv.rs: the convolution seen from its input side.
+#[derive(Clone, Copy, Debug)]
+struct ConvGeom {
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl ConvGeom {
+    /// As `conv_geom`: input `[c, h, w]`, weight `[o, c, kh, kw]`.
+    fn conv(x: &[usize], w: &[usize], stride: usize, pad: usize) -> ConvGeom {
+        let (h, wd, kh, kw) = (x[2], x[3], w[2], w[3]);
+        ConvGeom {
+            c: x[1],
+            h,
+            w: wd,
+            kh,
+            kw,
+            stride,
+            pad,
+            ho: conv_out_size(h, kh, stride, pad).unwrap(),
+            wo: conv_out_size(wd, kw, stride, pad).unwrap(),
+        }
+    }
+    /// As `transpose_geom`: the conv whose adjoint maps `x` to `out`.
+    fn transpose(x: &[usize], w: &[usize], out: &[usize], stride: usize, pad: usize) -> ConvGeom {
+        ConvGeom {
+            c: w[1],
+            h: out[2],
+            w: out[3],
+            kh: w[2],
+            kw: w[3],
+            stride,
+            pad,
+            ho: x[2],
+            wo: x[3],
+        }
+    }
+    fn ck(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+    fn hw(&self) -> usize {
+        self.ho * self.wo
+    }
+    fn img_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+    /// `cuda::dims`: the kernels' `struct ConvDims`.
+    fn dims(&self) -> emulation::Arg<'static> {
+        let g = self;
+        ConvDims([g.c, g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.ho, g.wo].map(|d| d as i32))
+    }
+}
+
+/// `conv::cuda::BUDGET`, the launchers' scratch floats per chunk.
+const CONV_BUDGET: usize = 1 << 22;
+
+/// `conv::cuda::chunk_size` under `budget`.
+fn conv_chunk_size(n: usize, per_image: usize, budget: usize) -> usize {
+    (budget / per_image.max(1)).clamp(1, 65_535).min(n.max(1))
+}
+
+type Operand<'a> = (&'a [f32], bool, usize);
+
+/// `linear::cuda::sgemm_view`: `c[z] = a[z] b[z] (+ c[z])`, `c[z]` is `m x n`.
+fn emu_sgemm(
+    emu: &Emu,
+    batch: usize,
+    (m, n, k): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+    c: &mut [f32],
+    acc: bool,
+) {
+    if batch * m * n == 0 {
+        return;
+    }
+    let ((a, ta, sa), (b, tb, sb)) = (a, b);
+    emu.launch(
+        "matmul",
+        "sgemm",
+        sgemm_config(batch, m, n),
+        &mut [
+            In(a),
+            In(b),
+            Out(c),
+            I32(m as i32),
+            I32(n as i32),
+            I32(k as i32),
+            I32(ta as i32),
+            I32(tb as i32),
+            I64(sa as i64),
+            I64(sb as i64),
+            I32(acc as i32),
+        ],
+    );
+}
+
+/// `cuda::chunk_cols`: the `nz` images `x` themselves for a pointwise conv,
+/// else the scratch `cols` (all of it) filled by im2col.
+fn conv_cols<'a>(
+    emu: &Emu,
+    g: &ConvGeom,
+    x: &'a [f32],
+    cols: &'a mut Option<Vec<f32>>,
+    nz: usize,
+) -> &'a [f32] {
+    let Some(c) = cols else { return x };
+    emu.launch(
+        "conv",
+        "im2col",
+        grid(nz * g.ck() * g.hw()).unwrap(),
+        &mut [In(x), Out(c), g.dims(), I32(nz as i32)],
+    );
+    c
+}
+
+/// `cuda::col_scratch`.
+fn conv_col_scratch(g: &ConvGeom, gs: usize) -> Option<Vec<f32>> {
+    (!g.pointwise()).then(|| poisoned(gs * g.ck() * g.hw()))
+}
+
+/// `cuda::apply`: `colside[n] = W · cols(img[n])`.
+fn conv_apply(emu: &Emu, g: &ConvGeom, o: usize, imgs: &[f32], w: &[f32], budget: usize) -> Vec<f32> {
+    let (ck, hw, il) = (g.ck(), g.hw(), g.img_len());
+    let n = imgs.len() / il;
+    let mut out = poisoned(n * o * hw);
+    let gs = conv_chunk_size(n, ck * hw, budget);
+    let mut cols = conv_col_scratch(g, gs);
+    for n0 in (0..n).step_by(gs) {
+        let nz = gs.min(n - n0);
+        let x = &imgs[n0 * il..(n0 + nz) * il];
+        let b = conv_cols(emu, g, x, &mut cols, nz);
+        let y = &mut out[n0 * o * hw..(n0 + nz) * o * hw];
+        emu_sgemm(emu, nz, (o, hw, ck), (w, false, 0), (b, false, ck * hw), y, false);
+    }
+    out
+}
+
+/// `cuda::adjoint`: `img[n] = col2im(W^T · colside[n])`.
+fn conv_adjoint(emu: &Emu, g: &ConvGeom, o: usize, colside: &[f32], w: &[f32], budget: usize) -> Vec<f32> {
+    let (ck, hw, il) = (g.ck(), g.hw(), g.img_len());
+    let n = colside.len() / (o * hw);
+    let mut out = poisoned(n * il);
+    let gs = conv_chunk_size(n, ck * hw, budget);
+    let mut cols = conv_col_scratch(g, gs);
+    for n0 in (0..n).step_by(gs) {
+        let nz = gs.min(n - n0);
+        let dy = &colside[n0 * o * hw..(n0 + nz) * o * hw];
+        let dx = &mut out[n0 * il..(n0 + nz) * il];
+        let (a, b) = ((w, true, 0), (dy, false, o * hw));
+        match &mut cols {
+            None => emu_sgemm(emu, nz, (ck, hw, o), a, b, dx, false),
+            Some(c) => {
+                emu_sgemm(emu, nz, (ck, hw, o), a, b, c, false);
+                emu.launch(
+                    "conv",
+                    "col2im",
+                    grid(nz * il).unwrap(),
+                    &mut [In(c), Out(dx), g.dims(), I32(nz as i32)],
+                );
+            }
+        }
+    }
+    out
+}
+
+/// `cuda::weight_grad`: `dW [o, ck] = sum_n colside[n] · cols(img[n])^T`.
+fn conv_weight_grad(
+    emu: &Emu,
+    g: &ConvGeom,
+    o: usize,
+    imgs: &[f32],
+    colside: &[f32],
+    budget: usize,
+) -> Vec<f32> {
+    let (ck, hw, il) = (g.ck(), g.hw(), g.img_len());
+    let n = imgs.len() / il;
+    let per_image = o * ck + if g.pointwise() { 0 } else { ck * hw };
+    let gs = conv_chunk_size(n, per_image, budget);
+    let mut cols = conv_col_scratch(g, gs);
+    let mut part = (gs > 1).then(|| poisoned(gs * o * ck));
+    let mut dw = poisoned(o * ck);
+    let len = o * ck;
+    emu.launch(
+        "elementwise",
+        "fill",
+        grid(len).unwrap(),
+        &mut [Out(&mut dw), I32(len as i32), F32(0.0)],
+    );
+    for n0 in (0..n).step_by(gs) {
+        let nz = gs.min(n - n0);
+        let x = &imgs[n0 * il..(n0 + nz) * il];
+        let b = conv_cols(emu, g, x, &mut cols, nz);
+        let dy = &colside[n0 * o * hw..(n0 + nz) * o * hw];
+        let (a, b) = ((dy, false, o * hw), (b, true, ck * hw));
+        match &mut part {
+            Some(p) if nz > 1 => {
+                emu_sgemm(emu, nz, (o, ck, hw), a, b, p, false);
+                emu.launch(
+                    "conv",
+                    "sum_images",
+                    grid(len).unwrap(),
+                    &mut [In(p), Out(&mut dw), I32(nz as i32), I32(len as i32)],
+                );
+            }
+            _ => emu_sgemm(emu, 1, (o, ck, hw), a, b, &mut dw, true),
+        }
+    }
+    dw
+}
+
+/// `cuda::add_bias`: `y[n, c, :] += b[c]`.
+fn conv_add_bias(emu: &Emu, y: &mut [f32], b: &[f32], plane: usize) {
+    let total = y.len();
+    emu.launch(
+        "conv",
+        "add_bias",
+        grid(total).unwrap(),
+        &mut [
+            Out(y),
+            In(b),
+            I32(b.len() as i32),
+            I32(plane as i32),
+            I32(total as i32),
+        ],
+    );
+}
+
+/// `cuda::bias_grad`: `db[c]`, one block per channel.
+fn conv_bias_grad(emu: &Emu, gy: &[f32], c: usize, plane: usize) -> Vec<f32> {
+    let mut db = poisoned(c);
+    let cfg = LaunchConfig {
+        grid_dim: (c as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let n = gy.len() / (c * plane);
+    emu.launch(
+        "conv",
+        "bias_grad",
+        cfg,
+        &mut [
+            In(gy),
+            Out(&mut db),
+            I32(n as i32),
+            I32(c as i32),
+            I32(plane as i32),
+        ],
+    );
+    db
+}
+
+/// Chunk budgets for `g` with `o` channels on the GEMM's other side: the
+/// launchers' own (one chunk here), one image per chunk, and two images per
+/// chunk for the column matrices and for the weight gradient's scratch (on a
+/// batch of 3, a short last chunk).
+fn conv_budgets(g: &ConvGeom, o: usize) -> [usize; 4] {
+    let per_image = o * g.ck() + if g.pointwise() { 0 } else { g.ck() * g.hw() };
+    [CONV_BUDGET, 1, 2 * g.ck() * g.hw(), 2 * per_image]
+}
+
+#[test]
+fn conv_conv2d_forward_and_backward() {
+    let Some(emu) = Emu::get() else { return };
+    // (x, w, stride, padding): 3x3, 5x5, non-square and 1x1 kernels, odd
+    // sizes, padding 0/1/2, strides 1/2/3, a kernel wider than the input.
+    let cases = [
+        ([1, 2, 5, 6], [3, 2, 3, 3], 1, 1),
+        ([3, 3, 7, 5], [4, 3, 3, 3], 2, 1),
+        ([3, 2, 6, 7], [2, 2, 5, 5], 1, 2),
+        ([3, 2, 9, 8], [3, 2, 5, 5], 2, 2),
+        ([3, 3, 7, 9], [2, 3, 2, 3], 2, 0),
+        ([3, 4, 5, 6], [3, 4, 1, 1], 1, 0),
+        ([1, 4, 5, 6], [2, 4, 1, 1], 1, 0),
+        ([3, 3, 5, 7], [2, 3, 1, 1], 2, 0),
+        ([3, 2, 2, 3], [1, 2, 5, 5], 3, 2),
+    ];
+    let mut chunks = Vec::new();
+    for (k, (xs, ws, s, p)) in cases.into_iter().enumerate() {
+        let seed = 10 * k as u64;
+        let (x, w, b) = (randn(&xs, seed), randn(&ws, seed + 1), randn(&[ws[0]], seed + 2));
+        let y_cpu = conv2d_forward(&x, &w, Some(&b), s, p).unwrap();
+        let gy = randn(y_cpu.shape(), seed + 3);
+        let (dx_cpu, dw_cpu, db_cpu) = conv2d_backward(&x, &w, &gy, s, p, true).unwrap();
+        let g = ConvGeom::conv(&xs, &ws, s, p);
+        let o = ws[0];
+        let (xv, wv, gyv) = (vals(&x), vals(&w), vals(&gy));
+        for budget in conv_budgets(&g, o) {
+            let what = |t: &str| format!("conv2d {t} x {xs:?} w {ws:?} stride {s} pad {p} budget {budget}");
+            let mut y = conv_apply(emu, &g, o, &xv, &wv, budget);
+            conv_add_bias(emu, &mut y, &vals(&b), g.hw());
+            assert_close(&what("forward"), &y, &vals(&y_cpu));
+            let dx = conv_adjoint(emu, &g, o, &gyv, &wv, budget);
+            assert_close(&what("dx"), &dx, &vals(&dx_cpu));
+            let dw = conv_weight_grad(emu, &g, o, &xv, &gyv, budget);
+            assert_close(&what("dw"), &dw, &vals(&dw_cpu));
+            // (batch, images per chunk in apply and adjoint, in weight_grad)
+            let (n, wg_per_image) = (xs[0], conv_budgets(&g, o)[3] / 2);
+            chunks.push((
+                n,
+                conv_chunk_size(n, g.ck() * g.hw(), budget),
+                conv_chunk_size(n, wg_per_image, budget),
+            ));
+        }
+        let db = conv_bias_grad(emu, &gyv, o, g.hw());
+        assert_close(
+            &format!("conv2d db case {k}"),
+            &db,
+            &vals(db_cpu.as_ref().unwrap()),
+        );
+    }
+    // One chunk, one image per chunk, and chunks of 2 + 1 all ran, in each product.
+    for gs in 1..=3 {
+        assert!(
+            chunks.iter().any(|&(n, a, _)| (n, a) == (3, gs)),
+            "apply: no chunks of {gs}"
+        );
+        assert!(
+            chunks.iter().any(|&(n, _, w)| (n, w) == (3, gs)),
+            "weight_grad: no chunks of {gs}"
+        );
+    }
+}
+
+#[test]
+fn conv_conv_transpose2d_forward_and_backward() {
+    let Some(emu) = Emu::get() else { return };
+    // (x, w, stride, padding, output_padding)
+    let cases = [
+        ([3, 3, 4, 5], [3, 2, 3, 3], 2, 1, 1),
+        ([1, 2, 5, 3], [2, 4, 3, 3], 1, 1, 0),
+        ([3, 2, 3, 4], [2, 3, 5, 5], 2, 2, 0),
+        ([3, 2, 4, 3], [2, 2, 5, 5], 1, 2, 0),
+        ([3, 4, 5, 6], [4, 3, 1, 1], 1, 0, 0),
+        ([1, 3, 4, 4], [3, 2, 1, 1], 2, 0, 1),
+        ([3, 2, 5, 3], [2, 4, 2, 3], 3, 0, 2),
+    ];
+    for (k, (xs, ws, s, p, op)) in cases.into_iter().enumerate() {
+        let seed = 10 * k as u64;
+        let (x, w, b) = (randn(&xs, seed), randn(&ws, seed + 1), randn(&[ws[1]], seed + 2));
+        let y_cpu = conv_transpose2d_forward(&x, &w, Some(&b), s, p, op).unwrap();
+        let gy = randn(y_cpu.shape(), seed + 3);
+        let (dx_cpu, dw_cpu, db_cpu) = conv_transpose2d_backward(&x, &w, &gy, s, p, op, true).unwrap();
+        let g = ConvGeom::transpose(&xs, &ws, y_cpu.shape(), s, p);
+        let (ci, plane) = (xs[1], g.h * g.w);
+        let (xv, wv, gyv) = (vals(&x), vals(&w), vals(&gy));
+        for budget in conv_budgets(&g, ci) {
+            let what = |t: &str| {
+                format!(
+                    "conv_transpose2d {t} x {xs:?} w {ws:?} stride {s} pad {p} out_pad {op} budget {budget}"
+                )
+            };
+            let mut y = conv_adjoint(emu, &g, ci, &xv, &wv, budget);
+            conv_add_bias(emu, &mut y, &vals(&b), plane);
+            assert_close(&what("forward"), &y, &vals(&y_cpu));
+            let dx = conv_apply(emu, &g, ci, &gyv, &wv, budget);
+            assert_close(&what("dx"), &dx, &vals(&dx_cpu));
+            let dw = conv_weight_grad(emu, &g, ci, &gyv, &xv, budget);
+            assert_close(&what("dw"), &dw, &vals(&dw_cpu));
+        }
+        let db = conv_bias_grad(emu, &gyv, g.c, plane);
+        let what = format!("conv_transpose2d db case {k}");
+        assert_close(&what, &db, &vals(db_cpu.as_ref().unwrap()));
+    }
+}

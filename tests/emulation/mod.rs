@@ -39,6 +39,8 @@ pub enum Arg<'a> {
     I64(i64),
     F32(f32),
     Dims(Dims),
+    /// `struct ConvDims` of kernels/conv.cu: c, h, w, kh, kw, stride, pad, ho, wo.
+    ConvDims([i32; 9]),
 }
 
 impl Arg<'_> {
@@ -52,6 +54,7 @@ impl Arg<'_> {
             I64(_) => "long long",
             F32(_) => "float",
             Dims(_) => "Dims",
+            ConvDims(_) => "ConvDims",
         }
     }
 
@@ -270,6 +273,7 @@ impl Emu {
                 I64(v) => v as *const i64 as *mut c_void,
                 F32(v) => v as *const f32 as *mut c_void,
                 Dims(v) => v as *const Dims as *mut c_void,
+                ConvDims(v) => v as *const [i32; 9] as *mut c_void,
             })
             .collect();
         let launch = Launch {
