@@ -1514,3 +1514,475 @@ fn conv_conv_transpose2d_forward_and_backward() {
         assert_close(&what, &db, &vals(db_cpu.as_ref().unwrap()));
     }
 }
+
+// --- norm ---
+
+/// `norm::cuda::Segments` of a pooling (`groups` > 0 for group norm, 0 for
+/// batch norm) over `[n, c, s]`: (count, len, first, run, step).
+fn norm_segments((n, c, s): (usize, usize, usize), groups: usize) -> (usize, i32, i64, i32, i64) {
+    match c.checked_div(groups) {
+        // Group norm: the C / G channels of one sample's group are contiguous.
+        Some(per_group) => {
+            let len = per_group * s;
+            (n * groups, len as i32, len as i64, len as i32, 0)
+        }
+        // Batch norm: one channel is a plane of S elements per sample, C * S apart.
+        None => (c, (n * s) as i32, s as i64, s as i32, (c * s) as i64),
+    }
+}
+
+/// `Segments::launch_config`: one block of `BLOCK` threads per segment.
+fn norm_segment_config(count: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (count as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// norm.rs's CUDA chain on `x [n, c, s]`: statistics (`norm_stats`, or the
+/// given running `(mean, var)`), `norm_rstd`, `norm_forward`, then backward
+/// (`norm_backward_sums` per channel, and per statistic when they came from
+/// `x`, else zeros by `fill`; `norm_backward_dx`). Returns
+/// `[mean, rstd, y, dx, dgamma, dbeta]`.
+#[allow(clippy::too_many_arguments)]
+fn norm_chain(
+    emu: &Emu,
+    [x, gamma, beta, gy]: [&[f32]; 4],
+    (n, c, s): (usize, usize, usize),
+    groups: usize,
+    running: Option<(&[f32], &[f32])>,
+    eps: f32,
+) -> [Vec<f32>; 6] {
+    let total = n * c * s;
+    let (count, len, first, run, step) = norm_segments((n, c, s), groups);
+    let (mean, var) = match running {
+        Some((m, v)) => (m.to_vec(), v.to_vec()),
+        None => {
+            let (mut mean, mut var) = (poisoned(count), poisoned(count));
+            emu.launch(
+                "norm",
+                "norm_stats",
+                norm_segment_config(count),
+                &mut [
+                    In(x),
+                    Out(&mut mean),
+                    Out(&mut var),
+                    I32(len),
+                    I64(first),
+                    I32(run),
+                    I64(step),
+                ],
+            );
+            (mean, var)
+        }
+    };
+    let stats = mean.len();
+    let mut rstd = poisoned(stats);
+    emu.launch(
+        "norm",
+        "norm_rstd",
+        grid(stats).unwrap(),
+        &mut [In(&var), Out(&mut rstd), I32(stats as i32), F32(eps)],
+    );
+    let (c32, s32, g32) = (c as i32, s as i32, groups as i32);
+    let mut y = poisoned(total);
+    emu.launch(
+        "norm",
+        "norm_forward",
+        grid(total).unwrap(),
+        &mut [
+            In(x),
+            In(gamma),
+            In(beta),
+            In(&mean),
+            In(&rstd),
+            Out(&mut y),
+            I32(total as i32),
+            I32(c32),
+            I32(s32),
+            I32(g32),
+        ],
+    );
+
+    // (sum w * gy, sum w * gy * xhat) per segment of a pooling.
+    let sums = |pooling: usize, weighted: bool| {
+        let (count, len, first, run, step) = norm_segments((n, c, s), pooling);
+        let (mut a, mut b) = (poisoned(count), poisoned(count));
+        emu.launch(
+            "norm",
+            "norm_backward_sums",
+            norm_segment_config(count),
+            &mut [
+                In(x),
+                In(gy),
+                In(gamma),
+                In(&mean),
+                In(&rstd),
+                Out(&mut a),
+                Out(&mut b),
+                I32(len),
+                I64(first),
+                I32(run),
+                I64(step),
+                I32(c32),
+                I32(s32),
+                I32(g32),
+                I32(weighted as i32),
+            ],
+        );
+        (a, b)
+    };
+    let (dbeta, dgamma) = sums(0, false);
+    let (a, b) = if running.is_none() {
+        sums(groups, true)
+    } else {
+        let (mut a, mut b) = (poisoned(stats), poisoned(stats));
+        for z in [&mut a, &mut b] {
+            emu.launch(
+                "elementwise",
+                "fill",
+                grid(stats).unwrap(),
+                &mut [Out(z), I32(stats as i32), F32(0.0)],
+            );
+        }
+        (a, b)
+    };
+    let mut dx = poisoned(total);
+    emu.launch(
+        "norm",
+        "norm_backward_dx",
+        grid(total).unwrap(),
+        &mut [
+            In(x),
+            In(gy),
+            In(gamma),
+            In(&mean),
+            In(&rstd),
+            In(&a),
+            In(&b),
+            Out(&mut dx),
+            I32(total as i32),
+            I32(c32),
+            I32(s32),
+            I32(g32),
+            I32((total / stats) as i32),
+        ],
+    );
+    [mean, rstd, y, dx, dgamma, dbeta]
+}
+
+/// The shapes of the norm tests: batch 1 and 5, spatial 1x1 and 7x9.
+const NORM_SHAPES: [[usize; 4]; 4] = [[1, 6, 1, 1], [5, 6, 1, 1], [1, 6, 7, 9], [5, 6, 7, 9]];
+
+/// `assert_close` on dx, relative to the size of the terms it sums
+/// (`|gy * gamma * rstd|` at most): a statistic of one element gives dx = 0
+/// up to their rounding.
+#[track_caller]
+fn norm_assert_dx(what: &str, got: &[f32], want: &[f32], [gy, gamma, rstd]: [&[f32]; 3]) {
+    let max = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let scale = max(want).max(max(gy) * max(gamma) * max(rstd));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4 * w.abs().max(1e-2 * scale),
+            "{what}: element {i}: kernel {g} vs CPU {w}"
+        );
+    }
+}
+
+#[test]
+fn norm_group_norm_forward_and_backward() {
+    use saccade::ops::norm::{group_norm_backward, group_norm_forward};
+    let Some(emu) = Emu::get() else { return };
+    let eps = 1e-5;
+    for (i, shape) in NORM_SHAPES.iter().enumerate() {
+        for groups in [1, 2, 6] {
+            let seed = 10 * i as u64 + groups as u64;
+            let c = shape[1];
+            // An offset mean: the variance must not lose precision.
+            let x = uniform(shape, 2.0, 4.0, seed);
+            let (gamma, beta, gy) = (
+                randn(&[c], seed + 1),
+                randn(&[c], seed + 2),
+                randn(shape, seed + 3),
+            );
+            let (y, mean, rstd) = group_norm_forward(&x, &gamma, &beta, groups, eps).unwrap();
+            let (dx, dg, db) = group_norm_backward(&x, &gamma, &mean, &rstd, groups, &gy).unwrap();
+            let (xv, gv, bv, gyv) = (vals(&x), vals(&gamma), vals(&beta), vals(&gy));
+            let got = norm_chain(
+                emu,
+                [&xv, &gv, &bv, &gyv],
+                (shape[0], c, shape[2] * shape[3]),
+                groups,
+                None,
+                eps,
+            );
+            let what = format!("group norm {shape:?} groups {groups}");
+            for (name, got, want) in [
+                ("mean", &got[0], &mean),
+                ("rstd", &got[1], &rstd),
+                ("y", &got[2], &y),
+                ("dgamma", &got[4], &dg),
+                ("dbeta", &got[5], &db),
+            ] {
+                assert_close(&format!("{what} {name}"), got, &vals(want));
+            }
+            norm_assert_dx(&format!("{what} dx"), &got[3], &vals(&dx), [&gyv, &gv, &got[1]]);
+        }
+    }
+}
+
+#[test]
+fn norm_batch_norm_training_and_eval() {
+    use saccade::ops::norm::{batch_norm_backward, batch_norm_forward, batch_stats};
+    let Some(emu) = Emu::get() else { return };
+    let eps = 1e-5;
+    // [N, C] too; training needs more than one value per channel.
+    let shapes: Vec<&[usize]> = NORM_SHAPES
+        .iter()
+        .map(|s| &s[..])
+        .chain([&[5, 6][..], &[1, 6]])
+        .collect();
+    for (i, &shape) in shapes.iter().enumerate() {
+        let (n, c) = (shape[0], shape[1]);
+        let s: usize = shape[2..].iter().product();
+        for training in [true, false] {
+            if training && n * s == 1 {
+                continue;
+            }
+            let seed = 10 * i as u64 + training as u64;
+            let x = uniform(shape, -1.0, 3.0, seed);
+            let (gamma, beta, gy) = (
+                randn(&[c], seed + 1),
+                randn(&[c], seed + 2),
+                randn(shape, seed + 3),
+            );
+            let running = (randn(&[c], seed + 4), uniform(&[c], 0.5, 2.0, seed + 5));
+            // As Graph::batch_norm: the batch's statistics or the running ones.
+            let (mean, var) = if training {
+                batch_stats(&x).unwrap()
+            } else {
+                running.clone()
+            };
+            let rstd = var
+                .same_shape(vals(&var).iter().map(|v| 1.0 / (v + eps).sqrt()).collect())
+                .unwrap();
+            let y = batch_norm_forward(&x, &gamma, &beta, &mean, &rstd).unwrap();
+            let (dx, dg, db) = batch_norm_backward(&x, &gamma, &mean, &rstd, training, &gy).unwrap();
+            let (xv, gv, bv, gyv) = (vals(&x), vals(&gamma), vals(&beta), vals(&gy));
+            let (rm, rv) = (vals(&running.0), vals(&running.1));
+            let got = norm_chain(
+                emu,
+                [&xv, &gv, &bv, &gyv],
+                (n, c, s),
+                0,
+                (!training).then_some((&rm[..], &rv[..])),
+                eps,
+            );
+            let what = format!("batch norm {shape:?} training {training}");
+            for (name, got, want) in [
+                ("mean", &got[0], &mean),
+                ("rstd", &got[1], &rstd),
+                ("y", &got[2], &y),
+                ("dgamma", &got[4], &dg),
+                ("dbeta", &got[5], &db),
+            ] {
+                assert_close(&format!("{what} {name}"), got, &vals(want));
+            }
+            norm_assert_dx(&format!("{what} dx"), &got[3], &vals(&dx), [&gyv, &gv, &got[1]]);
+        }
+    }
+}
+
+// --- gru ---
+
+/// One `linear::cuda::sgemm` of batch 1 (strides 0): `c = a b (+ c)`, `c` is
+/// `m x n`, `a` and `b` read transposed when `ta`, `tb`.
+#[allow(clippy::too_many_arguments)]
+fn gru_sgemm(
+    emu: &Emu,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    ta: bool,
+    tb: bool,
+    acc: bool,
+) {
+    // sgemm_view launches nothing for an empty product.
+    if m * n == 0 {
+        return;
+    }
+    emu.launch(
+        "matmul",
+        "sgemm",
+        sgemm_config(1, m, n),
+        &mut [
+            In(a),
+            In(b),
+            Out(c),
+            I32(m as i32),
+            I32(n as i32),
+            I32(k as i32),
+            I32(ta as i32),
+            I32(tb as i32),
+            I64(0),
+            I64(0),
+            I32(acc as i32),
+        ],
+    );
+}
+
+/// `linear_forward`'s CUDA branch: the bias broadcast to `[nb, fout]`
+/// (`broadcast_rows`), then `x W^T` accumulated onto it.
+fn gru_linear_forward(
+    emu: &Emu,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    (nb, fin, fout): (usize, usize, usize),
+) -> Vec<f32> {
+    let mut out = poisoned(nb * fout);
+    emu.launch(
+        "shape",
+        "broadcast_rows",
+        grid(nb * fout).unwrap(),
+        &mut [In(b), Out(&mut out), I32(nb as i32), I32(fout as i32)],
+    );
+    gru_sgemm(emu, x, w, &mut out, (nb, fout, fin), false, true, true);
+    out
+}
+
+/// `linear_backward`'s CUDA branch: `(dx, dW, db)` from `g [nb, fout]`, db
+/// by `reduce::cuda::sum_axis` over `(1, nb, fout)`.
+fn gru_linear_backward(
+    emu: &Emu,
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    (nb, fin, fout): (usize, usize, usize),
+) -> [Vec<f32>; 3] {
+    let mut dx = poisoned(nb * fin);
+    gru_sgemm(emu, g, w, &mut dx, (nb, fin, fout), false, false, false);
+    let mut dw = poisoned(fout * fin);
+    gru_sgemm(emu, g, x, &mut dw, (fout, fin, nb), true, false, false);
+    let mut db = poisoned(fout);
+    let (kernel, cfg) = if (1..4096).contains(&fout) && nb >= 256 {
+        let cfg = LaunchConfig {
+            grid_dim: (fout as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        ("sum_axis_block", cfg)
+    } else {
+        ("sum_axis", grid(fout).unwrap())
+    };
+    emu.launch(
+        "reduce",
+        kernel,
+        cfg,
+        &mut [In(g), Out(&mut db), I32(1), I32(nb as i32), I32(fout as i32)],
+    );
+    [dx, dw, db]
+}
+
+#[test]
+fn gru_cell_forward_and_backward() {
+    use saccade::ops::gru::{gru_cell_backward, gru_cell_forward};
+    let Some(emu) = Emu::get() else { return };
+    for (case, &(n, i, hd)) in [
+        (1, 3, 1),
+        (5, 3, 1),
+        (1, 10, 17),
+        (5, 10, 17),
+        (5, 7, 128),
+        (1, 7, 128),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 10 * case as u64;
+        // PyTorch's initialization keeps the gates out of saturation.
+        let k = 1.0 / (hd as f32).sqrt();
+        let (x, h, g) = (
+            randn(&[n, i], seed),
+            randn(&[n, hd], seed + 1),
+            randn(&[n, hd], seed + 2),
+        );
+        let w_ih = uniform(&[3 * hd, i], -k, k, seed + 3);
+        let w_hh = uniform(&[3 * hd, hd], -k, k, seed + 4);
+        let b_ih = uniform(&[3 * hd], -k, k, seed + 5);
+        let b_hh = uniform(&[3 * hd], -k, k, seed + 6);
+        let (y, saved) = gru_cell_forward(&x, &h, &w_ih, &w_hh, &b_ih, &b_hh).unwrap();
+        let want = gru_cell_backward(&x, &h, &w_ih, &w_hh, &saved, &g).unwrap();
+        let [xv, hv, gv, wiv, whv, biv, bhv] = [&x, &h, &g, &w_ih, &w_hh, &b_ih, &b_hh].map(vals);
+
+        let gi = gru_linear_forward(emu, &xv, &wiv, &biv, (n, i, 3 * hd));
+        let gh = gru_linear_forward(emu, &hv, &whv, &bhv, (n, hd, 3 * hd));
+        let (mut out, mut sv) = (poisoned(n * hd), poisoned(n * 4 * hd));
+        emu.launch(
+            "gru",
+            "gru_forward",
+            grid(n * hd).unwrap(),
+            &mut [
+                In(&gi),
+                In(&gh),
+                In(&hv),
+                Out(&mut out),
+                Out(&mut sv),
+                I32(n as i32),
+                I32(hd as i32),
+            ],
+        );
+        let what = format!("gru n={n} i={i} h={hd}");
+        assert_close(&format!("{what} h'"), &out, &vals(&y));
+        assert_close(&format!("{what} saved"), &sv, &vals(&saved));
+
+        let (mut d_gi, mut d_gh, mut dh_direct) =
+            (poisoned(n * 3 * hd), poisoned(n * 3 * hd), poisoned(n * hd));
+        emu.launch(
+            "gru",
+            "gru_backward",
+            grid(n * hd).unwrap(),
+            &mut [
+                In(&sv),
+                In(&gv),
+                In(&hv),
+                Out(&mut d_gi),
+                Out(&mut d_gh),
+                Out(&mut dh_direct),
+                I32(n as i32),
+                I32(hd as i32),
+            ],
+        );
+        let [dx, dw_ih, db_ih] = gru_linear_backward(emu, &xv, &wiv, &d_gi, (n, i, 3 * hd));
+        let [dh_gates, dw_hh, db_hh] = gru_linear_backward(emu, &hv, &whv, &d_gh, (n, hd, 3 * hd));
+        // add_same: binary_forward's Add over equal shapes.
+        let shape = [n, hd];
+        let strides = broadcast_strides(&shape, &shape);
+        let mut dh = poisoned(n * hd);
+        emu.launch(
+            "elementwise",
+            "binary_forward",
+            grid(n * hd).unwrap(),
+            &mut [
+                In(&dh_gates),
+                In(&dh_direct),
+                Out(&mut dh),
+                I32((n * hd) as i32),
+                I32(Binary::Add as i32),
+                Dims(Dims::new(&shape, &strides, &strides).unwrap()),
+            ],
+        );
+        for (name, got, w) in [
+            ("dx", &dx, &want[0]),
+            ("dh", &dh, &want[1]),
+            ("dw_ih", &dw_ih, &want[2]),
+            ("dw_hh", &dw_hh, &want[3]),
+            ("db_ih", &db_ih, &want[4]),
+            ("db_hh", &db_hh, &want[5]),
+        ] {
+            assert_close(&format!("{what} {name}"), got, &vals(w));
+        }
+    }
+}
