@@ -36,6 +36,9 @@ pub enum Arg<'a> {
     I64(i64),
     F32(f32),
     Dims(Dims),
+    /// A pooling geometry `[h, w, ho, wo, k, s, p]` by value (`struct Window`
+    /// in kernels/pool.cu, `pool::cuda::Window` in the launchers).
+    Window([i32; 7]),
 }
 
 impl Arg<'_> {
@@ -48,6 +51,7 @@ impl Arg<'_> {
             I64(_) => "long long",
             F32(_) => "float",
             Dims(_) => "Dims",
+            Window(_) => "Window",
         }
     }
 
@@ -266,6 +270,7 @@ impl Emu {
                 I64(v) => v as *const i64 as *mut c_void,
                 F32(v) => v as *const f32 as *mut c_void,
                 Dims(v) => v as *const Dims as *mut c_void,
+                Window(v) => v.as_ptr() as *mut c_void,
             })
             .collect();
         let launch = Launch {
