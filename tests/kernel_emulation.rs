@@ -1986,3 +1986,491 @@ fn gru_cell_forward_and_backward() {
         }
     }
 }
+
+// --- pool ---
+
+use saccade::ops::pool::{
+    avg_pool2d_backward, avg_pool2d_forward, global_avg_pool_backward, global_avg_pool_forward,
+    max_pool2d_backward, max_pool2d_forward,
+};
+
+/// `pool::cuda::Window::new` of an `[n, c, h, w]` input: `[h, w, ho, wo, k, s, p]`.
+fn pool_window(x: &[usize], (ho, wo): (usize, usize), (k, s, p): (usize, usize, usize)) -> [i32; 7] {
+    [x[2], x[3], ho, wo, k, s, p].map(|v| v as i32)
+}
+
+/// Whole numbers 0, 1 and 2: windows with tied maxima everywhere.
+fn ties(shape: &[usize], seed: u64) -> Tensor {
+    let v = vals(&uniform(shape, 0.0, 3.0, seed))
+        .iter()
+        .map(|v| v.floor())
+        .collect();
+    Tensor::from_vec(v, shape, &Device::cpu()).unwrap()
+}
+
+#[test]
+fn pool_avg_pool2d_forward_and_backward() {
+    let Some(emu) = Emu::get() else { return };
+    // (shape, kernel, stride): leftover rows and columns, overlapping
+    // windows, stride wider than the kernel, one window, one pixel, and
+    // more outputs than a block.
+    let cases: [([usize; 4], usize, usize); 7] = [
+        ([2, 3, 7, 9], 2, 2),
+        ([1, 2, 8, 5], 3, 1),
+        ([3, 1, 11, 10], 3, 2),
+        ([1, 1, 9, 9], 2, 3),
+        ([2, 2, 4, 4], 4, 4),
+        ([1, 1, 1, 1], 1, 1),
+        ([2, 3, 19, 17], 3, 2),
+    ];
+    for (i, &(shape, k, s)) in cases.iter().enumerate() {
+        let x = randn(&shape, i as u64);
+        let y_cpu = avg_pool2d_forward(&x, k, s).unwrap();
+        let (ho, wo) = (y_cpu.shape()[2], y_cpu.shape()[3]);
+        let win = pool_window(&shape, (ho, wo), (k, s, 0));
+        let scale = 1.0 / (k * k) as f32;
+        let n = y_cpu.numel();
+        let mut y = poisoned(n);
+        emu.launch(
+            "pool",
+            "avg_pool2d",
+            grid(n).unwrap(),
+            &mut [In(&vals(&x)), Out(&mut y), I32(n as i32), Window(win), F32(scale)],
+        );
+        let what = format!("{shape:?} k{k} s{s}");
+        assert_close(&format!("avg_pool2d {what}"), &y, &vals(&y_cpu));
+
+        let gy = randn(y_cpu.shape(), 100 + i as u64);
+        let n = x.numel();
+        let mut dx = poisoned(n);
+        emu.launch(
+            "pool",
+            "avg_pool2d_backward",
+            grid(n).unwrap(),
+            &mut [
+                In(&vals(&gy)),
+                Out(&mut dx),
+                I32(n as i32),
+                Window(win),
+                F32(scale),
+            ],
+        );
+        let want = avg_pool2d_backward(&x, &gy, k, s).unwrap();
+        assert_close(&format!("avg_pool2d_backward {what}"), &dx, &vals(&want));
+    }
+}
+
+#[test]
+fn pool_max_pool2d_forward_and_backward_with_ties() {
+    let Some(emu) = Emu::get() else { return };
+    // (shape, kernel, stride, padding): ResNet's 3/2/1, no padding,
+    // overlapping windows, stride wider than the kernel, padding of half the
+    // kernel, a 1x1 plane, more outputs than a block.
+    let cases: [([usize; 4], usize, usize, usize); 7] = [
+        ([2, 3, 9, 7], 3, 2, 1),
+        ([1, 2, 8, 5], 3, 1, 0),
+        ([3, 1, 11, 10], 2, 2, 1),
+        ([1, 1, 9, 9], 2, 3, 0),
+        ([2, 2, 4, 4], 4, 4, 2),
+        ([1, 1, 1, 1], 3, 2, 1),
+        ([2, 3, 17, 16], 3, 1, 1),
+    ];
+    for (i, &(shape, k, s, p)) in cases.iter().enumerate() {
+        // Distinct values, then ties in almost every window, then one value.
+        let constant = Tensor::from_vec(vec![0.5; shape.iter().product()], &shape, &Device::cpu()).unwrap();
+        for (kind, x) in [
+            ("distinct", randn(&shape, i as u64)),
+            ("ties", ties(&shape, i as u64)),
+            ("constant", constant),
+        ] {
+            let y_cpu = max_pool2d_forward(&x, k, s, p).unwrap();
+            let (ho, wo) = (y_cpu.shape()[2], y_cpu.shape()[3]);
+            let win = pool_window(&shape, (ho, wo), (k, s, p));
+            let xv = vals(&x);
+            let n = y_cpu.numel();
+            let mut y = poisoned(n);
+            emu.launch(
+                "pool",
+                "max_pool2d",
+                grid(n).unwrap(),
+                &mut [In(&xv), Out(&mut y), I32(n as i32), Window(win)],
+            );
+            let what = format!("{shape:?} k{k} s{s} p{p} {kind}");
+            assert_close(&format!("max_pool2d {what}"), &y, &vals(&y_cpu));
+
+            let gy = randn(y_cpu.shape(), 100 + i as u64);
+            let n = x.numel();
+            let mut dx = poisoned(n);
+            emu.launch(
+                "pool",
+                "max_pool2d_backward",
+                grid(n).unwrap(),
+                &mut [In(&xv), In(&vals(&gy)), Out(&mut dx), I32(n as i32), Window(win)],
+            );
+            let want = max_pool2d_backward(&x, &gy, k, s, p).unwrap();
+            assert_close(&format!("max_pool2d_backward {what}"), &dx, &vals(&want));
+        }
+    }
+}
+
+#[test]
+fn pool_global_avg_pool_forward_and_backward() {
+    let Some(emu) = Emu::get() else { return };
+    // More planes than a block, one pixel per plane, large odd planes.
+    for (i, shape) in [[2, 3, 5, 7], [1, 1, 1, 1], [3, 100, 2, 1], [1, 2, 33, 31]]
+        .iter()
+        .enumerate()
+    {
+        let x = randn(shape, i as u64);
+        let (planes, hw) = (shape[0] * shape[1], shape[2] * shape[3]);
+        let mut y = poisoned(planes);
+        emu.launch(
+            "pool",
+            "global_avg_pool",
+            grid(planes).unwrap(),
+            &mut [In(&vals(&x)), Out(&mut y), I32(planes as i32), I32(hw as i32)],
+        );
+        assert_close(
+            &format!("global_avg_pool {shape:?}"),
+            &y,
+            &vals(&global_avg_pool_forward(&x).unwrap()),
+        );
+
+        let gy = randn(&shape[..2], 100 + i as u64);
+        let n = planes * hw;
+        let mut dx = poisoned(n);
+        emu.launch(
+            "pool",
+            "global_avg_pool_backward",
+            grid(n).unwrap(),
+            &mut [In(&vals(&gy)), Out(&mut dx), I32(n as i32), I32(hw as i32)],
+        );
+        let want = global_avg_pool_backward(&x, &gy).unwrap();
+        assert_close(&format!("global_avg_pool_backward {shape:?}"), &dx, &vals(&want));
+    }
+}
+
+// --- resize ---
+
+use saccade::ops::resize::{resize_bilinear_backward, resize_bilinear_forward};
+
+#[test]
+fn resize_bilinear_up_down_forward_and_backward() {
+    let Some(emu) = Emu::get() else { return };
+    // (input shape, out h, out w): up, down by non-integer and integer
+    // factors, mixed, to and from one pixel, same size, large factors.
+    let cases: [([usize; 4], usize, usize); 11] = [
+        ([2, 2, 3, 4], 7, 9),
+        ([1, 2, 9, 11], 4, 5),
+        ([1, 3, 5, 4], 3, 10),
+        ([2, 1, 4, 6], 1, 1),
+        ([1, 2, 1, 1], 5, 3),
+        ([1, 2, 7, 5], 7, 5),
+        ([1, 1, 13, 17], 5, 7),
+        ([1, 1, 5, 3], 13, 11),
+        ([1, 1, 31, 29], 10, 9),
+        ([1, 1, 6, 9], 2, 3),
+        ([1, 1, 2, 3], 17, 29),
+    ];
+    for (i, &(shape, oh, ow)) in cases.iter().enumerate() {
+        let x = randn(&shape, i as u64);
+        let y_cpu = resize_bilinear_forward(&x, oh, ow).unwrap();
+        let (h, w) = (shape[2], shape[3]);
+        // As resize::cuda::resize_bilinear computes them.
+        let (sy, sx) = (h as f32 / oh as f32, w as f32 / ow as f32);
+        let [h, w, oh, ow] = [h, w, oh, ow].map(|v| v as i32);
+        let what = format!("{shape:?} -> {oh}x{ow}");
+
+        let n = y_cpu.numel();
+        let mut y = poisoned(n);
+        emu.launch(
+            "resize",
+            "resize_bilinear",
+            grid(n).unwrap(),
+            &mut [
+                In(&vals(&x)),
+                Out(&mut y),
+                I32(n as i32),
+                I32(h),
+                I32(w),
+                I32(oh),
+                I32(ow),
+                F32(sy),
+                F32(sx),
+            ],
+        );
+        assert_close(&format!("resize_bilinear {what}"), &y, &vals(&y_cpu));
+
+        let gy = randn(y_cpu.shape(), 100 + i as u64);
+        let n = x.numel();
+        let mut dx = poisoned(n);
+        emu.launch(
+            "resize",
+            "resize_bilinear_backward",
+            grid(n).unwrap(),
+            &mut [
+                In(&vals(&gy)),
+                Out(&mut dx),
+                I32(n as i32),
+                I32(h),
+                I32(w),
+                I32(oh),
+                I32(ow),
+                F32(sy),
+                F32(sx),
+            ],
+        );
+        let want = resize_bilinear_backward(&x, &gy).unwrap();
+        assert_close(&format!("resize_bilinear_backward {what}"), &dx, &vals(&want));
+    }
+}
+
+// --- loss ---
+
+use saccade::ops::loss::{
+    bce_with_logits_backward, bce_with_logits_forward, gaussian_nll_backward, gaussian_nll_forward, softmax,
+    softmax_backward, softmax_cross_entropy_backward, softmax_cross_entropy_forward,
+};
+
+/// The launch of `loss::cuda::block_per_row`: one block of `BLOCK` threads per row.
+fn block_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Per-sample loss inputs: one element, a partial block, rows longer than a
+/// block (70001, as fast as 3000 here), several rows, more than two axes.
+const LOSS_SHAPES: &[&[usize]] = &[&[1, 1], &[3, 7], &[2, 257], &[2, 70001], &[20, 3], &[2, 3, 5]];
+
+#[test]
+fn loss_bce_with_logits_forward_and_backward() {
+    let Some(emu) = Emu::get() else { return };
+    for (i, &shape) in LOSS_SHAPES.iter().enumerate() {
+        let seed = 10 * i as u64;
+        let x = uniform(shape, -30.0, 30.0, seed);
+        let t = uniform(shape, 0.0, 1.0, seed + 1);
+        let (rows, n) = (shape[0], x.numel());
+        let d = n / rows;
+        let (xv, tv) = (vals(&x), vals(&t));
+        let mut out = poisoned(rows);
+        emu.launch(
+            "loss",
+            "bce_with_logits",
+            block_per_row(rows),
+            &mut [In(&xv), In(&tv), Out(&mut out), I32(d as i32)],
+        );
+        let want = bce_with_logits_forward(&x, &t).unwrap();
+        assert_close(&format!("bce_with_logits {shape:?}"), &out, &vals(&want));
+
+        let g = randn(&[rows], seed + 2);
+        let mut dx = poisoned(n);
+        emu.launch(
+            "loss",
+            "bce_with_logits_backward",
+            grid(n).unwrap(),
+            &mut [
+                In(&xv),
+                In(&tv),
+                In(&vals(&g)),
+                Out(&mut dx),
+                I32(n as i32),
+                I32(d as i32),
+            ],
+        );
+        let want = bce_with_logits_backward(&x, &t, &g).unwrap();
+        assert_close(&format!("bce_with_logits_backward {shape:?}"), &dx, &vals(&want));
+    }
+
+    // A target outside [0, 1], an error on the CPU, makes its row NaN.
+    let (x, mut t) = (vals(&randn(&[3, 5], 1)), vals(&uniform(&[3, 5], 0.0, 1.0, 2)));
+    t[7] = 1.5;
+    let mut out = poisoned(3);
+    emu.launch(
+        "loss",
+        "bce_with_logits",
+        block_per_row(3),
+        &mut [In(&x), In(&t), Out(&mut out), I32(5)],
+    );
+    assert!(
+        out[0].is_finite() && out[1].is_nan() && out[2].is_finite(),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn loss_gaussian_nll_forward_and_backward() {
+    let Some(emu) = Emu::get() else { return };
+    for (i, &shape) in LOSS_SHAPES.iter().enumerate() {
+        let seed = 10 * i as u64;
+        let (x, mu) = (randn(shape, seed), randn(shape, seed + 1));
+        let lv = uniform(shape, -3.0, 3.0, seed + 2);
+        let (rows, n) = (shape[0], mu.numel());
+        let d = n / rows;
+        let ins = [&x, &mu, &lv].map(vals);
+        let mut out = poisoned(rows);
+        emu.launch(
+            "loss",
+            "gaussian_nll",
+            block_per_row(rows),
+            &mut [
+                In(&ins[0]),
+                In(&ins[1]),
+                In(&ins[2]),
+                Out(&mut out),
+                I32(d as i32),
+            ],
+        );
+        let want = gaussian_nll_forward(&x, &mu, &lv).unwrap();
+        assert_close(&format!("gaussian_nll {shape:?}"), &out, &vals(&want));
+
+        let g = randn(&[rows], seed + 3);
+        let (mut dmu, mut dlv) = (poisoned(n), poisoned(n));
+        emu.launch(
+            "loss",
+            "gaussian_nll_backward",
+            grid(n).unwrap(),
+            &mut [
+                In(&ins[0]),
+                In(&ins[1]),
+                In(&ins[2]),
+                In(&vals(&g)),
+                Out(&mut dmu),
+                Out(&mut dlv),
+                I32(n as i32),
+                I32(d as i32),
+            ],
+        );
+        let want = gaussian_nll_backward(&x, &mu, &lv, &g).unwrap();
+        assert_close(
+            &format!("gaussian_nll_backward dmu {shape:?}"),
+            &dmu,
+            &vals(&want.0),
+        );
+        assert_close(
+            &format!("gaussian_nll_backward dlogvar {shape:?}"),
+            &dlv,
+            &vals(&want.1),
+        );
+    }
+}
+
+/// Logits `[rows, k]`: one class, a partial block, more rows than a block,
+/// rows longer than a block.
+const CLASSES: &[(usize, usize)] = &[(1, 1), (5, 7), (300, 3), (2, 257), (2, 70001)];
+
+#[test]
+fn loss_softmax_cross_entropy_forward_and_backward() {
+    let Some(emu) = Emu::get() else { return };
+    for (i, &(rows, k)) in CLASSES.iter().enumerate() {
+        let seed = 10 * i as u64;
+        // Wide enough that a shift-free exp would overflow.
+        let x = uniform(&[rows, k], -100.0, 100.0, seed);
+        let labels: Vec<usize> = vals(&uniform(&[rows], 0.0, k as f32, seed + 1))
+            .iter()
+            .map(|&v| (v as usize).min(k - 1))
+            .collect();
+        // As loss::cuda::upload_labels passes them.
+        let ys: Vec<f32> = labels.iter().map(|&y| y as f32).collect();
+        let xv = vals(&x);
+        let (mut loss, mut lse) = (poisoned(rows), poisoned(rows));
+        emu.launch(
+            "loss",
+            "softmax_cross_entropy",
+            grid(rows).unwrap(),
+            &mut [
+                In(&xv),
+                In(&ys),
+                Out(&mut loss),
+                Out(&mut lse),
+                I32(rows as i32),
+                I32(k as i32),
+            ],
+        );
+        let (want_loss, want_lse) = softmax_cross_entropy_forward(&x, &labels).unwrap();
+        assert_close(
+            &format!("softmax_cross_entropy loss [{rows}, {k}]"),
+            &loss,
+            &vals(&want_loss),
+        );
+        assert_close(
+            &format!("softmax_cross_entropy lse [{rows}, {k}]"),
+            &lse,
+            &vals(&want_lse),
+        );
+
+        let g = randn(&[rows], seed + 2);
+        let n = rows * k;
+        let mut dx = poisoned(n);
+        emu.launch(
+            "loss",
+            "softmax_cross_entropy_backward",
+            grid(n).unwrap(),
+            &mut [
+                In(&xv),
+                In(&ys),
+                In(&lse),
+                In(&vals(&g)),
+                Out(&mut dx),
+                I32(n as i32),
+                I32(k as i32),
+            ],
+        );
+        let want = softmax_cross_entropy_backward(&x, &labels, &want_lse, &g).unwrap();
+        assert_close(
+            &format!("softmax_cross_entropy_backward [{rows}, {k}]"),
+            &dx,
+            &vals(&want),
+        );
+    }
+}
+
+#[test]
+fn loss_softmax_forward_and_backward() {
+    let Some(emu) = Emu::get() else { return };
+    // No rows, one element, a partial block, more than two axes, more rows
+    // than a block, rows longer than a block.
+    let shapes: [&[usize]; 7] = [
+        &[0, 5],
+        &[1],
+        &[5, 7],
+        &[2, 3, 4],
+        &[300, 3],
+        &[2, 257],
+        &[2, 70001],
+    ];
+    for (i, &shape) in shapes.iter().enumerate() {
+        let x = uniform(shape, -100.0, 100.0, i as u64);
+        // As loss::softmax and its launcher compute them.
+        let (n, k) = (x.numel(), shape[shape.len() - 1]);
+        let rows = n / k;
+        let mut y = poisoned(n);
+        emu.launch(
+            "loss",
+            "softmax",
+            grid(rows).unwrap(),
+            &mut [In(&vals(&x)), Out(&mut y), I32(rows as i32), I32(k as i32)],
+        );
+        let y_cpu = softmax(&x).unwrap();
+        assert_close(&format!("softmax {shape:?}"), &y, &vals(&y_cpu));
+
+        let g = randn(shape, 100 + i as u64);
+        let mut dx = poisoned(n);
+        emu.launch(
+            "loss",
+            "softmax_backward",
+            grid(rows).unwrap(),
+            &mut [
+                In(&vals(&y_cpu)),
+                In(&vals(&g)),
+                Out(&mut dx),
+                I32(rows as i32),
+                I32(k as i32),
+            ],
+        );
+        let want = softmax_backward(&y_cpu, &g).unwrap();
+        assert_close(&format!("softmax_backward {shape:?}"), &dx, &vals(&want));
+    }
+}

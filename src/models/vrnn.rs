@@ -26,11 +26,15 @@ pub const LATENT: usize = 3;
 /// glimpse centre's mean comes from attention over the proxy).
 const POSTERIOR_OUT: usize = 1 + LATENT;
 
-/// `[2, m*m]`: x then y of the centres of an `m x m` map's cells in
-/// normalized coordinates, row-major like the map.
-fn cell_centres(cells: usize, dev: &Device) -> Result<Tensor> {
+/// `[2, m*m]`: x then y, in normalized image coordinates, of the proxy pixel
+/// each cell of the encoder's `m x m` map is centred on (row-major like the
+/// map). A 3x3, padding 1, stride 2 conv centres output `j` on input `2j`, so
+/// after a total stride `r = J/m` cell `j` sits on proxy pixel `r*j`, whose
+/// centre is at `(2rj + 1)/J - 1`.
+fn cell_centres(cells: usize, proxy_size: usize, dev: &Device) -> Result<Tensor> {
     let m = (cells as f64).sqrt().round() as usize;
-    let c = |k: usize| (2 * k + 1) as f32 / m as f32 - 1.0;
+    let r = proxy_size / m;
+    let c = |k: usize| (2 * r * k + 1) as f32 / proxy_size as f32 - 1.0;
     let xs = (0..m * m).map(|p| c(p % m));
     let ys = (0..m * m).map(|p| c(p / m));
     Tensor::from_vec(xs.chain(ys).collect(), &[2, m * m], dev)
@@ -190,7 +194,7 @@ impl Vrnn {
         let cells = g.constant(cells.clone());
         let xy = g.mul(weights, cells)?;
         let xy = g.sum(xy, &[2], false)?;
-        // atanh(c) = (ln(1 + c) - ln(1 - c)) / 2; |c| <= 1 - 1/m, finite.
+        // atanh(c) = (ln(1 + c) - ln(1 - c)) / 2; |c| < 1, finite.
         let up = g.affine(xy, 1.0, 1.0)?;
         let up = g.log(up)?;
         let down = g.affine(xy, -1.0, 1.0)?;
@@ -213,7 +217,7 @@ impl Vrnn {
         let dev = g.value(proxy).device();
         let target = g.value(proxy).reshape(&[b, g.value(proxy).numel() / b])?;
         let (phi_x, keys) = self.encode(g, ps, proxy)?;
-        let cells = cell_centres(g.shape(keys)[2], &dev)?;
+        let cells = cell_centres(g.shape(keys)[2], self.cfg.proxy_size, &dev)?;
         let mut h = g.constant(Tensor::zeros(&[b, self.cfg.hidden], &dev));
         let (mut zs, mut nll_kl, mut kls) = (Vec::new(), Vec::new(), Vec::new());
         for t in 0..steps {

@@ -392,8 +392,10 @@ mod cuda {
         Ok(Tensor::from_cuda(dx, shape))
     }
 
+    /// Softmax over the last axis of `shape` (its length from the shape, not
+    /// `len / rows`: a tensor with no rows, `[0, k]`, is valid).
     pub(super) fn softmax(x: &CudaStorage, rows: usize, shape: &[usize]) -> Result<Tensor> {
-        let dev = x.device();
+        let (dev, k) = (x.device(), shape[shape.len() - 1]);
         let mut y = dev.alloc(x.len())?;
         launch!(
             &dev,
@@ -403,7 +405,7 @@ mod cuda {
             x.slice(),
             y.slice_mut(),
             &(rows as i32),
-            &((x.len() / rows) as i32)
+            &(k as i32)
         );
         Ok(Tensor::from_cuda(y, shape))
     }
@@ -414,7 +416,7 @@ mod cuda {
         rows: usize,
         shape: &[usize],
     ) -> Result<Tensor> {
-        let dev = y.device();
+        let (dev, k) = (y.device(), shape[shape.len() - 1]);
         let mut dx = dev.alloc(y.len())?;
         launch!(
             &dev,
@@ -425,7 +427,7 @@ mod cuda {
             g.slice(),
             dx.slice_mut(),
             &(rows as i32),
-            &((y.len() / rows) as i32)
+            &(k as i32)
         );
         Ok(Tensor::from_cuda(dx, shape))
     }

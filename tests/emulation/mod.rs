@@ -41,6 +41,9 @@ pub enum Arg<'a> {
     Dims(Dims),
     /// `struct ConvDims` of kernels/conv.cu: c, h, w, kh, kw, stride, pad, ho, wo.
     ConvDims([i32; 9]),
+    /// A pooling geometry `[h, w, ho, wo, k, s, p]` by value (`struct Window`
+    /// in kernels/pool.cu, `pool::cuda::Window` in the launchers).
+    Window([i32; 7]),
 }
 
 impl Arg<'_> {
@@ -55,6 +58,7 @@ impl Arg<'_> {
             F32(_) => "float",
             Dims(_) => "Dims",
             ConvDims(_) => "ConvDims",
+            Window(_) => "Window",
         }
     }
 
@@ -274,6 +278,7 @@ impl Emu {
                 F32(v) => v as *const f32 as *mut c_void,
                 Dims(v) => v as *const Dims as *mut c_void,
                 ConvDims(v) => v as *const [i32; 9] as *mut c_void,
+                Window(v) => v as *const [i32; 7] as *mut c_void,
             })
             .collect();
         let launch = Launch {
