@@ -2,7 +2,12 @@
 //! saccading, paper §3 and App. 7.6). At each of T steps, from the GRU state
 //! `h` and the proxy features `phi_x(c)`:
 //! - posterior `q(z | c, h) = N(mu_q, exp(logvar_q))`, learned prior
-//!   `p(z | h) = N(mu_p, exp(logvar_p))`;
+//!   `p(z | h) = N(mu_p, exp(logvar_p))`. The posterior's scale mean and
+//!   log-variances come from an MLP on `[phi_x(c), h]` as in the paper; its
+//!   centre mean comes from attention of a query `W h` over the proxy
+//!   encoder's 8x8 feature map (the expected cell position). The paper's MLP
+//!   learnt one image-independent place for every glimpse on our budget;
+//!   attention lets a feature learnt on one image attract glimpses anywhere;
 //! - `z = mu_q + exp(logvar_q / 2) * eps` in training, `mu_q` in evaluation;
 //! - the decoder reconstructs the proxy from `[phi_z(z), h]` (Bernoulli logits);
 //! - `h = GRU([phi_x(c), phi_z(z)], h)`.
