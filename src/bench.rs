@@ -263,8 +263,8 @@ pub fn run(cfg: &BenchConfig, log: &dyn Fn(&str)) -> Result<BenchReport> {
     let mut skipped = Vec::new();
     let mut devices: Vec<(&str, DeviceMaker)> = vec![("cpu", Box::new(|| Ok(Device::cpu())))];
     if cfg.gpu {
-        match crate::device::require_cuda() {
-            Ok(_) => devices.push(("cuda", Box::new(crate::device::require_cuda))),
+        match Device::cuda(0) {
+            Ok(_) => devices.push(("cuda", Box::new(|| Device::cuda(0)))),
             Err(e) => skipped.push(format!("gpu: {e:#}")),
         }
     }

@@ -346,7 +346,7 @@ fn select_device(args: &DeviceArgs) -> Result<Device, Failure> {
             eprintln!("{why}");
             Ok(device)
         }
-        DeviceChoice::Cuda => saccade::device::require_cuda().map_err(|e| Failure {
+        DeviceChoice::Cuda => Device::cuda(0).map_err(|e| Failure {
             code: 2,
             error: e.context("--device cuda"),
         }),

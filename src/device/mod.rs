@@ -106,12 +106,6 @@ pub fn auto_device() -> (Device, String) {
     }
 }
 
-/// The GPU for `--device cuda`, or an error naming what is missing: the
-/// driver library, a device or NVRTC.
-pub fn require_cuda() -> anyhow::Result<Device> {
-    Device::cuda(0)
-}
-
 /// What `saccade device` prints: the CPU, the GPU or why there is none,
 /// and the NVRTC that compiles the kernels.
 pub fn report() -> String {
