@@ -36,13 +36,12 @@ const POSTERIOR_OUT: usize = 1 + LATENT;
 /// map). A 3x3, padding 1, stride 2 conv centres output `j` on input `2j`, so
 /// after a total stride `r = J/m` cell `j` sits on proxy pixel `r*j`, whose
 /// centre is at `(2rj + 1)/J - 1`.
-fn cell_centres(cells: usize, proxy_size: usize, dev: &Device) -> Result<Tensor> {
-    let m = (cells as f64).sqrt().round() as usize;
+fn cell_centres(m: usize, proxy_size: usize, dev: &Device) -> Tensor {
     let r = proxy_size / m;
     let c = |k: usize| (2 * r * k + 1) as f32 / proxy_size as f32 - 1.0;
     let xs = (0..m * m).map(|p| c(p % m));
     let ys = (0..m * m).map(|p| c(p / m));
-    Tensor::from_vec(xs.chain(ys).collect(), &[2, m * m], dev)
+    Tensor::from_vec(xs.chain(ys).collect(), &[2, m * m], dev).expect("2*m*m values")
 }
 
 /// Initial posterior log-variance: standard deviation e^-2 = 0.14 in z, about
@@ -102,6 +101,8 @@ pub struct Vrnn {
     posterior: Mlp,
     /// Attention query from `h` over the proxy's feature map.
     query: Linear,
+    /// The map cells' centres, `[2, P]` (see [`cell_centres`]).
+    cells: Tensor,
     prior: Mlp,
     decoder: Mlp,
     gru: GruCell,
@@ -161,6 +162,7 @@ impl Vrnn {
                 dev,
             ),
             query,
+            cells: cell_centres(side, cfg.proxy_size, dev),
             enc_convs,
             phi_z: Linear::new(ps, "vrnn.phi_z", LATENT, e, rng, dev),
             posterior,
@@ -188,7 +190,7 @@ impl Vrnn {
     /// Scores are `<query(h), features of the cell>`: a feature that marks an
     /// object attracts the glimpse wherever it sits in the proxy, so what is
     /// learnt on one image transfers to every position.
-    fn attend(&self, g: &mut Graph, ps: &ParamStore, keys: Var, cells: &Tensor, h: Var) -> Result<Var> {
+    fn attend(&self, g: &mut Graph, ps: &ParamStore, keys: Var, h: Var) -> Result<Var> {
         let (b, f) = (g.shape(keys)[0], g.shape(keys)[1]);
         let q = self.query.forward(g, ps, h)?;
         let q = g.reshape(q, &[b, f, 1])?;
@@ -196,7 +198,7 @@ impl Vrnn {
         let scores = g.sum(scores, &[1], true)?;
         let weights = g.softmax(scores)?;
         // [B, 1, P] * [2, P] summed over P: the expected (x, y).
-        let cells = g.constant(cells.clone());
+        let cells = g.constant(self.cells.clone());
         let xy = g.mul(weights, cells)?;
         let xy = g.sum(xy, &[2], false)?;
         // atanh(c) = (ln(1 + c) - ln(1 - c)) / 2; |c| < 1, finite.
@@ -222,14 +224,13 @@ impl Vrnn {
         let dev = g.value(proxy).device();
         let target = g.value(proxy).reshape(&[b, g.value(proxy).numel() / b])?;
         let (phi_x, keys) = self.encode(g, ps, proxy)?;
-        let cells = cell_centres(g.shape(keys)[2], self.cfg.proxy_size, &dev)?;
         let mut h = g.constant(Tensor::zeros(&[b, self.cfg.hidden], &dev));
         let (mut zs, mut nll_kl, mut kls) = (Vec::new(), Vec::new(), Vec::new());
         for t in 0..steps {
             let xh = g.concat(&[phi_x, h], 1)?;
             let q = self.posterior.forward(g, ps, xh)?;
             let mu_s = g.slice(q, 1, 0, 1)?;
-            let mu_xy = self.attend(g, ps, keys, &cells, h)?;
+            let mu_xy = self.attend(g, ps, keys, h)?;
             let mu_q = g.concat(&[mu_s, mu_xy], 1)?;
             let logvar_q = match self.cfg.fixed_variance {
                 Some(v) => g.constant(Tensor::full(&[b, LATENT], v.ln(), &dev)),
