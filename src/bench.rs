@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::data::{self, Batch, Dataset, Loader, LoaderConfig, Split, SplitSizes};
 use crate::device::Device;
 use crate::models::{ResNet18, ResNetConfig, SaccadeConfig, Saccader, TiledConfig, TiledResNet18};
-use crate::train::{Baseline, Model, TrainConfig, Trainer};
+use crate::train::{Baseline, LrSchedule, Model, TrainConfig, Trainer};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchConfig {
@@ -118,6 +118,7 @@ pub fn configs(cfg: &BenchConfig, data: &dyn Dataset) -> (TrainConfig, TrainConf
         epochs: 1,
         batch_size: cfg.batch_size,
         lr: 1e-3,
+        lr_schedule: LrSchedule::Constant,
         clip_value: 0.0,
         clip_norm: 0.0,
         seed: 0,

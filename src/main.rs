@@ -12,7 +12,7 @@ use saccade::data::commands::{self, GenerateArgs, ImportArgs, InspectArgs, Outpu
 use saccade::data::spec::SPEC_HELP;
 use saccade::data::{self, Split, SplitSizes};
 use saccade::models::{ResNet18, ResNetConfig, SaccadeConfig, Saccader, TiledConfig, TiledResNet18};
-use saccade::train::{checkpoint_config, Baseline, Model, TrainConfig, Trainer};
+use saccade::train::{checkpoint_config, Baseline, LrSchedule, Model, TrainConfig, Trainer};
 use saccade::Device;
 
 #[derive(Parser)]
@@ -208,6 +208,9 @@ struct TrainArgs {
     /// Adam learning rate.
     #[arg(long)]
     lr: Option<f32>,
+    /// Learning-rate schedule over the run.
+    #[arg(long, value_enum)]
+    lr_schedule: Option<LrSchedule>,
     /// Training images (generated datasets).
     #[arg(long)]
     train_size: Option<usize>,
@@ -232,6 +235,10 @@ struct TrainArgs {
     /// Multiply the classification loss by the VRNN terms (the authors' code) instead of adding them (the paper).
     #[arg(long)]
     multiplicative: bool,
+    /// Let later glimpses attend to proxy cells an earlier glimpse already covered (ablation of
+    /// the default hard mask, which excludes them).
+    #[arg(long)]
+    no_mask: bool,
     /// Fix the posterior variance to this value instead of learning it (paper ablation, e.g. 0.6).
     #[arg(long)]
     fixed_variance: Option<f32>,
@@ -526,6 +533,7 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     m.beta = a.beta.unwrap_or(m.beta);
     m.multiplicative = a.multiplicative;
     m.fixed_variance = a.fixed_variance;
+    m.mask_attended = !a.no_mask;
     if m.glimpses == 0 || m.crop < 4 || !(m.scale_max > m.scale_min && m.scale_max <= 1.0) {
         bail!(
             "need --glimpses >= 1, --crop >= 4 and {} < --max-scale <= 1",
@@ -563,6 +571,11 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         epochs: a.epochs.unwrap_or(if paper { 60 } else { 3 }),
         batch_size: a.batch_size.unwrap_or(if paper { 100 } else { 32 }),
         lr: a.lr.unwrap_or(if paper { 1e-4 } else { 1e-3 }),
+        lr_schedule: a.lr_schedule.unwrap_or(if paper {
+            LrSchedule::Constant
+        } else {
+            LrSchedule::Cosine
+        }),
         clip_value: a.clip_value.unwrap_or(if paper { 0.25 } else { 0.0 }),
         clip_norm: 0.0,
         seed: a.seed,

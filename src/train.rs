@@ -37,6 +37,34 @@ pub enum Baseline {
     TiledResNet18(TiledConfig),
 }
 
+/// How the learning rate moves over a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// The configured rate throughout (the paper).
+    #[default]
+    Constant,
+    /// Linear warmup over the first 2% of steps, then cosine decay to zero
+    /// at the last step: large early steps without a noisy end.
+    Cosine,
+}
+
+impl LrSchedule {
+    /// The rate at 0-based `step` of `total`.
+    pub fn rate(self, lr: f32, step: usize, total: usize) -> f32 {
+        match self {
+            LrSchedule::Constant => lr,
+            LrSchedule::Cosine => {
+                let total = total.max(1);
+                let warmup = (total / 50).max(1);
+                let warm = ((step + 1) as f32 / warmup as f32).min(1.0);
+                let done = step.min(total) as f32 / total as f32;
+                lr * warm * 0.5 * (1.0 + (std::f32::consts::PI * done).cos())
+            }
+        }
+    }
+}
+
 /// Everything a run needs besides the data; saved in every checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -50,6 +78,9 @@ pub struct TrainConfig {
     pub epochs: usize,
     pub batch_size: usize,
     pub lr: f32,
+    /// Absent in checkpoints from before the option: constant.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
     /// Clip each gradient value to `[-clip, clip]` (0 disables).
     pub clip_value: f32,
     /// Clip the global gradient norm (0 disables).
@@ -399,6 +430,7 @@ impl<M: Model> Trainer<M> {
                 &self.device,
             )?;
             let steps = loader.num_batches();
+            let total_steps = steps * self.cfg.epochs;
             let bar = progress_bar(
                 show_progress,
                 steps as u64,
@@ -411,6 +443,10 @@ impl<M: Model> Trainer<M> {
                 (0.0, 0.0, 0.0, 0, 0, 0);
             for batch in loader.epoch_from(epoch, self.progress.step) {
                 let batch = batch?;
+                self.adam.config.lr =
+                    self.cfg
+                        .lr_schedule
+                        .rate(self.cfg.lr, epoch * steps + self.progress.step, total_steps);
                 let (loss, ce, kl, ok) = match self.step(&batch) {
                     Ok(v) => v,
                     Err(e) => {

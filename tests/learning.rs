@@ -12,7 +12,7 @@ use saccade::data::spec::{DatasetSpec, Source};
 use saccade::data::{open_dataset, DataConfig, Dataset, Loader, LoaderConfig, Split, SplitSizes};
 use saccade::models::SaccadeConfig;
 use saccade::predict::predict_batch;
-use saccade::train::{TrainConfig, Trainer};
+use saccade::train::{LrSchedule, TrainConfig, Trainer};
 use saccade::Device;
 
 const TRAIN: usize = 20_000;
@@ -82,6 +82,7 @@ fn learns_where_to_look_on_cluttered_mnist_1() {
         epochs: 1,
         batch_size: 32,
         lr: 1e-3,
+        lr_schedule: LrSchedule::Constant,
         clip_value: 0.0,
         clip_norm: 0.0,
         seed: 7,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use saccade::data::{open_dataset, DataConfig, Dataset, Split, SplitSizes};
 use saccade::models::SaccadeConfig;
-use saccade::train::{TrainConfig, Trainer};
+use saccade::train::{LrSchedule, TrainConfig, Trainer};
 use saccade::Device;
 
 fn config(epochs: usize, train: usize) -> TrainConfig {
@@ -18,6 +18,7 @@ fn config(epochs: usize, train: usize) -> TrainConfig {
         epochs,
         batch_size: 16,
         lr: 1e-3,
+        lr_schedule: LrSchedule::Cosine,
         clip_value: 0.0,
         clip_norm: 0.0,
         seed: 5,

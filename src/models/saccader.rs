@@ -36,6 +36,10 @@ pub struct SaccadeConfig {
     pub beta: f32,
     pub multiplicative: bool,
     pub fixed_variance: Option<f32>,
+    /// Later glimpses attend only to proxy cells no earlier glimpse covered
+    /// (absent in checkpoints from before the option: off).
+    #[serde(default)]
+    pub mask_attended: bool,
     pub enc_width: usize,
     pub embed: usize,
     pub hidden: usize,
@@ -58,6 +62,7 @@ impl SaccadeConfig {
             beta: 0.01,
             multiplicative: false,
             fixed_variance: None,
+            mask_attended: true,
             enc_width: 16,
             embed: 128,
             hidden: 128,
@@ -125,6 +130,8 @@ impl Saccader {
                 embed: cfg.embed,
                 hidden: cfg.hidden,
                 fixed_variance: cfg.fixed_variance,
+                scale: [cfg.scale_min, cfg.scale_max],
+                mask_attended: cfg.mask_attended,
             },
             rng,
             dev,

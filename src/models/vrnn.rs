@@ -7,7 +7,10 @@
 //!   centre mean comes from attention of a query `W h` over the proxy
 //!   encoder's 8x8 feature map (the expected cell position). The paper's MLP
 //!   learnt one image-independent place for every glimpse on our budget;
-//!   attention lets a feature learnt on one image attract glimpses anywhere;
+//!   attention lets a feature learnt on one image attract glimpses anywhere.
+//!   With `mask_attended`, cells an earlier glimpse covered are excluded
+//!   from later steps' attention, so the T glimpses spread over the objects
+//!   instead of returning to the most salient one;
 //! - `z = mu_q + exp(logvar_q / 2) * eps` in training, `mu_q` in evaluation;
 //! - the decoder reconstructs the proxy from `[phi_z(z), h]` (Bernoulli logits);
 //! - `h = GRU([phi_x(c), phi_z(z)], h)`.
@@ -50,6 +53,10 @@ fn cell_centres(m: usize, proxy_size: usize, dev: &Device) -> Tensor {
 /// 20k images, 1 epoch: 43% test against 58%).
 const INIT_LOGVAR: f32 = -4.0;
 
+/// Score added to attended cells: their softmax weight underflows to 0
+/// (finite, so a softmax never sees inf - inf).
+const MASKED: f32 = -1e9;
+
 #[derive(Clone, Debug)]
 pub struct VrnnConfig {
     pub channels: usize,
@@ -61,6 +68,12 @@ pub struct VrnnConfig {
     pub hidden: usize,
     /// Fixed posterior variance instead of a learned one (paper ablation).
     pub fixed_variance: Option<f32>,
+    /// Glimpse side as a fraction of the image side, `[s_min, s_max]`: the
+    /// mask needs each glimpse's box.
+    pub scale: [f32; 2],
+    /// Exclude the cells earlier glimpses covered from later attention
+    /// (hard masking: sampling without replacement over cells).
+    pub mask_attended: bool,
 }
 
 /// Two dense layers with an ELU between.
@@ -190,12 +203,24 @@ impl Vrnn {
     /// Scores are `<query(h), features of the cell>`: a feature that marks an
     /// object attracts the glimpse wherever it sits in the proxy, so what is
     /// learnt on one image transfers to every position.
-    fn attend(&self, g: &mut Graph, ps: &ParamStore, keys: Var, h: Var) -> Result<Var> {
+    /// `mask` (`[B, 1, P]`, 0 or [`MASKED`]) is added to the scores.
+    fn attend(
+        &self,
+        g: &mut Graph,
+        ps: &ParamStore,
+        keys: Var,
+        h: Var,
+        mask: Option<&Tensor>,
+    ) -> Result<Var> {
         let (b, f) = (g.shape(keys)[0], g.shape(keys)[1]);
         let q = self.query.forward(g, ps, h)?;
         let q = g.reshape(q, &[b, f, 1])?;
         let scores = g.mul(keys, q)?;
-        let scores = g.sum(scores, &[1], true)?;
+        let mut scores = g.sum(scores, &[1], true)?;
+        if let Some(m) = mask {
+            let m = g.constant(m.clone());
+            scores = g.add(scores, m)?;
+        }
         let weights = g.softmax(scores)?;
         // [B, 1, P] * [2, P] summed over P: the expected (x, y).
         let cells = g.constant(self.cells.clone());
@@ -208,6 +233,43 @@ impl Vrnn {
         let down = g.log(down)?;
         let diff = g.sub(up, down)?;
         g.affine(diff, 0.5, 0.0)
+    }
+
+    /// Flag the cells whose centres lie inside the glimpse each row of `z`
+    /// (`[B, 3]`, the z the crop is taken with) places, `attended` being `[B, P]`.
+    /// No gradient flows through this choice.
+    fn mark_attended(&self, z: &Tensor, attended: &mut [bool]) -> Result<()> {
+        let z = z.to_vec()?;
+        let cells = self.cells.to_vec()?;
+        let p = self.cells.dim(1);
+        let [lo, hi] = self.cfg.scale;
+        for (zi, flags) in z.chunks(LATENT).zip(attended.chunks_mut(p)) {
+            let s = lo + (hi - lo) / (1.0 + (-zi[0]).exp());
+            let (tx, ty) = (zi[1].tanh(), zi[2].tanh());
+            for (k, flag) in flags.iter_mut().enumerate() {
+                *flag |= (cells[k] - tx).abs() <= s && (cells[p + k] - ty).abs() <= s;
+            }
+        }
+        Ok(())
+    }
+
+    /// `[B, 1, P]`: [`MASKED`] on attended cells, 0 elsewhere; nothing is
+    /// masked in a row whose every cell was attended.
+    fn score_mask(&self, attended: &[bool], dev: &Device) -> Result<Tensor> {
+        let p = self.cells.dim(1);
+        let b = attended.len() / p;
+        let mut m = vec![0.0f32; b * p];
+        for (flags, row) in attended.chunks(p).zip(m.chunks_mut(p)) {
+            if flags.iter().all(|&f| f) {
+                continue;
+            }
+            for (f, v) in flags.iter().zip(row) {
+                if *f {
+                    *v = MASKED;
+                }
+            }
+        }
+        Tensor::from_vec(m, &[b, 1, p], dev)
     }
 
     /// Unroll T steps over the proxy. `noise` holds one `[B, 3]` standard
@@ -226,11 +288,17 @@ impl Vrnn {
         let (phi_x, keys) = self.encode(g, ps, proxy)?;
         let mut h = g.constant(Tensor::zeros(&[b, self.cfg.hidden], &dev));
         let (mut zs, mut nll_kl, mut kls) = (Vec::new(), Vec::new(), Vec::new());
+        let mut attended = vec![false; b * self.cells.dim(1)];
         for t in 0..steps {
+            let mask = if self.cfg.mask_attended && t > 0 {
+                Some(self.score_mask(&attended, &dev)?)
+            } else {
+                None
+            };
             let xh = g.concat(&[phi_x, h], 1)?;
             let q = self.posterior.forward(g, ps, xh)?;
             let mu_s = g.slice(q, 1, 0, 1)?;
-            let mu_xy = self.attend(g, ps, keys, h)?;
+            let mu_xy = self.attend(g, ps, keys, h, mask.as_ref())?;
             let mu_q = g.concat(&[mu_s, mu_xy], 1)?;
             let logvar_q = match self.cfg.fixed_variance {
                 Some(v) => g.constant(Tensor::full(&[b, LATENT], v.ln(), &dev)),
@@ -253,6 +321,9 @@ impl Vrnn {
             kls.push(kl);
             let xz = g.concat(&[phi_x, phi_z], 1)?;
             h = self.gru.forward(g, ps, xz, h)?;
+            if self.cfg.mask_attended && t + 1 < steps {
+                self.mark_attended(g.value(z), &mut attended)?;
+            }
             zs.push(z);
         }
         let per_step = g.stack(&nll_kl, 0)?;
@@ -264,5 +335,101 @@ impl Vrnn {
             elbo_terms,
             kl,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    use super::*;
+
+    fn vrnn(mask: bool) -> Vrnn {
+        let cfg = VrnnConfig {
+            channels: 1,
+            proxy_size: 32,
+            enc_width: 4,
+            embed: 8,
+            hidden: 8,
+            fixed_variance: None,
+            scale: [0.2, 0.5],
+            mask_attended: mask,
+        };
+        Vrnn::new(
+            &mut ParamStore::new(),
+            cfg,
+            &mut StdRng::seed_from_u64(0),
+            &Device::cpu(),
+        )
+    }
+
+    /// A glimpse flags exactly the cells whose centres its box holds, and a
+    /// row whose every cell is flagged masks nothing.
+    #[test]
+    fn mask_flags_the_cells_inside_the_glimpse() {
+        let v = vrnn(true);
+        // Image 0: scale 0.2 (sigmoid(-inf)), centred on (0.5, -0.5);
+        // image 1: scale 0.5 at the centre.
+        let z = Tensor::from_vec(
+            vec![-1e4, 0.5f32.atanh(), (-0.5f32).atanh(), 1e4, 0.0, 0.0],
+            &[2, 3],
+            &Device::cpu(),
+        )
+        .unwrap();
+        let p = 64;
+        let mut attended = vec![false; 2 * p];
+        v.mark_attended(&z, &mut attended).unwrap();
+        // Cell k is centred at (8k + 1)/32 - 1 per axis.
+        let c = |k: usize| (8 * k + 1) as f32 / 32.0 - 1.0;
+        for (i, (cx, cy, s)) in [(0.5f32, -0.5f32, 0.2f32), (0.0, 0.0, 0.5)].iter().enumerate() {
+            for k in 0..p {
+                let inside = (c(k % 8) - cx).abs() <= *s && (c(k / 8) - cy).abs() <= *s;
+                assert_eq!(attended[i * p + k], inside, "image {i} cell {k}");
+            }
+        }
+        assert_eq!(attended[..p].iter().filter(|&&f| f).count(), 1);
+        assert_eq!(attended[p..].iter().filter(|&&f| f).count(), 16);
+        attended[..p].fill(true);
+        let m = v.score_mask(&attended, &Device::cpu()).unwrap().to_vec().unwrap();
+        assert!(
+            m[..p].iter().all(|&x| x == 0.0),
+            "a fully attended row masks nothing"
+        );
+        for k in 0..p {
+            assert_eq!(m[p + k] == MASKED, attended[p + k]);
+        }
+    }
+
+    /// With a fixed query (no dependence on `h`), the unmasked second
+    /// glimpse repeats the first; the masked one moves away from it.
+    #[test]
+    fn masked_glimpses_leave_the_first_box() {
+        let dev = Device::cpu();
+        let proxy: Vec<f32> = (0..1024).map(|i| ((i * 7) % 13) as f32 / 13.0).collect();
+        let proxy = Tensor::from_vec(proxy, &[1, 1, 32, 32], &dev).unwrap();
+        let mut steps = Vec::new();
+        for mask in [false, true] {
+            let mut ps = ParamStore::new();
+            let v = Vrnn::new(&mut ps, vrnn(mask).cfg, &mut StdRng::seed_from_u64(0), &dev);
+            let f = v.enc_convs.out_channels;
+            let q: Vec<f32> = (0..f).map(|i| 3.0 * ((i % 3) as f32 - 1.0)).collect();
+            ps.set(v.query.b, Tensor::from_vec(q, &[f], &dev).unwrap())
+                .unwrap();
+            let mut g = Graph::inference();
+            let x = g.constant(proxy.clone());
+            let run = v.run(&mut g, &ps, x, 2, None).unwrap();
+            let xy = |t: usize| g.value(run.z[t]).to_vec().unwrap()[1..].to_vec();
+            steps.push((xy(0), xy(1)));
+        }
+        let ((a0, a1), (b0, b1)) = (&steps[0], &steps[1]);
+        assert_eq!(a0, b0, "the first glimpse is never masked");
+        assert!(a0 != &vec![0.0, 0.0], "the query must prefer some cells: {a0:?}");
+        assert_eq!(a0, a1, "without the mask the same query picks the same place");
+        let moved = (b1[0].tanh() - b0[0].tanh()).hypot(b1[1].tanh() - b0[1].tanh());
+        assert!(
+            moved > 0.1,
+            "the masked second glimpse stayed at {b1:?} (first {b0:?})"
+        );
     }
 }
