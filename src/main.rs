@@ -12,7 +12,7 @@ use saccade::data::commands::{self, GenerateArgs, ImportArgs, InspectArgs, Outpu
 use saccade::data::spec::SPEC_HELP;
 use saccade::data::{self, Split, SplitSizes};
 use saccade::models::{ResNet18, ResNetConfig, SaccadeConfig, Saccader, TiledConfig, TiledResNet18};
-use saccade::train::{checkpoint_config, Baseline, LrSchedule, Model, TrainConfig, Trainer};
+use saccade::train::{checkpoint_config, Baseline, Coverage, LrSchedule, Model, TrainConfig, Trainer};
 use saccade::Device;
 
 #[derive(Parser)]
@@ -166,7 +166,7 @@ enum ModelChoice {
     TiledResnet18,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct DeviceArgs {
     /// Compute device.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
@@ -176,7 +176,7 @@ struct DeviceArgs {
     threads: Option<usize>,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct TrainArgs {
     /// Dataset: a generated task (see `saccade data generate --help`) or a store folder.
     #[arg(long, default_value = "cluttered-mnist")]
@@ -203,6 +203,10 @@ struct TrainArgs {
     /// Passes over the training set.
     #[arg(long)]
     epochs: Option<usize>,
+    /// Wall-clock budget: stop training after this many minutes (mid-epoch if need be,
+    /// with a resumable checkpoint), then evaluate on the test split.
+    #[arg(long)]
+    minutes: Option<f64>,
     #[arg(long)]
     batch_size: Option<usize>,
     /// Adam learning rate.
@@ -266,7 +270,10 @@ struct TrainArgs {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct BenchArgs {
+    #[command(subcommand)]
+    what: Option<BenchCommand>,
     /// Image side; 2528 compares with the tiled ResNet18, 100 with ResNet18 (default: both).
     #[arg(long)]
     size: Option<usize>,
@@ -293,6 +300,27 @@ struct BenchArgs {
     /// Print the figures as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Train a configuration with several seeds and report test accuracy, glimpse coverage,
+    /// samples seen and samples/s per seed and as median/min/max.
+    #[command(
+        after_help = "Example, the default configuration under a 15-minute budget per seed:\n  \
+        saccade bench learning --seeds 3 --minutes 15 --out runs/learning\n\
+        Every `saccade train` flag applies; seed N runs with --seed <seed>+N into OUT/seed-<seed>."
+    )]
+    Learning(LearningArgs),
+}
+
+#[derive(Args)]
+struct LearningArgs {
+    /// How many seeds, counting up from --seed.
+    #[arg(long, default_value_t = 3)]
+    seeds: u64,
+    #[command(flatten)]
+    train: TrainArgs,
 }
 
 #[derive(Args)]
@@ -390,7 +418,25 @@ fn no_picture<M>(_: &M, _: &Arc<dyn data::Dataset>, _: &std::path::Path) -> Resu
     Ok(None)
 }
 
-fn run_train(a: TrainArgs) -> Result<(), Failure> {
+/// What one training run measured (the learning benchmark's row).
+#[derive(serde::Serialize)]
+struct RunSummary {
+    seed: u64,
+    test_accuracy: f64,
+    test_coverage: Option<Coverage>,
+    samples: usize,
+    train_seconds: f64,
+    samples_per_second: f64,
+    seconds: f64,
+}
+
+fn run_train(a: TrainArgs) -> Result<RunSummary, Failure> {
+    if a.minutes.is_some_and(|m| m.is_nan() || m <= 0.0) {
+        return Err(Failure {
+            code: 2,
+            error: anyhow::anyhow!("--minutes must be positive"),
+        });
+    }
     let cfg = match &a.resume {
         Some(path) => checkpoint_config(path)?,
         None => train_config(&a)?,
@@ -402,7 +448,7 @@ fn run_train(a: TrainArgs) -> Result<(), Failure> {
     }
 }
 
-fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) -> Result<(), Failure> {
+fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) -> Result<RunSummary, Failure> {
     let device = select_device(&a.device)?;
     let started = std::time::Instant::now();
     let mut trainer = match &a.resume {
@@ -444,6 +490,9 @@ fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) ->
         );
     }
     let stop = stop_flag();
+    trainer.deadline = a
+        .minutes
+        .map(|m| started + std::time::Duration::from_secs_f64(60.0 * m));
     let fit = trainer.fit(&train_set, Some(&valid_set), &a.out, !a.json, &stop)?;
     if fit.interrupted {
         eprintln!(
@@ -469,8 +518,10 @@ fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) ->
                 "command": "train",
                 "dataset": spec,
                 "test_accuracy": report.accuracy,
+                "test_coverage": report.coverage,
                 "valid_accuracy": fit.epochs.last().map(|e| e.valid_accuracy),
                 "epochs": fit.epochs,
+                "out_of_time": fit.out_of_time,
                 "seconds": seconds,
                 "peak_bytes": peak,
                 "device": device.to_string(),
@@ -488,8 +539,21 @@ fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) ->
             a.out.join("checkpoint.safetensors").display(),
             viz.map(|v| format!(" and {}", v.display())).unwrap_or_default()
         );
+        if let Some(c) = &report.coverage {
+            println!("{}", coverage_line(c));
+        }
     }
-    Ok(())
+    let samples = fit.epochs.iter().map(|e| e.samples).sum();
+    let train_seconds: f64 = fit.epochs.iter().map(|e| e.seconds).sum();
+    Ok(RunSummary {
+        seed: trainer.cfg.seed,
+        test_accuracy: report.accuracy,
+        test_coverage: report.coverage,
+        samples,
+        train_seconds,
+        samples_per_second: samples as f64 / train_seconds.max(1e-9),
+        seconds,
+    })
 }
 
 /// The dataset spec with the proxy flags folded in.
@@ -642,6 +706,9 @@ fn eval_model<M: Model>(a: EvalArgs) -> Result<(), Failure> {
         100.0 * r.accuracy,
         r.samples
     );
+    if let Some(c) = &r.coverage {
+        println!("{}", coverage_line(c));
+    }
     let mut worst: Vec<(usize, f64)> = r.per_class_accuracy.iter().copied().enumerate().collect();
     worst.sort_by(|a, b| a.1.total_cmp(&b.1));
     println!("lowest per-class accuracy:");
@@ -653,6 +720,15 @@ fn eval_model<M: Model>(a: EvalArgs) -> Result<(), Failure> {
         println!("  {t:>8} -> {p:<8} {n}");
     }
     Ok(())
+}
+
+fn coverage_line(c: &Coverage) -> String {
+    format!(
+        "glimpse coverage: every object inside some glimpse in {:.1}% of images; {:.2} of {:.2} objects covered on average",
+        100.0 * c.all_objects,
+        c.mean_covered,
+        c.mean_objects
+    )
 }
 
 fn run_predict(a: PredictArgs) -> Result<(), Failure> {
@@ -749,6 +825,9 @@ fn run_data(command: DataCommand) -> Result<()> {
 }
 
 fn run_bench(a: BenchArgs) -> Result<(), Failure> {
+    if let Some(BenchCommand::Learning(l)) = a.what {
+        return run_learning(l);
+    }
     if let Some(n) = a.threads {
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     }
@@ -775,6 +854,89 @@ fn run_bench(a: BenchArgs) -> Result<(), Failure> {
         for s in &report.skipped {
             println!("skipped {s}");
         }
+    }
+    Ok(())
+}
+
+/// One figure of a run, for the learning benchmark's table.
+type Column = dyn Fn(&RunSummary) -> f64;
+
+/// The learning benchmark: one training run per seed, then the table.
+fn run_learning(l: LearningArgs) -> Result<(), Failure> {
+    if l.seeds == 0 || l.train.resume.is_some() {
+        return Err(Failure {
+            code: 2,
+            error: anyhow::anyhow!("bench learning needs --seeds >= 1 and no --resume"),
+        });
+    }
+    let mut rows = Vec::new();
+    for k in 0..l.seeds {
+        let mut a = l.train.clone();
+        a.seed = l.train.seed + k;
+        a.out = l.train.out.join(format!("seed-{}", a.seed));
+        eprintln!(
+            "seed {} ({} of {}) -> {}",
+            a.seed,
+            k + 1,
+            l.seeds,
+            a.out.display()
+        );
+        rows.push(run_train(a)?);
+    }
+    let stat = |f: &Column| {
+        let mut v: Vec<f64> = rows.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        let median = if v.len() % 2 == 1 {
+            v[v.len() / 2]
+        } else {
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        };
+        [median, v[0], v[v.len() - 1]]
+    };
+    let cover = |r: &RunSummary| r.test_coverage.as_ref().map_or(f64::NAN, |c| c.all_objects);
+    let columns: [(&str, &Column); 5] = [
+        ("test_accuracy", &|r| r.test_accuracy),
+        ("coverage", &cover),
+        ("samples", &|r| r.samples as f64),
+        ("samples_per_second", &|r| r.samples_per_second),
+        ("seconds", &|r| r.seconds),
+    ];
+    if l.train.json {
+        let summary: serde_json::Map<String, serde_json::Value> = columns
+            .iter()
+            .map(|(name, f)| {
+                let [median, min, max] = stat(f);
+                (
+                    name.to_string(),
+                    serde_json::json!({"median": median, "min": min, "max": max}),
+                )
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"command": "bench learning", "dataset": l.train.dataset, "runs": rows, "summary": summary})
+        );
+        return Ok(());
+    }
+    println!(
+        "{:>8} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "seed", "test acc", "coverage", "samples", "samples/s", "seconds"
+    );
+    let line = |name: String, v: [f64; 5]| {
+        println!(
+            "{name:>8} {:>9.2}% {:>9.1}% {:>10.0} {:>10.0} {:>8.0}",
+            100.0 * v[0],
+            100.0 * v[1],
+            v[2],
+            v[3],
+            v[4]
+        )
+    };
+    for r in &rows {
+        line(r.seed.to_string(), columns.map(|(_, f)| f(r)));
+    }
+    for (i, name) in ["median", "min", "max"].iter().enumerate() {
+        line(name.to_string(), columns.map(|(_, f)| stat(f)[i]));
     }
     Ok(())
 }
@@ -806,7 +968,7 @@ fn run_kernels(command: KernelsCommand) -> Result<(), Failure> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(a) => run_train(a),
+        Command::Train(a) => run_train(a).map(|_| ()),
         Command::Eval(a) => run_eval(a),
         Command::Predict(a) => run_predict(a),
         Command::Data { command } => run_data(command).map_err(Failure::from),

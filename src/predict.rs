@@ -22,15 +22,7 @@ pub fn predict_batch(model: &Saccader, batch: &Batch) -> Result<(Tensor, Vec<Vec
     let mut g = Graph::inference();
     let out = model.forward(&mut g, &images_of(batch), &batch.proxies, &batch.labels, None)?;
     let probs = softmax(g.value(out.logits))?;
-    let b = batch.labels.len();
-    let mut glimpses = vec![Vec::new(); b];
-    for &th in &out.thetas {
-        let v = g.value(th).to_vec()?;
-        for (i, gl) in glimpses.iter_mut().enumerate() {
-            gl.push([v[i * 6], v[i * 6 + 2], v[i * 6 + 5]]);
-        }
-    }
-    Ok((probs, glimpses, g.value(out.crops).clone()))
+    Ok((probs, out.glimpses(&g)?, g.value(out.crops).clone()))
 }
 
 /// A batch of one image read through its source (the localized sampler).

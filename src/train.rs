@@ -107,7 +107,13 @@ pub struct EpochMetrics {
     pub train_kl: f64,
     pub train_accuracy: f64,
     pub valid_accuracy: f64,
+    /// Share of valid images with every object inside some glimpse
+    /// (generated datasets, saccade model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub valid_coverage: Option<f64>,
     pub seconds: f64,
+    /// Training samples seen in this epoch.
+    pub samples: usize,
     pub samples_per_second: f64,
     pub peak_bytes: usize,
 }
@@ -120,6 +126,49 @@ pub struct EvalReport {
     /// `confusion[true][predicted]` counts.
     pub confusion: Vec<Vec<usize>>,
     pub class_names: Vec<String>,
+    /// Where the glimpses fell against the objects, when the dataset knows
+    /// where its objects are and the model has glimpses.
+    pub coverage: Option<Coverage>,
+}
+
+/// Glimpse coverage: an object counts as covered when its centre lies
+/// inside at least one glimpse's box.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Coverage {
+    /// Share of images whose every object is covered.
+    pub all_objects: f64,
+    /// Mean number of distinct objects covered per image.
+    pub mean_covered: f64,
+    /// Mean number of objects per image.
+    pub mean_objects: f64,
+    pub images: usize,
+}
+
+impl Coverage {
+    /// Add one image's objects and glimpses (`[s, tx, ty]`).
+    fn add(&mut self, objects: &[[f32; 2]], glimpses: &[[f32; 3]]) {
+        let covered = objects
+            .iter()
+            .filter(|[x, y]| {
+                glimpses
+                    .iter()
+                    .any(|&[s, tx, ty]| (x - tx).abs() <= s && (y - ty).abs() <= s)
+            })
+            .count();
+        // Running sums until `finish` turns them into means.
+        self.all_objects += (covered == objects.len()) as u8 as f64;
+        self.mean_covered += covered as f64;
+        self.mean_objects += objects.len() as f64;
+        self.images += 1;
+    }
+
+    fn finish(mut self) -> Self {
+        let n = self.images.max(1) as f64;
+        self.all_objects /= n;
+        self.mean_covered /= n;
+        self.mean_objects /= n;
+        self
+    }
 }
 
 impl EvalReport {
@@ -189,9 +238,25 @@ pub trait Model: Sized {
     fn params_mut(&mut self) -> &mut ParamStore;
     /// Forward and backward on a training batch; `rng` draws any noise.
     fn train_batch(&mut self, batch: &Batch, rng: &mut StdRng) -> Result<StepOutput>;
-    /// Class scores `[B, K]` in evaluation mode (logits or probabilities:
-    /// evaluation takes their argmax).
-    fn scores(&mut self, batch: &Batch) -> Result<Tensor>;
+    /// Class scores in evaluation mode, and where the model looked.
+    fn scores(&mut self, batch: &Batch) -> Result<BatchScores>;
+}
+
+/// One evaluation batch's output.
+pub struct BatchScores {
+    /// `[B, K]` logits or probabilities: evaluation takes their argmax.
+    pub scores: Tensor,
+    /// Per sample, per glimpse `[s, tx, ty]` (saccade model only).
+    pub glimpses: Option<Vec<Vec<[f32; 3]>>>,
+}
+
+impl From<Tensor> for BatchScores {
+    fn from(scores: Tensor) -> Self {
+        BatchScores {
+            scores,
+            glimpses: None,
+        }
+    }
 }
 
 impl Model for Saccader {
@@ -224,10 +289,13 @@ impl Model for Saccader {
             grads: g.backward(out.loss)?,
         })
     }
-    fn scores(&mut self, batch: &Batch) -> Result<Tensor> {
+    fn scores(&mut self, batch: &Batch) -> Result<BatchScores> {
         let mut g = Graph::inference();
         let out = self.forward(&mut g, &images_of(batch), &batch.proxies, &batch.labels, None)?;
-        Ok(g.value(out.logits).clone())
+        Ok(BatchScores {
+            scores: g.value(out.logits).clone(),
+            glimpses: Some(out.glimpses(&g)?),
+        })
     }
 }
 
@@ -272,10 +340,10 @@ impl Model for ResNet18 {
             grads: g.backward(loss)?,
         })
     }
-    fn scores(&mut self, batch: &Batch) -> Result<Tensor> {
+    fn scores(&mut self, batch: &Batch) -> Result<BatchScores> {
         let mut g = Graph::inference();
         let logits = self.forward(&mut g, &whole_images(batch)?)?;
-        Ok(g.value(logits).clone())
+        Ok(g.value(logits).clone().into())
     }
 }
 
@@ -302,8 +370,8 @@ impl Model for TiledResNet18 {
             grads: s.grads,
         })
     }
-    fn scores(&mut self, batch: &Batch) -> Result<Tensor> {
-        TiledResNet18::logits(self, &batch.sources, &batch.proxies.device())
+    fn scores(&mut self, batch: &Batch) -> Result<BatchScores> {
+        Ok(TiledResNet18::logits(self, &batch.sources, &batch.proxies.device())?.into())
     }
 }
 
@@ -314,6 +382,9 @@ pub struct Trainer<M: Model = Saccader> {
     pub adam: Adam,
     pub progress: Progress,
     pub device: Device,
+    /// Stop training at the first step boundary after this instant (a
+    /// wall-clock budget); `None` trains the configured epochs.
+    pub deadline: Option<Instant>,
 }
 
 /// What `Trainer::fit` reports.
@@ -321,6 +392,9 @@ pub struct Trainer<M: Model = Saccader> {
 pub struct FitReport {
     pub epochs: Vec<EpochMetrics>,
     pub interrupted: bool,
+    /// Training stopped at the trainer's deadline, mid-epoch; the last
+    /// entry of `epochs` is that partial epoch (not in metrics.jsonl).
+    pub out_of_time: bool,
     pub last_checkpoint: Option<PathBuf>,
 }
 
@@ -345,6 +419,7 @@ impl<M: Model> Trainer<M> {
             adam,
             progress: Progress::default(),
             device,
+            deadline: None,
         })
     }
 
@@ -419,6 +494,7 @@ impl<M: Model> Trainer<M> {
         let mut report = FitReport {
             epochs: Vec::new(),
             interrupted: false,
+            out_of_time: false,
             last_checkpoint: None,
         };
         let bs = self.cfg.batch_size;
@@ -498,28 +574,50 @@ impl<M: Model> Trainer<M> {
                     report.last_checkpoint = Some(ck_path);
                     return Ok(report);
                 }
+                if self.progress.step < steps && self.deadline.is_some_and(|d| Instant::now() >= d) {
+                    report.out_of_time = true;
+                    break;
+                }
             }
             bar.finish_and_clear();
             let seconds = t0.elapsed().as_secs_f64();
-            let valid_accuracy = match valid {
-                Some(v) => self.evaluate(v, show_progress)?.accuracy,
-                None => f64::NAN,
-            };
-            self.progress = Progress {
-                epoch: epoch + 1,
-                step: 0,
-            };
             let n = nsteps.max(1) as f64;
-            let m = EpochMetrics {
+            let mut m = EpochMetrics {
                 epoch: epoch + 1,
                 train_loss: loss_sum / n,
                 train_ce: ce_sum / n,
                 train_kl: kl_sum / n,
                 train_accuracy: correct as f64 / seen.max(1) as f64,
-                valid_accuracy,
+                valid_accuracy: f64::NAN,
+                valid_coverage: None,
                 seconds,
+                samples: seen,
                 samples_per_second: seen as f64 / seconds,
                 peak_bytes: self.device.memory().peak_bytes,
+            };
+            if report.out_of_time {
+                // A partial epoch: checkpoint where it stands (resumable), report
+                // its figures, leave metrics.jsonl to whole epochs.
+                self.save(&ck_path)?;
+                report.last_checkpoint = Some(ck_path);
+                if show_progress {
+                    eprintln!(
+                        "time budget reached at epoch {} step {}/{steps}",
+                        epoch + 1,
+                        self.progress.step
+                    );
+                }
+                report.epochs.push(m);
+                return Ok(report);
+            }
+            if let Some(v) = valid {
+                let r = self.evaluate(v, show_progress)?;
+                m.valid_accuracy = r.accuracy;
+                m.valid_coverage = r.coverage.map(|c| c.all_objects);
+            }
+            self.progress = Progress {
+                epoch: epoch + 1,
+                step: 0,
             };
             let mut f = fs::OpenOptions::new()
                 .create(true)
@@ -531,11 +629,14 @@ impl<M: Model> Trainer<M> {
             report.last_checkpoint = Some(ck_path.clone());
             if show_progress {
                 eprintln!(
-                    "epoch {}: loss {:.3}, train acc {:.1}%, valid acc {:.1}%, {:.0}s, {:.0} samples/s",
+                    "epoch {}: loss {:.3}, train acc {:.1}%, valid acc {:.1}%{}, {:.0}s, {:.0} samples/s",
                     m.epoch,
                     m.train_loss,
                     100.0 * m.train_accuracy,
                     100.0 * m.valid_accuracy,
+                    m.valid_coverage
+                        .map(|c| format!(" (all objects in a glimpse: {:.1}%)", 100.0 * c))
+                        .unwrap_or_default(),
                     m.seconds,
                     m.samples_per_second
                 );
@@ -593,11 +694,19 @@ pub fn evaluate<M: Model>(
     let mut confusion = vec![vec![0usize; k]; k];
     let loader = Loader::new(data.clone(), loader_config(batch_size, None), device)?;
     let bar = progress_bar(show, loader.num_batches() as u64, "evaluating");
+    let mut coverage: Option<Coverage> = None;
     for batch in loader.epoch(0) {
         let batch = batch?;
-        let scores = model.scores(&batch)?;
-        for (p, &l) in argmax_rows(&scores)?.iter().zip(&batch.labels) {
+        let out = model.scores(&batch)?;
+        for (p, &l) in argmax_rows(&out.scores)?.iter().zip(&batch.labels) {
             confusion[l][*p] += 1;
+        }
+        if let Some(glimpses) = &out.glimpses {
+            for (&i, gl) in batch.indices.iter().zip(glimpses) {
+                if let Some(objects) = data.object_centres(i) {
+                    coverage.get_or_insert_with(Coverage::default).add(&objects, gl);
+                }
+            }
         }
         bar.inc(1);
     }
@@ -615,5 +724,6 @@ pub fn evaluate<M: Model>(
         per_class_accuracy,
         confusion,
         class_names: data.class_names(),
+        coverage: coverage.map(Coverage::finish),
     })
 }

@@ -258,6 +258,13 @@ pub struct Scene {
 }
 
 impl Scene {
+    /// The labelled digits' centres in normalized coordinates (`[-1, 1]`).
+    pub fn digit_centres(&self) -> Vec<[f32; 2]> {
+        let side = self.geo.side as f32;
+        let c = |o: i64, px: usize| (2.0 * o as f32 + px as f32) / side - 1.0;
+        self.digits.iter().map(|d| [c(d.x, d.px), c(d.y, d.px)]).collect()
+    }
+
     /// The distractor fragments of clutter cell `(cy, cx)`.
     fn cell_fragments(&self, cy: usize, cx: usize, out: &mut Vec<Item>) {
         let Some(seed) = self.clutter_seed else { return };
@@ -623,6 +630,10 @@ impl Dataset for SceneDataset {
 
     fn proxy_shape(&self) -> (usize, usize) {
         self.proxy.shape()
+    }
+
+    fn object_centres(&self, i: usize) -> Option<Vec<[f32; 2]>> {
+        Some(self.scene(i).digit_centres())
     }
 
     fn get(&self, i: usize) -> Result<Sample> {

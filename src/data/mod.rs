@@ -93,6 +93,13 @@ pub trait Dataset: Send + Sync {
 
     /// One line saying what this is, for logs.
     fn describe(&self) -> String;
+
+    /// Centres `[x, y]` of the objects that make sample `i`'s label, in
+    /// normalized image coordinates (`[-1, 1]`, the glimpses' convention),
+    /// when the dataset knows them (generated tasks): glimpse coverage.
+    fn object_centres(&self, _i: usize) -> Option<Vec<[f32; 2]>> {
+        None
+    }
 }
 
 /// Mix several values into one well-spread 64-bit seed (SplitMix64 finalizer

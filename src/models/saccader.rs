@@ -118,6 +118,22 @@ pub struct Forward {
     pub crops: Var,
 }
 
+impl Forward {
+    /// Per sample, per glimpse `[s, tx, ty]`: half-side and centre in
+    /// normalized image coordinates.
+    pub fn glimpses(&self, g: &Graph) -> Result<Vec<Vec<[f32; 3]>>> {
+        let b = g.shape(self.logits)[0];
+        let mut out = vec![Vec::with_capacity(self.thetas.len()); b];
+        for &th in &self.thetas {
+            let v = g.value(th).to_vec()?;
+            for (i, gl) in out.iter_mut().enumerate() {
+                gl.push([v[i * 6], v[i * 6 + 2], v[i * 6 + 5]]);
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Saccader {
     pub fn new(cfg: SaccadeConfig, rng: &mut impl Rng, dev: &Device) -> Self {
         let mut ps = ParamStore::new();
