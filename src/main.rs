@@ -858,8 +858,17 @@ fn run_bench(a: BenchArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// One figure of a run, for the learning benchmark's table.
-type Column = dyn Fn(&RunSummary) -> f64;
+/// Median, min and max of `v`.
+fn median_min_max(mut v: Vec<f64>) -> [f64; 3] {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    [median, v[0], v[n - 1]]
+}
 
 /// The learning benchmark: one training run per seed, then the table.
 fn run_learning(l: LearningArgs) -> Result<(), Failure> {
@@ -883,29 +892,31 @@ fn run_learning(l: LearningArgs) -> Result<(), Failure> {
         );
         rows.push(run_train(a)?);
     }
-    let stat = |f: &Column| {
-        let mut v: Vec<f64> = rows.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        let median = if v.len() % 2 == 1 {
-            v[v.len() / 2]
-        } else {
-            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-        };
-        [median, v[0], v[v.len() - 1]]
-    };
     let cover = |r: &RunSummary| r.test_coverage.as_ref().map_or(f64::NAN, |c| c.all_objects);
-    let columns: [(&str, &Column); 5] = [
-        ("test_accuracy", &|r| r.test_accuracy),
-        ("coverage", &cover),
-        ("samples", &|r| r.samples as f64),
-        ("samples_per_second", &|r| r.samples_per_second),
-        ("seconds", &|r| r.seconds),
+    let figures = |r: &RunSummary| {
+        [
+            r.test_accuracy,
+            cover(r),
+            r.samples as f64,
+            r.samples_per_second,
+            r.seconds,
+        ]
+    };
+    let names = [
+        "test_accuracy",
+        "coverage",
+        "samples",
+        "samples_per_second",
+        "seconds",
     ];
+    let stats: Vec<[f64; 3]> = (0..names.len())
+        .map(|i| median_min_max(rows.iter().map(|r| figures(r)[i]).collect()))
+        .collect();
     if l.train.json {
-        let summary: serde_json::Map<String, serde_json::Value> = columns
+        let summary: serde_json::Map<String, serde_json::Value> = names
             .iter()
-            .map(|(name, f)| {
-                let [median, min, max] = stat(f);
+            .zip(&stats)
+            .map(|(name, [median, min, max])| {
                 (
                     name.to_string(),
                     serde_json::json!({"median": median, "min": min, "max": max}),
@@ -933,10 +944,10 @@ fn run_learning(l: LearningArgs) -> Result<(), Failure> {
         )
     };
     for r in &rows {
-        line(r.seed.to_string(), columns.map(|(_, f)| f(r)));
+        line(r.seed.to_string(), figures(r));
     }
     for (i, name) in ["median", "min", "max"].iter().enumerate() {
-        line(name.to_string(), columns.map(|(_, f)| stat(f)[i]));
+        line(name.to_string(), std::array::from_fn(|c| stats[c][i]));
     }
     Ok(())
 }
