@@ -123,6 +123,7 @@ pub fn configs(cfg: &BenchConfig, data: &dyn Dataset) -> (TrainConfig, TrainConf
         clip_norm: 0.0,
         seed: 0,
         sizes: [data.len(), 1, 1],
+        class_names: Vec::new(),
     };
     let baseline = if data.image_size().0 > 224 {
         Baseline::TiledResNet18(TiledConfig {

@@ -39,6 +39,13 @@ enum Command {
     Eval(EvalArgs),
     /// Classify image files with a checkpoint and draw where it looked.
     Predict(PredictArgs),
+    /// Write a checkpoint's weights, configuration and class names without the optimizer
+    /// state: a third of the size, for sharing (eval and predict read it; training cannot
+    /// resume from it exactly).
+    #[command(
+        after_help = "Example:\n  saccade export --checkpoint runs/latest/checkpoint.safetensors --out model.safetensors"
+    )]
+    Export(ExportArgs),
     /// Generate, import and inspect datasets.
     Data {
         #[command(subcommand)]
@@ -336,6 +343,16 @@ struct EvalArgs {
     device: DeviceArgs,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// Checkpoint written by `saccade train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// File to write (must not exist).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -643,12 +660,21 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         clip_value: a.clip_value.unwrap_or(if paper { 0.25 } else { 0.0 }),
         clip_norm: 0.0,
         seed: a.seed,
+        class_names: probe.class_names(),
         sizes: [
             a.train_size.unwrap_or(if paper { 100_000 } else { 50_000 }),
             a.valid_size.unwrap_or(if paper { 10_000 } else { 1_000 }),
             a.test_size.unwrap_or(if paper { 10_000 } else { 2_000 }),
         ],
     })
+}
+
+/// The checkpoint's class names, or (older checkpoints) its dataset's.
+fn class_names(cfg: &TrainConfig) -> Result<Vec<String>> {
+    if !cfg.class_names.is_empty() {
+        return Ok(cfg.class_names.clone());
+    }
+    Ok(probe(&cfg.dataset)?.class_names())
 }
 
 fn check_compatible(m: &SaccadeConfig, d: &dyn data::Dataset) -> Result<()> {
@@ -731,10 +757,38 @@ fn coverage_line(c: &Coverage) -> String {
     )
 }
 
+fn run_export(a: ExportArgs) -> Result<(), Failure> {
+    if a.out.exists() {
+        return Err(Failure {
+            code: 2,
+            error: anyhow::anyhow!("--out {} exists; choose a new file", a.out.display()),
+        });
+    }
+    match checkpoint_config(&a.checkpoint)?.baseline {
+        None => export_model::<Saccader>(a),
+        Some(Baseline::ResNet18(_)) => export_model::<ResNet18>(a),
+        Some(Baseline::TiledResNet18(_)) => export_model::<TiledResNet18>(a),
+    }
+}
+
+fn export_model<M: Model>(a: ExportArgs) -> Result<(), Failure> {
+    let mut t = Trainer::<M>::from_checkpoint(&a.checkpoint, Device::cpu())?;
+    t.cfg.class_names = class_names(&t.cfg)?;
+    t.save_weights(&a.out)?;
+    let bytes = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "wrote {} ({:.1} MB): weights, configuration and {} class names",
+        a.out.display(),
+        bytes as f64 / 1e6,
+        t.cfg.class_names.len()
+    );
+    Ok(())
+}
+
 fn run_predict(a: PredictArgs) -> Result<(), Failure> {
     let device = select_device(&a.device)?;
     let t = Trainer::<Saccader>::from_checkpoint(&a.checkpoint, device)?;
-    let names = probe(&t.cfg.dataset)?.class_names();
+    let names = class_names(&t.cfg)?;
     let results = saccade::predict::predict_files(&t.model, &a.images, a.viz.as_deref())?;
     let mut rows = Vec::new();
     for (path, probs) in a.images.iter().zip(&results) {
@@ -982,6 +1036,7 @@ fn main() -> ExitCode {
         Command::Train(a) => run_train(a).map(|_| ()),
         Command::Eval(a) => run_eval(a),
         Command::Predict(a) => run_predict(a),
+        Command::Export(a) => run_export(a),
         Command::Data { command } => run_data(command).map_err(Failure::from),
         Command::Device => run_device(),
         Command::Bench(a) => run_bench(a),

@@ -88,6 +88,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Images in the train, valid and test splits of generated datasets.
     pub sizes: [usize; 3],
+    /// The dataset's class names, so a checkpoint names its predictions
+    /// without the dataset (absent in older checkpoints).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub class_names: Vec<String>,
 }
 
 /// Where a run stands; saved in checkpoints for `--resume`.
@@ -436,12 +440,21 @@ impl<M: Model> Trainer<M> {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let meta = serde_json::json!({
+        checkpoint::save(path, self.model.params(), Some(&self.adam), &self.meta())
+    }
+
+    /// The weights and configuration only, without the optimizer state: a
+    /// checkpoint to ship for `eval` and `predict` (a third of the size).
+    pub fn save_weights(&self, path: &Path) -> Result<()> {
+        checkpoint::save(path, self.model.params(), None, &self.meta())
+    }
+
+    fn meta(&self) -> serde_json::Value {
+        serde_json::json!({
             "train": self.cfg,
             "progress": self.progress,
             "classes": self.cfg.model.num_classes,
-        });
-        checkpoint::save(path, self.model.params(), Some(&self.adam), &meta)
+        })
     }
 
     /// One optimizer step on one batch; returns (loss, ce, kl, correct).

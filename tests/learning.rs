@@ -87,6 +87,7 @@ fn learns_where_to_look_on_cluttered_mnist_1() {
         clip_norm: 0.0,
         seed: 7,
         sizes: [TRAIN, 1, TEST],
+        class_names: Vec::new(),
         baseline: None,
     };
     let dc = DataConfig {

@@ -23,6 +23,7 @@ fn config(epochs: usize, train: usize) -> TrainConfig {
         clip_norm: 0.0,
         seed: 5,
         sizes: [train, 64, 256],
+        class_names: Vec::new(),
         baseline: None,
     }
 }
