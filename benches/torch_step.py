@@ -58,6 +58,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import statistics
 import struct
 import subprocess
@@ -70,6 +71,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 LATENT = 3
 INIT_LOGVAR = -4.0
@@ -358,9 +360,9 @@ class TiledResNet18(nn.Module):
     ReLU. Tiles go through the trunk `chunk` at a time (batch-norm statistics
     per chunk), in (image, row, column) order."""
 
-    def __init__(self, channels, num_classes, width=64, tile=224, chunk=16):
+    def __init__(self, channels, num_classes, width=64, tile=224, chunk=16, checkpointing=False):
         super().__init__()
-        self.tile, self.chunk = tile, chunk
+        self.tile, self.chunk, self.checkpointing = tile, chunk, checkpointing
         self.trunk = ResNetTrunk(channels, width)
         f = self.trunk.features
         self.head = nn.ModuleList([nn.Linear(f, f), nn.Linear(f, num_classes)])
@@ -374,7 +376,13 @@ class TiledResNet18(nn.Module):
         summed = images.new_zeros(b, self.trunk.features)
         for start in range(0, len(tiles), self.chunk):
             part = torch.stack(tiles[start:start + self.chunk])
-            feats = self.trunk(part)
+            if self.checkpointing and torch.is_grad_enabled():
+                # saccade's --checkpointing: keep one chunk's activations at a
+                # time, recompute them in backward (here the recomputation
+                # also moves the batch-norm running statistics a second time).
+                feats = torch.utils.checkpoint.checkpoint(self.trunk, part, use_reentrant=False)
+            else:
+                feats = self.trunk(part)
             owner = torch.tensor([(start + j) // per for j in range(part.shape[0])])
             summed = summed.index_add(0, owner, feats)
         return self.head[1](F.relu(self.head[0](summed)))
@@ -436,8 +444,6 @@ def read_png(path):
     img = out.reshape(h, w, chans)
     if chans in (2, 4):  # drop alpha
         img = img[..., :chans - 1]
-    if img.shape[2] == 3:
-        pass
     return (img.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0))
 
 
@@ -536,9 +542,11 @@ def time_steps(step, warmup, steps):
 
 
 def summarize(times, b):
-    med = statistics.median(times)
-    return dict(median_step_s=med, mean_step_s=statistics.fmean(times), min_step_s=min(times),
-                max_step_s=max(times), samples_per_s=b / med, steps=len(times))
+    med, mean = statistics.median(times), statistics.fmean(times)
+    return dict(median_step_s=med, mean_step_s=mean, min_step_s=min(times), max_step_s=max(times),
+                samples_per_s=b / med, samples_per_s_at_mean=b / mean, samples_per_s_at_min=b / min(times),
+                steps=len(times), loadavg_1min_after=os.getloadavg()[0],
+                peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
 def run_saccade_train(binary, preset, batch_size, threads, train_size, out):
@@ -565,7 +573,8 @@ def bench(args):
     if args.model == "tiled-resnet18":
         size = args.size or 2528
         b = args.batch_size or 2
-        model = TiledResNet18(1, 55, width=args.resnet_width, tile=224, chunk=args.tile_chunk)
+        model = TiledResNet18(1, 55, width=args.resnet_width, tile=224, chunk=args.tile_chunk,
+                              checkpointing=args.checkpointing)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         images = torch.rand(b, 1, size, size)
         labels = torch.randint(0, 55, (b,))
@@ -580,7 +589,7 @@ def bench(args):
         warm = args.warmup if args.warmup is not None else 1
         times, losses = time_steps(step, warm, args.steps)
         res = dict(model="tiled-resnet18", size=size, batch_size=b, tiles_per_image=len(tile_starts(size, 224)) ** 2,
-                   tile_chunk=args.tile_chunk, params=num_params(model), threads=args.threads,
+                   tile_chunk=args.tile_chunk, checkpointing=args.checkpointing, params=num_params(model), threads=args.threads,
                    torch=torch.__version__, warmup=warm, data="random", **summarize(times, b))
         return res
     preset = PRESETS[args.preset]
@@ -657,6 +666,10 @@ def verify(args):
     3. `saccade predict --json --top K` on the test images: evaluation-mode
        class probabilities (posterior means; the learned-variance path does
        not enter them).
+
+    With `--mask` the torch side uses the hard-mask policy: that must match
+    a saccade whose default policy is the mask, and must not match one
+    without it.
     """
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
@@ -671,7 +684,8 @@ def verify(args):
     ck = os.path.join(run_dir, "checkpoint.safetensors")
     if not os.path.exists(ck):
         run([binary, "train", *extra, "--train-size", str(n), "--valid-size", str(n), "--test-size", str(n),
-             "--batch-size", str(n), "--epochs", "1", "--lr", "0", "--fixed-variance", repr(fv),
+             "--batch-size", str(n), "--epochs", "1", "--lr", "0", "--clip-value", "0",
+             "--fixed-variance", repr(fv),
              "--seed", str(seed), "--out", run_dir, "--device", "cpu", "--threads", str(args.threads), "--json"])
     params, m1, v1, adam_step, meta = load_checkpoint(ck)
     tcfg = meta["train"]
@@ -685,7 +699,7 @@ def verify(args):
     missing = set(model.state_dict()) ^ set(sd)
     assert not missing, f"names differ: {sorted(missing)}"
     model.load_state_dict(sd, strict=True)
-    out = dict(workdir=work, params_torch=num_params(model),
+    out = dict(workdir=work, mask=args.mask, params_torch=num_params(model),
                params_saccade=int(sum(np.prod(v.shape) for v in params.values())),
                config=cfg)
 
@@ -695,7 +709,7 @@ def verify(args):
     x, p, y = torch.from_numpy(imgs), torch.from_numpy(proxies), torch.from_numpy(labels)
     noise = [torch.zeros(len(y), LATENT) for _ in range(cfg["glimpses"])]
     model.zero_grad()
-    logits, ce, elbo, kl, loss, _ = model(x, p, y, noise)
+    logits, ce, elbo, kl, loss, _ = model(x, p, y, noise, mask=args.mask)
     loss.backward()
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         metrics = json.loads(f.readline())
@@ -732,10 +746,16 @@ def verify(args):
     tproxies = np.stack([area_resize(im, cfg["proxy_size"]) for im in timgs])
     with torch.no_grad():
         lg, _, _, _, _, _ = model(torch.from_numpy(timgs), torch.from_numpy(tproxies),
-                                  torch.from_numpy(tlabels), None)
+                                  torch.from_numpy(tlabels), None, mask=args.mask)
         probs_t = torch.softmax(lg, 1).numpy()
     out["eval_probs"] = dict(images=len(paths), **compare(probs_t, probs_s),
                              argmax_agree=int((probs_t.argmax(1) == probs_s.argmax(1)).sum()))
+    # float32 rounding gives ~1e-7 relative (1e-5 on the smallest gradient
+    # tensors); a different model or policy gives 1e-4 and more.
+    st = out["train_step"]
+    out["match"] = bool(abs(st["loss_torch"] - st["loss_saccade"]) <= 1e-5 * abs(st["loss_saccade"])
+                        and out["gradients"]["worst"]["rel_l2"] <= 1e-3
+                        and out["eval_probs"]["max_abs_diff"] <= 1e-5)
     return out
 
 
@@ -756,10 +776,14 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resnet-width", type=int, default=64)
     ap.add_argument("--tile-chunk", type=int, default=16)
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="tiled: recompute each chunk of tiles in backward (saccade's --checkpointing)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--compare-saccade", metavar="BIN",
                     help="also run `BIN train` for one epoch of --saccade-images images, same preset/batch/threads")
     ap.add_argument("--saccade-images", type=int, default=3200)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat (torch timing, then saccade's epoch with --compare-saccade) this many times")
     ap.add_argument("--verify", action="store_true", help="compare with saccade (needs --saccade)")
     ap.add_argument("--saccade", default="target/release/saccade", help="saccade binary for --verify")
     ap.add_argument("--workdir", help="--verify: folder for the generated data and checkpoint (default: a temp dir)")
@@ -773,7 +797,7 @@ def main():
         res = verify(args)
         if args.json:
             print(json.dumps(res))
-            return
+            sys.exit(0 if res["match"] else 1)
         s, g, e = res["train_step"], res["gradients"], res["eval_probs"]
         print(f"parameters: torch {res['params_torch']}, saccade {res['params_saccade']}")
         print(f"train step on {s['batch']} images (lr 0, fixed variance {args.fixed_variance}):")
@@ -787,18 +811,38 @@ def main():
         print(f"eval-mode probabilities on {e['images']} test images (saccade predict): max abs diff "
               f"{e['max_abs_diff']:.3g}, rel L2 {e['rel_l2']:.3g}, argmax agree {e['argmax_agree']}/{e['images']}")
         print(f"(work folder {res['workdir']})")
-        return
+        print("MATCH" if res["match"] else "MISMATCH")
+        sys.exit(0 if res["match"] else 1)
 
-    res = bench(args)
-    if args.compare_saccade:
-        if args.model != "saccade":
-            res["saccade"] = dict(note="use `saccade bench --size 2528` for the tiled baseline")
-        else:
-            with tempfile.TemporaryDirectory(prefix="saccade_cmp_") as d:
-                res["saccade"] = run_saccade_train(args.compare_saccade, args.preset, res["batch_size"],
-                                                   args.threads, args.saccade_images, d)
-            if args.mask:
-                res["saccade"]["note_mask"] = "saccade ran its own default glimpse policy"
+    rounds = []
+    for r in range(max(args.rounds, 1)):
+        load_before = os.getloadavg()[0]
+        res = bench(args)
+        res["loadavg_1min_before"] = load_before
+        if args.compare_saccade:
+            if args.model != "saccade":
+                res["saccade"] = dict(note="use `saccade bench --size 2528` for the tiled baseline")
+            else:
+                with tempfile.TemporaryDirectory(prefix="saccade_cmp_") as d:
+                    res["saccade"] = run_saccade_train(args.compare_saccade, args.preset, res["batch_size"],
+                                                       args.threads, args.saccade_images, d)
+                if args.mask:
+                    res["saccade"]["note_mask"] = "saccade ran its own default glimpse policy"
+        rounds.append(res)
+        if not args.json:
+            sac = res.get("saccade", {}).get("samples_per_s")
+            print(f"round {r + 1}: torch median {res['median_step_s']:.3f} s/step = {res['samples_per_s']:.1f} "
+                  f"samples/s (mean {res['samples_per_s_at_mean']:.1f}, best {res['samples_per_s_at_min']:.1f})"
+                  + (f"; saccade epoch {sac:.1f} samples/s" if sac else "")
+                  + f"; load {res['loadavg_1min_before']:.1f}", flush=True)
+    if len(rounds) > 1:
+        res = dict(rounds=rounds, median_over_rounds=dict(
+            torch_samples_per_s=statistics.median(x["samples_per_s"] for x in rounds),
+            torch_samples_per_s_at_mean=statistics.median(x["samples_per_s_at_mean"] for x in rounds),
+            torch_samples_per_s_at_min=statistics.median(x["samples_per_s_at_min"] for x in rounds)))
+        sac = [x["saccade"]["samples_per_s"] for x in rounds if "samples_per_s" in x.get("saccade", {})]
+        if sac:
+            res["median_over_rounds"]["saccade_samples_per_s"] = statistics.median(sac)
     if args.json:
         print(json.dumps(res))
     else:
