@@ -828,6 +828,8 @@ def main():
                                                        args.threads, args.saccade_images, d)
                 if args.mask:
                     res["saccade"]["note_mask"] = "saccade ran its own default glimpse policy"
+        res["env"] = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")
+                      if k in os.environ}
         rounds.append(res)
         if not args.json:
             sac = res.get("saccade", {}).get("samples_per_s")
