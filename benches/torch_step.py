@@ -15,7 +15,9 @@ will not import without its nvidia-* / cuda-toolkit dependencies)::
 
 Commands (from the repository root, saccade built with `cargo build --release`)::
 
-    # throughput of forward + backward + Adam, median of the timed steps
+    # throughput of forward + backward + Adam, median of the timed steps. On a
+    # shared machine prefix OMP_WAIT_POLICY=PASSIVE: PyTorch's spinning OpenMP
+    # threads otherwise lose 2-5x to contention (BENCHMARKS.md)
     /tmp/torchenv/bin/python benches/torch_step.py --preset small --batch-size 32 --steps 30 --threads 2
     /tmp/torchenv/bin/python benches/torch_step.py --preset paper --mask --json
     # ...and saccade's own figure, same machine, same minute
