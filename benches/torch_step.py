@@ -19,7 +19,7 @@ Commands (from the repository root, saccade built with `cargo build --release`):
     # shared machine prefix OMP_WAIT_POLICY=PASSIVE: PyTorch's spinning OpenMP
     # threads otherwise lose 2-5x to contention (BENCHMARKS.md)
     /tmp/torchenv/bin/python benches/torch_step.py --preset small --batch-size 32 --steps 30 --threads 2
-    /tmp/torchenv/bin/python benches/torch_step.py --preset paper --mask --json
+    /tmp/torchenv/bin/python benches/torch_step.py --preset paper --json
     # ...and saccade's own figure, same machine, same minute
     /tmp/torchenv/bin/python benches/torch_step.py --compare-saccade target/release/saccade
     # the large-image baseline: ResNet18 over 12x12 tiles of 224^2 of a 2528^2 image
@@ -42,7 +42,8 @@ preset: lr 1e-4, clip values to 0.25, as `saccade train --preset paper`).
 Parameter names equal saccade's checkpoint names, so a checkpoint loads with
 `load_state_dict(strict=True)`.
 
-`--mask` is the hard-mask glimpse policy: each image keeps one flag per cell
+The glimpse policy is saccade's default, the hard mask (`--no-mask`: the
+paper's policy, which passes `--no-mask` to saccade too): each image keeps one flag per cell
 of the 8x8 attention map; after step t the cells whose centres lie inside
 step t's glimpse box (|cx - tx| <= s and |cy - ty| <= s, theta from z_t: the
 sample in training, the mean in evaluation; no gradient through the mask)
@@ -551,9 +552,9 @@ def summarize(times, b):
                 peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
-def run_saccade_train(binary, preset, batch_size, threads, train_size, out):
+def run_saccade_train(binary, preset, batch_size, threads, train_size, out, mask):
     """saccade's own figure: one epoch of `saccade train` (includes its loader)."""
-    cmd = [binary, "train", "--preset", preset, "--batch-size", str(batch_size),
+    cmd = [binary, "train", "--preset", preset, *([] if mask else ["--no-mask"]), "--batch-size", str(batch_size),
            "--train-size", str(train_size), "--valid-size", "64", "--test-size", "64",
            "--epochs", "1", "--out", out, "--device", "cpu", "--threads", str(threads), "--json"]
     t0 = time.perf_counter()
@@ -669,9 +670,8 @@ def verify(args):
        class probabilities (posterior means; the learned-variance path does
        not enter them).
 
-    With `--mask` the torch side uses the hard-mask policy: that must match
-    a saccade whose default policy is the mask, and must not match one
-    without it.
+    Both sides use the hard mask, or with `--no-mask` both the paper's
+    policy (saccade gets `--no-mask`).
     """
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
@@ -679,7 +679,7 @@ def verify(args):
     work = args.workdir or tempfile.mkdtemp(prefix="torch_verify_")
     n, seed, fv = args.verify_size, args.seed_saccade, args.fixed_variance
     data_dir, run_dir = os.path.join(work, "data"), os.path.join(work, "run")
-    extra = ["--preset", args.preset]
+    extra = ["--preset", args.preset, *([] if args.mask else ["--no-mask"])]
     if not os.path.exists(os.path.join(data_dir, "train")):
         run([binary, "data", "generate", "--dataset", "cluttered-mnist", "--out", data_dir, "--train", str(n),
              "--valid", str(n), "--test", str(n), "--format", "png", "--seed", str(seed)])
@@ -773,7 +773,8 @@ def main():
     ap.add_argument("--steps", type=int, default=30, help="timed steps")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 tiled)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--mask", action="store_true", help="hard-mask glimpse policy")
+    ap.add_argument("--no-mask", dest="mask", action="store_false",
+                    help="the paper's glimpse policy instead of saccade's default hard mask")
     ap.add_argument("--data", help="a `saccade data generate --format png` folder for the timing batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resnet-width", type=int, default=64)
@@ -827,9 +828,7 @@ def main():
             else:
                 with tempfile.TemporaryDirectory(prefix="saccade_cmp_") as d:
                     res["saccade"] = run_saccade_train(args.compare_saccade, args.preset, res["batch_size"],
-                                                       args.threads, args.saccade_images, d)
-                if args.mask:
-                    res["saccade"]["note_mask"] = "saccade ran its own default glimpse policy"
+                                                       args.threads, args.saccade_images, d, args.mask)
         res["env"] = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")
                       if k in os.environ}
         rounds.append(res)
