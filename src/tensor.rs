@@ -11,7 +11,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::device::cpu::CpuStorage;
 use crate::device::cuda::CudaStorage;
-use crate::device::{CpuDevice, Device};
+use crate::device::{CpuDevice, Device, MemCounter};
 
 pub enum Storage {
     Cpu(CpuStorage),
@@ -121,6 +121,14 @@ impl Tensor {
 
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    /// The counter of the device holding the tensor.
+    pub(crate) fn counter(&self) -> &MemCounter {
+        match &*self.storage {
+            Storage::Cpu(s) => s.counter(),
+            Storage::Cuda(s) => s.counter(),
+        }
     }
 
     pub fn device(&self) -> Device {

@@ -32,6 +32,10 @@ impl CpuStorage {
         &self.data
     }
 
+    pub(crate) fn counter(&self) -> &MemCounter {
+        &self.mem
+    }
+
     pub(crate) fn device(&self) -> CpuDevice {
         CpuDevice {
             mem: self.mem.clone(),

@@ -61,6 +61,21 @@ impl Unary {
         }
     }
 
+    /// The op's name in the profile.
+    pub fn name(self) -> &'static str {
+        match self {
+            Unary::Relu => "relu",
+            Unary::Elu(_) => "elu",
+            Unary::Selu => "selu",
+            Unary::Sigmoid => "sigmoid",
+            Unary::Tanh => "tanh",
+            Unary::Softplus => "softplus",
+            Unary::Exp => "exp",
+            Unary::Log => "log",
+            Unary::Affine(..) => "affine",
+        }
+    }
+
     /// The op code and two constants the kernels in kernels/elementwise.cu take.
     pub fn kernel_code(self) -> (i32, f32, f32) {
         match self {
@@ -233,6 +248,16 @@ pub enum Binary {
 }
 
 impl Binary {
+    /// The op's name in the profile.
+    pub fn name(self) -> &'static str {
+        match self {
+            Binary::Add => "add",
+            Binary::Sub => "sub",
+            Binary::Mul => "mul",
+            Binary::Div => "div",
+        }
+    }
+
     fn apply(self, a: f32, b: f32) -> f32 {
         match self {
             Binary::Add => a + b,
@@ -354,7 +379,9 @@ impl Graph {
         let xv = self.value(x).clone();
         let y = unary_forward(&xv, op)?;
         let yv = y.clone();
-        Ok(self.record(y, &[x], move |g| Ok(vec![Some(unary_backward(&xv, &yv, g, op)?)])))
+        Ok(self.record_as(op.name(), y, &[x], move |g| {
+            Ok(vec![Some(unary_backward(&xv, &yv, g, op)?)])
+        }))
     }
 
     pub fn relu(&mut self, x: Var) -> Result<Var> {
@@ -389,7 +416,7 @@ impl Graph {
     pub fn binary(&mut self, a: Var, b: Var, op: Binary) -> Result<Var> {
         let (av, bv) = (self.value(a).clone(), self.value(b).clone());
         let y = binary_forward(&av, &bv, op)?;
-        Ok(self.record(y, &[a, b], move |g| {
+        Ok(self.record_as(op.name(), y, &[a, b], move |g| {
             let (ga, gb) = binary_backward(&av, &bv, g, op)?;
             Ok(vec![Some(ga), Some(gb)])
         }))
