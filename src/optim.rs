@@ -53,11 +53,11 @@ pub fn adam_update(
         Storage::Cpu(_) => {
             let (pv, gv, mv, vv) = (p.cpu()?, g.cpu()?, m.cpu()?, v.cpu()?);
             let grad = |i: usize| gv[i] + c.weight_decay * pv[i];
-            let m2 = par_fill(pv.len(), |i| c.beta1 * mv[i] + (1.0 - c.beta1) * grad(i));
-            let v2 = par_fill(pv.len(), |i| {
+            let m2 = par_fill(p.host(), pv.len(), |i| c.beta1 * mv[i] + (1.0 - c.beta1) * grad(i));
+            let v2 = par_fill(p.host(), pv.len(), |i| {
                 c.beta2 * vv[i] + (1.0 - c.beta2) * grad(i) * grad(i)
             });
-            let p2 = par_fill(pv.len(), |i| {
+            let p2 = par_fill(p.host(), pv.len(), |i| {
                 pv[i] - c.lr * (m2[i] / bc1) / ((v2[i] / bc2).sqrt() + c.eps)
             });
             Ok((p.same_shape(p2)?, p.same_shape(m2)?, p.same_shape(v2)?))
@@ -206,7 +206,7 @@ pub fn clip_by_value(grads: &mut Gradients, c: f32) -> Result<()> {
     grads.map_params(|g| match g.storage() {
         Storage::Cpu(_) => {
             let gv = g.cpu()?;
-            g.same_shape(par_fill(gv.len(), |i| gv[i].clamp(-c, c)))
+            g.same_shape(par_fill(g.host(), gv.len(), |i| gv[i].clamp(-c, c)))
         }
         Storage::Cuda(gs) => cuda::clamp(gs, g.shape(), c),
     })

@@ -124,7 +124,7 @@ pub fn unary_forward(x: &Tensor, op: Unary) -> Result<Tensor> {
     match x.storage() {
         Storage::Cpu(_) => {
             let xs = x.cpu()?;
-            x.same_shape(par_fill(xs.len(), |i| op.apply(xs[i])))
+            x.same_shape(par_fill(x.host(), xs.len(), |i| op.apply(xs[i])))
         }
         Storage::Cuda(xs) => cuda::unary_forward(xs, x.shape(), op),
     }
@@ -135,7 +135,7 @@ pub fn unary_backward(x: &Tensor, y: &Tensor, gy: &Tensor, op: Unary) -> Result<
     match x.storage() {
         Storage::Cpu(_) => {
             let (xs, ys, gs) = (x.cpu()?, y.cpu()?, gy.cpu()?);
-            x.same_shape(par_fill(xs.len(), |i| gs[i] * op.derivative(xs[i], ys[i])))
+            x.same_shape(par_fill(x.host(), xs.len(), |i| gs[i] * op.derivative(xs[i], ys[i])))
         }
         Storage::Cuda(xs) => cuda::unary_backward(xs, y.cuda()?, gy.cuda()?, x.shape(), op),
     }
@@ -310,15 +310,15 @@ pub fn binary_forward(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
             let (xa, xb) = (a.cpu()?, b.cpu()?);
             let n: usize = shape.iter().product();
             let data = if a.shape() == b.shape() {
-                par_fill(n, |i| op.apply(xa[i], xb[i]))
+                par_fill(a.host(), n, |i| op.apply(xa[i], xb[i]))
             } else if b.numel() == 1 {
-                par_fill(n, |i| op.apply(xa[i], xb[0]))
+                par_fill(a.host(), n, |i| op.apply(xa[i], xb[0]))
             } else {
                 let (sa, sb) = (
                     broadcast_strides(a.shape(), &shape),
                     broadcast_strides(b.shape(), &shape),
                 );
-                par_fill(n, |i| {
+                par_fill(a.host(), n, |i| {
                     let (mut rem, mut ia, mut ib) = (i, 0, 0);
                     for d in (0..shape.len()).rev() {
                         let k = rem % shape[d];

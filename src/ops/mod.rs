@@ -21,6 +21,7 @@ pub mod shape;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
+use crate::device::CpuDevice;
 use crate::tensor::{fmt_shape, Tensor};
 
 /// Below this many elements a loop is not worth splitting across threads.
@@ -30,9 +31,9 @@ pub(crate) const PAR_MIN: usize = 1 << 15;
 /// per-task cost vanishes against the work.
 const CHUNK: usize = 1 << 14;
 
-/// `out[i] = f(i)` over a fresh vector, threaded in chunks when large.
-pub(crate) fn par_fill(n: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; n];
+/// `out[i] = f(i)` over a buffer of `dev`, threaded in chunks when large.
+pub(crate) fn par_fill(dev: &CpuDevice, n: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
+    let mut out = dev.buffer(n);
     let fill = |c: usize, chunk: &mut [f32]| {
         for (j, o) in chunk.iter_mut().enumerate() {
             *o = f(c * CHUNK + j);
@@ -62,8 +63,8 @@ pub(crate) fn for_chunks(data: &mut [f32], len: usize, f: impl Fn(usize, &mut [f
 
 /// `out[n] = sum_j f(n * d + j)`, accumulated in f64; threaded over rows when
 /// the total work is large.
-pub(crate) fn row_sums(rows: usize, d: usize, f: impl Fn(usize) -> f64 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; rows];
+pub(crate) fn row_sums(dev: &CpuDevice, rows: usize, d: usize, f: impl Fn(usize) -> f64 + Sync) -> Vec<f32> {
+    let mut out = dev.buffer(rows);
     out.par_iter_mut()
         .with_min_len((PAR_MIN / d.max(1)).max(1))
         .enumerate()
@@ -74,11 +75,12 @@ pub(crate) fn row_sums(rows: usize, d: usize, f: impl Fn(usize) -> f64 + Sync) -
 /// `K` outputs of length `n` filled in one pass: `out[k][i] = f(i)[k]`. Lets
 /// a backward compute the gradients of several inputs from shared terms.
 pub(crate) fn par_fill_multi<const K: usize>(
+    dev: &CpuDevice,
     n: usize,
     f: impl Fn(usize) -> [f32; K] + Sync,
 ) -> [Vec<f32>; K] {
     const CHUNK: usize = 4096;
-    let mut outs: [Vec<f32>; K] = std::array::from_fn(|_| vec![0.0f32; n]);
+    let mut outs: [Vec<f32>; K] = std::array::from_fn(|_| dev.buffer(n));
     let mut iters = outs.each_mut().map(|o| o.chunks_mut(CHUNK));
     let chunks: Vec<[&mut [f32]; K]> = (0..n.div_ceil(CHUNK))
         .map(|_| iters.each_mut().map(|it| it.next().expect("equal lengths")))

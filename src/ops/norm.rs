@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use super::elementwise::{binary_forward, unary_forward, Binary, Unary};
 use super::{par_fill, PAR_MIN};
 use crate::autograd::{Graph, Var};
+use crate::device::CpuDevice;
 use crate::tensor::{fmt_shape, Storage, Tensor};
 
 /// Which planes share statistics.
@@ -106,7 +107,10 @@ fn stats_cpu(xs: &[f32], l: Layout) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// `y = (x - mean) * rstd * gamma + beta` with per-statistic `mean`, `rstd`.
-fn normalize_cpu(xs: &[f32], l: Layout, gamma: &[f32], beta: &[f32], mean: &[f32], rstd: &[f32]) -> Vec<f32> {
+fn normalize_cpu(
+    dev: &CpuDevice,
+    xs: &[f32],
+    l: Layout, gamma: &[f32], beta: &[f32], mean: &[f32], rstd: &[f32]) -> Vec<f32> {
     // Per plane (mean, gamma * rstd, beta); subtracting the mean before
     // scaling keeps precision when |mean| >> std.
     let coef: Vec<(f32, f32, f32)> = (0..l.n * l.c)
@@ -115,7 +119,7 @@ fn normalize_cpu(xs: &[f32], l: Layout, gamma: &[f32], beta: &[f32], mean: &[f32
             (mean[k], gamma[c] * rstd[k], beta[c])
         })
         .collect();
-    par_fill(xs.len(), |i| {
+    par_fill(dev, xs.len(), |i| {
         let (m, a, b) = coef[i / l.s];
         (xs[i] - m) * a + b
     })
@@ -128,6 +132,7 @@ fn normalize_cpu(xs: &[f32], l: Layout, gamma: &[f32], beta: &[f32], mean: &[f32
 /// the mean subtracted first for precision); without, `dx = dy * gamma * rstd`.
 #[allow(clippy::too_many_arguments)]
 fn backward_cpu(
+    dev: &CpuDevice,
     xs: &[f32],
     gy: &[f32],
     l: Layout,
@@ -161,7 +166,7 @@ fn backward_cpu(
             (gamma[p % l.c] * rstd[k], mean[k], pq[k].0, pq[k].1)
         })
         .collect();
-    let dx = par_fill(xs.len(), |i| {
+    let dx = par_fill(dev, xs.len(), |i| {
         let (a, m, p, q) = coef[i / l.s];
         gy[i] * a + (xs[i] - m) * p + q
     });
@@ -222,6 +227,7 @@ fn forward(
             x.shape(),
         ),
         Storage::Cpu(_) => x.same_shape(normalize_cpu(
+            x.host(),
             x.cpu()?,
             l,
             gamma.cpu()?,
@@ -258,6 +264,7 @@ fn backward(
         }
         Storage::Cpu(_) => {
             let (dx, dg, db) = backward_cpu(
+                x.host(),
                 x.cpu()?,
                 gy.cpu()?,
                 l,
