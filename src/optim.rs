@@ -53,7 +53,9 @@ pub fn adam_update(
         Storage::Cpu(_) => {
             let (pv, gv, mv, vv) = (p.cpu()?, g.cpu()?, m.cpu()?, v.cpu()?);
             let grad = |i: usize| gv[i] + c.weight_decay * pv[i];
-            let m2 = par_fill(p.host(), pv.len(), |i| c.beta1 * mv[i] + (1.0 - c.beta1) * grad(i));
+            let m2 = par_fill(p.host(), pv.len(), |i| {
+                c.beta1 * mv[i] + (1.0 - c.beta1) * grad(i)
+            });
             let v2 = par_fill(p.host(), pv.len(), |i| {
                 c.beta2 * vv[i] + (1.0 - c.beta2) * grad(i) * grad(i)
             });

@@ -195,7 +195,13 @@ fn group_cols<'a>(dev: &CpuDevice, g: &Geom, imgs: &'a [f32], buf: &'a mut Vec<f
 }
 
 /// One group's output grids as a `[o, n*hw]` matrix (a copy unless `n == 1`).
-fn group_rows<'a>(dev: &CpuDevice, g: &Geom, o: usize, colside: &'a [f32], buf: &'a mut Vec<f32>) -> &'a [f32] {
+fn group_rows<'a>(
+    dev: &CpuDevice,
+    g: &Geom,
+    o: usize,
+    colside: &'a [f32],
+    buf: &'a mut Vec<f32>,
+) -> &'a [f32] {
     if colside.len() == o * g.hw() {
         return colside;
     }

@@ -18,7 +18,9 @@ pub fn reparameterize_forward(mu: &Tensor, logvar: &Tensor, eps: &Tensor) -> Res
         Storage::Cuda(ms) => cuda::reparameterize(ms, logvar.cuda()?, eps.cuda()?, mu.shape()),
         Storage::Cpu(_) => {
             let (ms, ls, es) = (mu.cpu()?, logvar.cpu()?, eps.cpu()?);
-            mu.same_shape(par_fill(mu.host(), ms.len(), |i| ms[i] + (0.5 * ls[i]).exp() * es[i]))
+            mu.same_shape(par_fill(mu.host(), ms.len(), |i| {
+                ms[i] + (0.5 * ls[i]).exp() * es[i]
+            }))
         }
     }
 }
@@ -32,7 +34,9 @@ pub fn reparameterize_backward(logvar: &Tensor, eps: &Tensor, g: &Tensor) -> Res
         )),
         Storage::Cpu(_) => {
             let (ls, es, gs) = (logvar.cpu()?, eps.cpu()?, g.cpu()?);
-            let dlv = par_fill(logvar.host(), ls.len(), |i| 0.5 * gs[i] * (0.5 * ls[i]).exp() * es[i]);
+            let dlv = par_fill(logvar.host(), ls.len(), |i| {
+                0.5 * gs[i] * (0.5 * ls[i]).exp() * es[i]
+            });
             Ok((g.clone(), logvar.same_shape(dlv)?))
         }
     }

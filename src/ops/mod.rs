@@ -51,6 +51,46 @@ pub(crate) fn par_fill(dev: &CpuDevice, n: usize, f: impl Fn(usize) -> f32 + Syn
     out
 }
 
+/// `out[i] = f(a[i], b[i], c[i])` over a buffer of `dev`: `par_fill`
+/// without the indexing, so that simple maps vectorize.
+pub(crate) fn par_map3(
+    dev: &CpuDevice,
+    [a, b, c]: [&[f32]; 3],
+    f: impl Fn(f32, f32, f32) -> f32 + Sync,
+) -> Vec<f32> {
+    assert!(a.len() == b.len() && a.len() == c.len());
+    let mut out = dev.buffer(a.len());
+    if a.len() >= PAR_MIN {
+        let chunks = out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK));
+        chunks
+            .zip(b.par_chunks(CHUNK))
+            .zip(c.par_chunks(CHUNK))
+            .for_each(|(((o, a), b), c)| map_into(o, [a, b, c], &f));
+    } else {
+        map_into(&mut out, [a, b, c], &f);
+    }
+    out
+}
+
+/// The loop of [`par_map3`]. A function of its own, not inlined, so that
+/// `out` stays a `&mut` parameter, which tells LLVM it aliases nothing `f`
+/// captures (inlined into rayon's closures, the captures were reloaded per
+/// element and the loop stayed scalar); indexed over equal lengths, the form
+/// the loop vectorizer handles.
+#[inline(never)]
+fn map_into(out: &mut [f32], [a, b, c]: [&[f32]; 3], f: &impl Fn(f32, f32, f32) -> f32) {
+    let n = out.len();
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    for i in 0..n {
+        out[i] = f(a[i], b[i], c[i]);
+    }
+}
+
+/// `out[i] = f(xs[i])`, see [`par_map3`].
+pub(crate) fn par_map(dev: &CpuDevice, xs: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    par_map3(dev, [xs; 3], move |x, _, _| f(x))
+}
+
 /// `f(index, chunk)` over the `len`-sized chunks of `data`, threaded when
 /// large (shared with the pooling and resize loops).
 pub(crate) fn for_chunks(data: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
