@@ -287,30 +287,37 @@ fn adjoint_cpu(dev: &CpuDevice, g: &Geom, o: usize, colside: &[f32], w: &[f32]) 
     out
 }
 
-/// `dW [o, ck] = sum_n colside[n] · cols(img[n])^T`: each task sums its
-/// groups into its own `dW`, then those are added up.
+/// `dW [o, ck] = sum_n colside[n] · cols(img[n])^T`. The groups are cut
+/// into one fixed run per thread, each summed in order into its own `dW`,
+/// and those are added in order: the same bits whatever the scheduling (a
+/// fold over rayon's adaptive splits would vary with work stealing).
 fn weight_grad_cpu(dev: &CpuDevice, g: &Geom, o: usize, imgs: &[f32], colside: &[f32]) -> Vec<f32> {
     let n = imgs.len() / g.img_len();
     let (ck, hw, gs) = (g.ck(), g.hw(), g.group(n));
-    let groups = imgs
-        .par_chunks(gs * g.img_len())
-        .zip(colside.par_chunks(gs * o * hw));
-    groups
-        .fold(
-            || (vec![0.0; o * ck], Scratch::new(dev)),
-            |(mut dw, mut s), (x, dy)| {
+    let groups = n.div_ceil(gs);
+    let per_run = groups.div_ceil(rayon::current_num_threads()).max(1);
+    let runs: Vec<Vec<f32>> = (0..groups.div_ceil(per_run))
+        .into_par_iter()
+        .map(|r| {
+            let (mut dw, mut s) = (vec![0.0; o * ck], Scratch::new(dev));
+            let xs = imgs.chunks(gs * g.img_len()).skip(r * per_run);
+            for (x, dy) in xs
+                .zip(colside.chunks(gs * o * hw).skip(r * per_run))
+                .take(per_run)
+            {
                 let cols = group_cols(dev, g, x, &mut s.cols);
                 let rows = group_rows(dev, g, o, dy, &mut s.rows);
                 sgemm(o, ck, rows.len() / o, Mat::n(rows), Mat::t(cols), &mut dw, true);
-                (dw, s)
-            },
-        )
-        .map(|(dw, _)| dw)
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-            a
+            }
+            dw
         })
-        .unwrap_or_else(|| vec![0.0; o * ck])
+        .collect();
+    let mut runs = runs.into_iter();
+    let mut dw = runs.next().unwrap_or_else(|| vec![0.0; o * ck]);
+    for r in runs {
+        dw.iter_mut().zip(&r).for_each(|(x, y)| *x += y);
+    }
+    dw
 }
 
 /// `out[n, c, :, :] += b[c]`.
