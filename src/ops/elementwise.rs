@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 
-use super::{par_fill, par_map, par_map3, reduce::sum_to_shape};
+use super::{for_chunks, par_fill, par_map, par_map3, reduce::sum_to_shape};
 use crate::autograd::{Graph, Var};
 use crate::tensor::{fmt_shape, Storage, Tensor};
 
@@ -362,16 +362,23 @@ pub fn binary_forward(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
                     broadcast_strides(a.shape(), &shape),
                     broadcast_strides(b.shape(), &shape),
                 );
-                par_fill(a.host(), n, |i| {
-                    let (mut rem, mut ia, mut ib) = (i, 0, 0);
-                    for d in (0..shape.len()).rev() {
+                // Row by row along the last axis: the division into
+                // coordinates once per row, not per element.
+                let last = shape.len() - 1;
+                let mut out = a.host().buffer(n);
+                for_chunks(&mut out, shape[last].max(1), |row, o| {
+                    let (mut rem, mut ia, mut ib) = (row, 0, 0);
+                    for d in (0..last).rev() {
                         let k = rem % shape[d];
                         rem /= shape[d];
                         ia += k * sa[d];
                         ib += k * sb[d];
                     }
-                    op.apply(xa[ia], xb[ib])
-                })
+                    for (j, o) in o.iter_mut().enumerate() {
+                        *o = op.apply(xa[ia + j * sa[last]], xb[ib + j * sb[last]]);
+                    }
+                });
+                out
             };
             Tensor::from_vec(data, &shape, &a.device())
         }
