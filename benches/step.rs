@@ -15,7 +15,8 @@ fn bench_step(c: &mut Criterion) {
     let data = bench::dataset(100, BATCH).expect("dataset");
     for (name, paper) in [("small", false), ("paper", true)] {
         let cfg = bench::saccade_config(paper, data.as_ref(), BATCH);
-        let (mut trainer, batch) = bench::prepare::<Saccader>(cfg, &data, &Device::cpu()).expect("bench setup");
+        let (mut trainer, batch) =
+            bench::prepare::<Saccader>(cfg, &data, &Device::cpu()).expect("bench setup");
         c.bench_function(&format!("saccade {name} step 100² batch {BATCH}"), |b| {
             b.iter(|| trainer.step(&batch).expect("training step"))
         });
