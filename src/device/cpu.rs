@@ -14,9 +14,11 @@ pub struct CpuDevice {
     pool: Arc<Mutex<Pool>>,
 }
 
-/// Bytes of freed buffers the pool keeps at most; beyond that a freed
-/// buffer goes back to the system allocator.
-const POOL_BYTES: usize = 256 << 20;
+/// Bytes of freed buffers the pool keeps: as many as the peak of live
+/// tensor bytes (a step frees about what it allocated), within these
+/// bounds; beyond that a freed buffer goes back to the system allocator.
+const POOL_MIN_BYTES: usize = 256 << 20;
+const POOL_MAX_BYTES: usize = 1 << 30;
 
 /// Freed buffers by exact length. A training step allocates the same shapes
 /// every step, so from the second step on nearly every tensor reuses one:
@@ -61,7 +63,8 @@ impl CpuDevice {
     pub(crate) fn recycle(&self, v: Vec<f32>) {
         let bytes = v.capacity() * 4;
         let mut p = self.pool.lock().unwrap();
-        if v.is_empty() || p.bytes + bytes > POOL_BYTES {
+        let cap = self.mem.stats().peak_bytes.clamp(POOL_MIN_BYTES, POOL_MAX_BYTES);
+        if v.is_empty() || p.bytes + bytes > cap {
             return;
         }
         p.bytes += bytes;
