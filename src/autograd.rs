@@ -10,6 +10,7 @@ use anyhow::{ensure, Result};
 
 use crate::nn::{ParamId, ParamStore};
 use crate::ops;
+use crate::profile::{self, Phase};
 use crate::tensor::Tensor;
 
 /// A handle to a node of one graph.
@@ -23,6 +24,8 @@ struct Node {
     value: Tensor,
     needs_grad: bool,
     backward: Option<(Vec<Var>, BackwardFn)>,
+    /// The op kind, for the profile.
+    op: &'static str,
 }
 
 pub struct Graph {
@@ -62,13 +65,13 @@ impl Graph {
 
     /// A value no gradient flows to (inputs, labels, noise).
     pub fn constant(&mut self, value: Tensor) -> Var {
-        self.push(value, false, None)
+        self.push_leaf(value, false)
     }
 
     /// A leaf that receives a gradient (used by tests and gradient checks).
     pub fn leaf(&mut self, value: Tensor) -> Var {
         let g = self.grad_enabled;
-        self.push(value, g, None)
+        self.push_leaf(value, g)
     }
 
     /// The graph variable of a parameter; the same parameter used twice (a
@@ -95,24 +98,55 @@ impl Graph {
     }
 
     /// Record an op's output. `backward` is kept only when some input needs a
-    /// gradient; it returns one entry per input (None where none flows).
+    /// gradient; it returns one entry per input (None where none flows). The
+    /// profile names the op after the method that defines `backward`.
     pub fn record<F>(&mut self, value: Tensor, inputs: &[Var], backward: F) -> Var
     where
         F: Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static,
     {
-        let needs = self.grad_enabled && inputs.iter().any(|&v| self.nodes[v.0].needs_grad);
-        if needs {
-            self.push(value, true, Some((inputs.to_vec(), Box::new(backward))))
-        } else {
-            self.push(value, false, None)
-        }
+        self.record_as(
+            profile::op_name(std::any::type_name::<F>()),
+            value,
+            inputs,
+            backward,
+        )
     }
 
-    fn push(&mut self, value: Tensor, needs_grad: bool, backward: Option<(Vec<Var>, BackwardFn)>) -> Var {
+    /// [`Graph::record`] under the profile name `op` (ops that share one
+    /// method, such as the activations).
+    pub fn record_as<F>(&mut self, op: &'static str, value: Tensor, inputs: &[Var], backward: F) -> Var
+    where
+        F: Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static,
+    {
+        let counter = value.counter();
+        if let Some(mut p) = counter.profile() {
+            let shapes: Vec<&[usize]> = inputs.iter().map(|&v| self.shape(v)).collect();
+            let (flops, bytes) = profile::op_cost(op, &shapes, value.shape());
+            let s = p.lap(op, Phase::Forward, counter.allocated());
+            s.flops += flops;
+            s.bytes += bytes;
+        }
+        let needs = self.grad_enabled && inputs.iter().any(|&v| self.nodes[v.0].needs_grad);
+        let backward: Option<(Vec<Var>, BackwardFn)> = if needs {
+            Some((inputs.to_vec(), Box::new(backward)))
+        } else {
+            None
+        };
+        self.nodes.push(Node {
+            value,
+            needs_grad: needs,
+            backward,
+            op,
+        });
+        Var(self.nodes.len() - 1)
+    }
+
+    fn push_leaf(&mut self, value: Tensor, needs_grad: bool) -> Var {
         self.nodes.push(Node {
             value,
             needs_grad,
-            backward,
+            backward: None,
+            op: "leaf",
         });
         Var(self.nodes.len() - 1)
     }
@@ -134,6 +168,10 @@ impl Graph {
     /// vector-Jacobian product; gradient checks use it).
     pub fn backward_from(&self, out: Var, seed: Tensor) -> Result<Gradients> {
         seed.expect_shape(self.shape(out), "backward seed")?;
+        let counter = self.value(out).counter();
+        if let Some(mut p) = counter.profile() {
+            p.mark(counter.allocated());
+        }
         let mut grads: Vec<Option<Tensor>> = vec![None; self.nodes.len()];
         grads[out.0] = Some(seed);
         for i in (0..=out.0).rev() {
@@ -163,6 +201,9 @@ impl Graph {
                     None => ig,
                     Some(acc) => ops::elementwise::add_same(&acc, &ig)?,
                 });
+            }
+            if let Some(mut p) = counter.profile() {
+                p.lap(self.nodes[i].op, Phase::Backward, counter.allocated());
             }
         }
         // Keep leaf gradients only.

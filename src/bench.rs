@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::data::{self, Batch, Dataset, Loader, LoaderConfig, Split, SplitSizes};
+use crate::device::cpu::{sgemm, Mat};
 use crate::device::Device;
 use crate::models::{ResNet18, ResNetConfig, SaccadeConfig, Saccader, TiledConfig, TiledResNet18};
 use crate::train::{Baseline, LrSchedule, Model, TrainConfig, Trainer};
@@ -105,18 +107,22 @@ pub fn dataset(size: usize, n: usize) -> Result<Arc<dyn Dataset>> {
     data::open_dataset(&spec, Split::Train, &cfg)
 }
 
-/// The run configurations: the paper's saccade model, then the baseline
-/// for this size (tiled at 2528² and above 224², whole-image otherwise).
-pub fn configs(cfg: &BenchConfig, data: &dyn Dataset) -> (TrainConfig, TrainConfig) {
+/// A saccade model run on `data`: the paper's preset or the small default
+/// one (`saccade train`'s), with its optimizer settings.
+pub fn saccade_config(paper: bool, data: &dyn Dataset, batch_size: usize) -> TrainConfig {
     let (c, k) = (data.channels(), data.num_classes());
-    let mut model = SaccadeConfig::paper(c, k);
+    let mut model = if paper {
+        SaccadeConfig::paper(c, k)
+    } else {
+        SaccadeConfig::small(c, k)
+    };
     model.proxy_size = data.proxy_shape().1;
-    let saccade = TrainConfig {
+    TrainConfig {
         model,
         baseline: None,
         dataset: data.describe(),
         epochs: 1,
-        batch_size: cfg.batch_size,
+        batch_size,
         lr: 1e-3,
         lr_schedule: LrSchedule::Constant,
         clip_value: 0.0,
@@ -124,7 +130,14 @@ pub fn configs(cfg: &BenchConfig, data: &dyn Dataset) -> (TrainConfig, TrainConf
         seed: 0,
         sizes: [data.len(), 1, 1],
         class_names: Vec::new(),
-    };
+    }
+}
+
+/// The run configurations: the paper's saccade model, then the baseline
+/// for this size (tiled at 2528² and above 224², whole-image otherwise).
+pub fn configs(cfg: &BenchConfig, data: &dyn Dataset) -> (TrainConfig, TrainConfig) {
+    let (c, k) = (data.channels(), data.num_classes());
+    let saccade = saccade_config(true, data, cfg.batch_size);
     let baseline = if data.image_size().0 > 224 {
         Baseline::TiledResNet18(TiledConfig {
             chunk: cfg.tile_chunk,
@@ -283,6 +296,77 @@ pub fn run(cfg: &BenchConfig, log: &dyn Fn(&str)) -> Result<BenchReport> {
         comparisons,
         skipped,
     })
+}
+
+/// The limits the profile compares ops with: GEMM GFLOP/s (a 512³ product)
+/// and memory GB/s (a threaded 64 MiB copy), best of five runs each.
+pub fn machine_limits() -> (f64, f64) {
+    let best = |f: &mut dyn FnMut()| {
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let n = 512;
+    let (a, b, mut c) = (vec![1.0f32; n * n], vec![1.0f32; n * n], vec![0.0f32; n * n]);
+    let gemm = best(&mut || sgemm(n, n, n, Mat::n(&a), Mat::n(&b), &mut c, false));
+    let len = 16 << 20;
+    let (src, mut dst) = (vec![1.0f32; len], vec![0.0f32; len]);
+    let copy = best(&mut || {
+        dst.par_chunks_mut(1 << 16)
+            .zip(src.par_chunks(1 << 16))
+            .for_each(|(d, s)| d.copy_from_slice(s))
+    });
+    (
+        2.0 * (n * n * n) as f64 / gemm / 1e9,
+        2.0 * 4.0 * len as f64 / copy / 1e9,
+    )
+}
+
+/// A per-op profile (see [`crate::profile`]) of `steps` training steps of
+/// the saccade model on the CPU after one warm-up step, as Markdown: the
+/// per-op table plus the loader and the work outside the tape (loss
+/// readout, clipping, Adam), step time and peak tensor memory.
+pub fn profile(paper: bool, size: usize, batch_size: usize, steps: usize) -> Result<String> {
+    let data = dataset(size, (steps + 1) * batch_size)?;
+    let cfg = saccade_config(paper, data.as_ref(), batch_size);
+    let dev = Device::cpu();
+    let mut trainer = Trainer::<Saccader>::new(cfg, dev.clone())?;
+    let mut batches = loader(&data, batch_size, &dev)?.epoch(0);
+    dev.enable_profile();
+    let mut step_times = Vec::new();
+    for i in 0..=steps {
+        dev.profile_mark();
+        let batch = batches
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("profile: too few batches"))??;
+        dev.profile_lap("loader");
+        if i == 0 {
+            dev.reset_peak();
+        }
+        let t = Instant::now();
+        trainer.step(&batch)?;
+        dev.profile_lap("optimizer and step glue");
+        step_times.push(t.elapsed().as_secs_f64());
+        if i == 0 {
+            dev.take_profile();
+        }
+    }
+    let prof = dev.take_profile().expect("profiling is on");
+    let (gflops, gbytes) = machine_limits();
+    let step = median(&step_times[1..]);
+    Ok(format!(
+        "saccade {} preset, {size}², batch {batch_size}, {steps} steps on {dev}: median step {:.1} ms \
+         ({:.0} samples/s), peak tensor memory {:.1} MiB\n{}",
+        if paper { "paper" } else { "small" },
+        1e3 * step,
+        batch_size as f64 / step,
+        dev.memory().peak_bytes as f64 / (1 << 20) as f64,
+        prof.table(steps, gflops, gbytes)
+    ))
 }
 
 fn gib(b: usize) -> String {

@@ -36,6 +36,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod predict;
+pub mod profile;
 pub mod tensor;
 pub mod train;
 pub mod viz;

@@ -284,11 +284,19 @@ struct BenchArgs {
     /// Image side; 2528 compares with the tiled ResNet18, 100 with ResNet18 (default: both).
     #[arg(long)]
     size: Option<usize>,
-    #[arg(long, default_value_t = 2)]
-    batch_size: usize,
+    /// Batch size (default: 2, or 32 with --profile).
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Timed steps per model after one warm-up step.
     #[arg(long, default_value_t = 2)]
     steps: usize,
+    /// Instead of the comparison, print a per-op profile of the saccade
+    /// model's training step on the CPU (at --size, default 100).
+    #[arg(long)]
+    profile: bool,
+    /// The saccade preset --profile runs.
+    #[arg(long, value_enum, default_value_t = Preset::Small)]
+    preset: Preset,
     /// Training images per epoch for the epoch estimate.
     #[arg(long, default_value_t = 100_000)]
     epoch_images: usize,
@@ -885,15 +893,24 @@ fn run_bench(a: BenchArgs) -> Result<(), Failure> {
     if let Some(n) = a.threads {
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     }
-    if a.batch_size == 0 || a.steps == 0 || a.tile_chunk == 0 {
+    let batch_size = a.batch_size.unwrap_or(if a.profile { 32 } else { 2 });
+    if batch_size == 0 || a.steps == 0 || a.tile_chunk == 0 {
         return Err(Failure {
             code: 2,
             error: anyhow::anyhow!("need --batch-size, --steps and --tile-chunk >= 1"),
         });
     }
+    if a.profile {
+        let size = a.size.unwrap_or(100);
+        print!(
+            "{}",
+            saccade::bench::profile(a.preset == Preset::Paper, size, batch_size, a.steps)?
+        );
+        return Ok(());
+    }
     let cfg = saccade::bench::BenchConfig {
         sizes: a.size.map(|s| vec![s]).unwrap_or_else(|| vec![2528, 100]),
-        batch_size: a.batch_size,
+        batch_size,
         steps: a.steps,
         epoch_images: a.epoch_images,
         tile_chunk: a.tile_chunk,

@@ -5,7 +5,7 @@ use anyhow::Result;
 use crate::autograd::Gradients;
 use crate::device::cuda::CudaStorage;
 use crate::nn::{ParamId, ParamStore};
-use crate::ops::par_fill;
+use crate::ops::{par_fill, par_fill_multi};
 use crate::tensor::{Storage, Tensor};
 
 #[derive(Clone, Copy, Debug)]
@@ -52,13 +52,13 @@ pub fn adam_update(
     match p.storage() {
         Storage::Cpu(_) => {
             let (pv, gv, mv, vv) = (p.cpu()?, g.cpu()?, m.cpu()?, v.cpu()?);
-            let grad = |i: usize| gv[i] + c.weight_decay * pv[i];
-            let m2 = par_fill(pv.len(), |i| c.beta1 * mv[i] + (1.0 - c.beta1) * grad(i));
-            let v2 = par_fill(pv.len(), |i| {
-                c.beta2 * vv[i] + (1.0 - c.beta2) * grad(i) * grad(i)
-            });
-            let p2 = par_fill(pv.len(), |i| {
-                pv[i] - c.lr * (m2[i] / bc1) / ((v2[i] / bc2).sqrt() + c.eps)
+            // One pass for all three outputs; the same expressions as the
+            // kernel in kernels/optim.cu.
+            let [p2, m2, v2] = par_fill_multi(p.host(), pv.len(), |i| {
+                let grad = gv[i] + c.weight_decay * pv[i];
+                let m2 = c.beta1 * mv[i] + (1.0 - c.beta1) * grad;
+                let v2 = c.beta2 * vv[i] + (1.0 - c.beta2) * grad * grad;
+                [pv[i] - c.lr * (m2 / bc1) / ((v2 / bc2).sqrt() + c.eps), m2, v2]
             });
             Ok((p.same_shape(p2)?, p.same_shape(m2)?, p.same_shape(v2)?))
         }
@@ -206,7 +206,7 @@ pub fn clip_by_value(grads: &mut Gradients, c: f32) -> Result<()> {
     grads.map_params(|g| match g.storage() {
         Storage::Cpu(_) => {
             let gv = g.cpu()?;
-            g.same_shape(par_fill(gv.len(), |i| gv[i].clamp(-c, c)))
+            g.same_shape(par_fill(g.host(), gv.len(), |i| gv[i].clamp(-c, c)))
         }
         Storage::Cuda(gs) => cuda::clamp(gs, g.shape(), c),
     })

@@ -11,7 +11,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::device::cpu::CpuStorage;
 use crate::device::cuda::CudaStorage;
-use crate::device::{CpuDevice, Device};
+use crate::device::{CpuDevice, Device, MemCounter};
 
 pub enum Storage {
     Cpu(CpuStorage),
@@ -58,7 +58,7 @@ impl Tensor {
         debug_assert_eq!(data.len(), shape.iter().product::<usize>());
         Tensor {
             shape: shape.to_vec(),
-            storage: Arc::new(Storage::Cpu(CpuStorage::new(data, dev.mem.clone()))),
+            storage: Arc::new(Storage::Cpu(CpuStorage::new(data, dev.clone()))),
         }
     }
 
@@ -70,7 +70,11 @@ impl Tensor {
     pub fn full(shape: &[usize], value: f32, device: &Device) -> Tensor {
         let n = shape.iter().product();
         match device {
-            Device::Cpu(d) => Tensor::from_cpu(vec![value; n], shape, d),
+            Device::Cpu(d) => {
+                let mut v = d.buffer(n);
+                v.fill(value);
+                Tensor::from_cpu(v, shape, d)
+            }
             Device::Cuda(d) => {
                 let s = d
                     .alloc(n)
@@ -123,9 +127,26 @@ impl Tensor {
         &self.storage
     }
 
+    /// The counter of the device holding the tensor.
+    pub(crate) fn counter(&self) -> &MemCounter {
+        match &*self.storage {
+            Storage::Cpu(s) => s.counter(),
+            Storage::Cuda(s) => s.counter(),
+        }
+    }
+
+    /// The host device of a CPU tensor, for its ops' output buffers.
+    /// Panics on a GPU tensor: ops call it on their CPU path only.
+    pub(crate) fn host(&self) -> &CpuDevice {
+        match &*self.storage {
+            Storage::Cpu(s) => s.device(),
+            Storage::Cuda(_) => panic!("internal: host() of a GPU tensor"),
+        }
+    }
+
     pub fn device(&self) -> Device {
         match &*self.storage {
-            Storage::Cpu(s) => Device::Cpu(s.device()),
+            Storage::Cpu(s) => Device::Cpu(s.device().clone()),
             Storage::Cuda(s) => Device::Cuda(s.device()),
         }
     }

@@ -499,6 +499,10 @@ impl CudaStorage {
         self.dev.clone()
     }
 
+    pub(crate) fn counter(&self) -> &MemCounter {
+        &self.dev.mem
+    }
+
     /// Copy the values to the host (waits for the queued work).
     pub fn to_vec(&self) -> Result<Vec<f32>> {
         if self.len == 0 {

@@ -1,28 +1,44 @@
 //! Devices own tensor storage. Every allocation goes through a device, which
 //! counts live and peak bytes in one [`MemCounter`]: all memory figures the
-//! project reports come from here.
+//! project reports come from here, and so does the per-op profile when one
+//! is switched on.
 
 pub mod cpu;
 pub mod cuda;
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 pub use cpu::CpuDevice;
 pub use cuda::CudaDevice;
 
-/// Live and peak bytes of tensor storage on one device.
+use crate::profile::{Phase, Profile};
+
+/// Live and peak bytes of tensor storage on one device, all bytes ever
+/// allocated, and the device's profile once switched on.
 #[derive(Debug, Default)]
 pub struct MemCounter {
     live: AtomicUsize,
     peak: AtomicUsize,
+    allocated: AtomicUsize,
+    profile: OnceLock<Mutex<Profile>>,
 }
 
 impl MemCounter {
     pub(crate) fn alloc(&self, bytes: usize) {
+        self.allocated.fetch_add(bytes, Ordering::Relaxed);
         let live = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak.fetch_max(live, Ordering::Relaxed);
+    }
+
+    pub(crate) fn allocated(&self) -> usize {
+        self.allocated.load(Ordering::Relaxed)
+    }
+
+    /// The profile, when profiling is on.
+    pub(crate) fn profile(&self) -> Option<MutexGuard<'_, Profile>> {
+        self.profile.get().map(|p| p.lock().unwrap())
     }
 
     pub(crate) fn free(&self, bytes: usize) {
@@ -79,6 +95,36 @@ impl Device {
 
     pub fn reset_peak(&self) {
         self.counter().reset_peak()
+    }
+
+    /// Record a per-op profile of the ops run on this device from now on.
+    pub fn enable_profile(&self) {
+        let c = self.counter();
+        c.profile.get_or_init(|| Mutex::new(Profile::new(c.allocated())));
+    }
+
+    /// The profile so far (None unless enabled), restarting it empty.
+    pub fn take_profile(&self) -> Option<Profile> {
+        let c = self.counter();
+        let fresh = Profile::new(c.allocated());
+        c.profile().map(|mut p| std::mem::replace(&mut *p, fresh))
+    }
+
+    /// Start a lap of the profile now (e.g. at the start of a step).
+    pub fn profile_mark(&self) {
+        let c = self.counter();
+        if let Some(mut p) = c.profile() {
+            p.mark(c.allocated());
+        }
+    }
+
+    /// Charge the time since the last profile event to `name` (work outside
+    /// the tape, such as the optimizer).
+    pub fn profile_lap(&self, name: &'static str) {
+        let c = self.counter();
+        if let Some(mut p) = c.profile() {
+            p.lap(name, Phase::Forward, c.allocated());
+        }
     }
 
     pub(crate) fn counter(&self) -> &Arc<MemCounter> {

@@ -18,7 +18,9 @@ pub fn reparameterize_forward(mu: &Tensor, logvar: &Tensor, eps: &Tensor) -> Res
         Storage::Cuda(ms) => cuda::reparameterize(ms, logvar.cuda()?, eps.cuda()?, mu.shape()),
         Storage::Cpu(_) => {
             let (ms, ls, es) = (mu.cpu()?, logvar.cpu()?, eps.cpu()?);
-            mu.same_shape(par_fill(ms.len(), |i| ms[i] + (0.5 * ls[i]).exp() * es[i]))
+            mu.same_shape(par_fill(mu.host(), ms.len(), |i| {
+                ms[i] + (0.5 * ls[i]).exp() * es[i]
+            }))
         }
     }
 }
@@ -32,7 +34,9 @@ pub fn reparameterize_backward(logvar: &Tensor, eps: &Tensor, g: &Tensor) -> Res
         )),
         Storage::Cpu(_) => {
             let (ls, es, gs) = (logvar.cpu()?, eps.cpu()?, g.cpu()?);
-            let dlv = par_fill(ls.len(), |i| 0.5 * gs[i] * (0.5 * ls[i]).exp() * es[i]);
+            let dlv = par_fill(logvar.host(), ls.len(), |i| {
+                0.5 * gs[i] * (0.5 * ls[i]).exp() * es[i]
+            });
             Ok((g.clone(), logvar.same_shape(dlv)?))
         }
     }
@@ -60,7 +64,7 @@ pub fn kl_diag_gaussians_forward(
         Storage::Cuda(mq) => cuda::kl(mq, lv_q.cuda()?, mu_p.cuda()?, lv_p.cuda()?, rows),
         Storage::Cpu(_) => {
             let (mq, lq, mp, lp) = (mu_q.cpu()?, lv_q.cpu()?, mu_p.cpu()?, lv_p.cpu()?);
-            let data = row_sums(rows, mq.len() / rows, |i| {
+            let data = row_sums(mu_q.host(), rows, mq.len() / rows, |i| {
                 let diff = mq[i] - mp[i];
                 // e^{lv_q - lv_p} rather than a ratio of exponentials, which
                 // would overflow first.
@@ -91,7 +95,7 @@ pub fn kl_diag_gaussians_backward(
         ),
         Storage::Cpu(_) => {
             let (mq, lq, mp, lp, gs) = (mu_q.cpu()?, lv_q.cpu()?, mu_p.cpu()?, lv_p.cpu()?, g.cpu()?);
-            let [dmq, dlq, dmp, dlp] = par_fill_multi(mq.len(), |i| {
+            let [dmq, dlq, dmp, dlp] = par_fill_multi(mu_q.host(), mq.len(), |i| {
                 let gn = gs[i / d];
                 let inv_p = (-lp[i]).exp();
                 let diff = mq[i] - mp[i];

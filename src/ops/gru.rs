@@ -67,8 +67,8 @@ pub fn gru_cell_forward(
         Storage::Cuda(_) => cuda::forward(gi.cuda()?, gh.cuda()?, h.cuda()?, n, hd),
         Storage::Cpu(_) => {
             let (gi, gh, hs) = (gi.cpu()?, gh.cpu()?, h.cpu()?);
-            let mut out = vec![0.0f32; n * hd];
-            let mut saved = vec![0.0f32; n * 4 * hd];
+            let mut out = h.host().zeros(n * hd);
+            let mut saved = h.host().zeros(n * 4 * hd);
             out.par_chunks_mut(hd.max(1))
                 .zip(saved.par_chunks_mut(4 * hd.max(1)))
                 .with_min_len(min_rows(4 * hd))
@@ -110,9 +110,9 @@ pub fn gru_cell_backward(
         Storage::Cuda(_) => cuda::backward(saved.cuda()?, g.cuda()?, h.cuda()?, n, hd)?,
         Storage::Cpu(_) => {
             let (sv, gs, hs) = (saved.cpu()?, g.cpu()?, h.cpu()?);
-            let mut d_gi = vec![0.0f32; n * 3 * hd];
-            let mut d_gh = vec![0.0f32; n * 3 * hd];
-            let mut dh = vec![0.0f32; n * hd];
+            let mut d_gi = h.host().zeros(n * 3 * hd);
+            let mut d_gh = h.host().zeros(n * 3 * hd);
+            let mut dh = h.host().zeros(n * hd);
             d_gi.par_chunks_mut(3 * hd.max(1))
                 .zip(d_gh.par_chunks_mut(3 * hd.max(1)))
                 .zip(dh.par_chunks_mut(hd.max(1)))

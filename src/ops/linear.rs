@@ -184,7 +184,7 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tens
     }
     match x.storage() {
         Storage::Cpu(_) => {
-            let mut out = vec![0.0; nb * fout];
+            let mut out = x.host().zeros(nb * fout);
             if let Some(b) = b {
                 let bv = b.cpu()?;
                 out.chunks_mut(fout).for_each(|r| r.copy_from_slice(bv));
@@ -224,7 +224,7 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Te
     match x.storage() {
         Storage::Cpu(_) => {
             let (xv, wv, gv) = (x.cpu()?, w.cpu()?, g.cpu()?);
-            let mut dx = vec![0.0; nb * fin];
+            let mut dx = x.host().zeros(nb * fin);
             sgemm(nb, fin, fout, Mat::n(gv), Mat::n(wv), &mut dx, false);
             let dw = shared_grad_cpu(nb, (fout, fin), gv, xv);
             let mut db = vec![0.0f32; fout];

@@ -40,7 +40,7 @@ pub fn bce_with_logits_forward(logits: &Tensor, target: &Tensor) -> Result<Tenso
             if let Some(i) = ts.iter().position(|t| !(0.0..=1.0).contains(t)) {
                 bail!("bce_with_logits: target[{i}] = {} is outside [0, 1]", ts[i]);
             }
-            let data = row_sums(rows, d, |i| {
+            let data = row_sums(logits.host(), rows, d, |i| {
                 let (x, t) = (xs[i], ts[i]);
                 (x.max(0.0) - x * t + (-x.abs()).exp().ln_1p()) as f64
             });
@@ -56,7 +56,7 @@ pub fn bce_with_logits_backward(logits: &Tensor, target: &Tensor, g: &Tensor) ->
         Storage::Cuda(xs) => cuda::bce_with_logits_backward(xs, target.cuda()?, g.cuda()?, d, logits.shape()),
         Storage::Cpu(_) => {
             let (xs, ts, gs) = (logits.cpu()?, target.cpu()?, g.cpu()?);
-            logits.same_shape(par_fill(xs.len(), |i| {
+            logits.same_shape(par_fill(logits.host(), xs.len(), |i| {
                 gs[i / d] * (Unary::Sigmoid.apply(xs[i]) - ts[i])
             }))
         }
@@ -75,7 +75,7 @@ pub fn gaussian_nll_forward(x: &Tensor, mu: &Tensor, logvar: &Tensor) -> Result<
         Storage::Cuda(ms) => cuda::gaussian_nll(x.cuda()?, ms, logvar.cuda()?, rows),
         Storage::Cpu(_) => {
             let (xs, ms, ls) = (x.cpu()?, mu.cpu()?, logvar.cpu()?);
-            let data = row_sums(rows, d, |i| {
+            let data = row_sums(x.host(), rows, d, |i| {
                 let diff = xs[i] - ms[i];
                 (0.5 * (LN_2PI + ls[i] + diff * diff * (-ls[i]).exp())) as f64
             });
@@ -98,7 +98,7 @@ pub fn gaussian_nll_backward(
         }
         Storage::Cpu(_) => {
             let (xs, ms, ls, gs) = (x.cpu()?, mu.cpu()?, logvar.cpu()?, g.cpu()?);
-            let [dmu, dlv] = par_fill_multi(ms.len(), |i| {
+            let [dmu, dlv] = par_fill_multi(mu.host(), ms.len(), |i| {
                 let gn = gs[i / d];
                 let scaled = (ms[i] - xs[i]) * (-ls[i]).exp();
                 [gn * scaled, gn * 0.5 * (1.0 - (ms[i] - xs[i]) * scaled)]
@@ -182,7 +182,7 @@ pub fn softmax_cross_entropy_backward(
         }
         Storage::Cpu(_) => {
             let (xs, ls, gs) = (logits.cpu()?, lse.cpu()?, g.cpu()?);
-            logits.same_shape(par_fill(xs.len(), |i| {
+            logits.same_shape(par_fill(logits.host(), xs.len(), |i| {
                 let (n, j) = (i / k, i % k);
                 gs[n] * ((xs[i] - ls[n]).exp() - (j == labels[n]) as u8 as f32)
             }))
@@ -204,7 +204,7 @@ pub fn softmax(logits: &Tensor) -> Result<Tensor> {
         Storage::Cpu(_) => {
             let xs = logits.cpu()?;
             let lse = row_logsumexp(xs, rows, k);
-            logits.same_shape(par_fill(xs.len(), |i| (xs[i] - lse[i / k]).exp()))
+            logits.same_shape(par_fill(logits.host(), xs.len(), |i| (xs[i] - lse[i / k]).exp()))
         }
     }
 }
@@ -217,8 +217,8 @@ pub fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
         Storage::Cuda(ys) => cuda::softmax_backward(ys, g.cuda()?, ys.len() / k, y.shape()),
         Storage::Cpu(_) => {
             let (ys, gs) = (y.cpu()?, g.cpu()?);
-            let dots = row_sums(ys.len() / k, k, |i| (gs[i] * ys[i]) as f64);
-            y.same_shape(par_fill(ys.len(), |i| ys[i] * (gs[i] - dots[i / k])))
+            let dots = row_sums(y.host(), ys.len() / k, k, |i| (gs[i] * ys[i]) as f64);
+            y.same_shape(par_fill(y.host(), ys.len(), |i| ys[i] * (gs[i] - dots[i / k])))
         }
     }
 }
@@ -619,14 +619,15 @@ mod tests {
 
     #[test]
     fn row_helpers_match_serial_loops_above_the_thread_threshold() {
+        let dev = crate::device::CpuDevice::new();
         let (rows, d) = (3, PAR_MIN + 17);
         let f = |i: usize| ((i % 7) as f32 - 3.0) * 0.5;
-        let sums = row_sums(rows, d, |i| f(i) as f64);
+        let sums = row_sums(&dev, rows, d, |i| f(i) as f64);
         for (n, s) in sums.iter().enumerate() {
             let want: f64 = (n * d..(n + 1) * d).map(|i| f(i) as f64).sum();
             assert!((*s as f64 - want).abs() < 1e-3);
         }
-        let [a, b] = par_fill_multi(rows * d, |i| [f(i), 2.0 * f(i)]);
+        let [a, b] = par_fill_multi(&dev, rows * d, |i| [f(i), 2.0 * f(i)]);
         assert!((0..rows * d).all(|i| a[i] == f(i) && b[i] == 2.0 * f(i)));
     }
 }

@@ -21,6 +21,7 @@ pub mod shape;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
+use crate::device::CpuDevice;
 use crate::tensor::{fmt_shape, Tensor};
 
 /// Below this many elements a loop is not worth splitting across threads.
@@ -30,9 +31,9 @@ pub(crate) const PAR_MIN: usize = 1 << 15;
 /// per-task cost vanishes against the work.
 const CHUNK: usize = 1 << 14;
 
-/// `out[i] = f(i)` over a fresh vector, threaded in chunks when large.
-pub(crate) fn par_fill(n: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; n];
+/// `out[i] = f(i)` over a buffer of `dev`, threaded in chunks when large.
+pub(crate) fn par_fill(dev: &CpuDevice, n: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
+    let mut out = dev.buffer(n);
     let fill = |c: usize, chunk: &mut [f32]| {
         for (j, o) in chunk.iter_mut().enumerate() {
             *o = f(c * CHUNK + j);
@@ -50,6 +51,46 @@ pub(crate) fn par_fill(n: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
     out
 }
 
+/// `out[i] = f(a[i], b[i], c[i])` over a buffer of `dev`: `par_fill`
+/// without the indexing, so that simple maps vectorize.
+pub(crate) fn par_map3(
+    dev: &CpuDevice,
+    [a, b, c]: [&[f32]; 3],
+    f: impl Fn(f32, f32, f32) -> f32 + Sync,
+) -> Vec<f32> {
+    assert!(a.len() == b.len() && a.len() == c.len());
+    let mut out = dev.buffer(a.len());
+    if a.len() >= PAR_MIN {
+        let chunks = out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK));
+        chunks
+            .zip(b.par_chunks(CHUNK))
+            .zip(c.par_chunks(CHUNK))
+            .for_each(|(((o, a), b), c)| map_into(o, [a, b, c], &f));
+    } else {
+        map_into(&mut out, [a, b, c], &f);
+    }
+    out
+}
+
+/// The loop of [`par_map3`]. A function of its own, not inlined, so that
+/// `out` stays a `&mut` parameter, which tells LLVM it aliases nothing `f`
+/// captures (inlined into rayon's closures, the captures were reloaded per
+/// element and the loop stayed scalar); indexed over equal lengths, the form
+/// the loop vectorizer handles.
+#[inline(never)]
+fn map_into(out: &mut [f32], [a, b, c]: [&[f32]; 3], f: &impl Fn(f32, f32, f32) -> f32) {
+    let n = out.len();
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    for i in 0..n {
+        out[i] = f(a[i], b[i], c[i]);
+    }
+}
+
+/// `out[i] = f(xs[i])`, see [`par_map3`].
+pub(crate) fn par_map(dev: &CpuDevice, xs: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    par_map3(dev, [xs; 3], move |x, _, _| f(x))
+}
+
 /// `f(index, chunk)` over the `len`-sized chunks of `data`, threaded when
 /// large (shared with the pooling and resize loops).
 pub(crate) fn for_chunks(data: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
@@ -62,8 +103,8 @@ pub(crate) fn for_chunks(data: &mut [f32], len: usize, f: impl Fn(usize, &mut [f
 
 /// `out[n] = sum_j f(n * d + j)`, accumulated in f64; threaded over rows when
 /// the total work is large.
-pub(crate) fn row_sums(rows: usize, d: usize, f: impl Fn(usize) -> f64 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; rows];
+pub(crate) fn row_sums(dev: &CpuDevice, rows: usize, d: usize, f: impl Fn(usize) -> f64 + Sync) -> Vec<f32> {
+    let mut out = dev.buffer(rows);
     out.par_iter_mut()
         .with_min_len((PAR_MIN / d.max(1)).max(1))
         .enumerate()
@@ -74,11 +115,12 @@ pub(crate) fn row_sums(rows: usize, d: usize, f: impl Fn(usize) -> f64 + Sync) -
 /// `K` outputs of length `n` filled in one pass: `out[k][i] = f(i)[k]`. Lets
 /// a backward compute the gradients of several inputs from shared terms.
 pub(crate) fn par_fill_multi<const K: usize>(
+    dev: &CpuDevice,
     n: usize,
     f: impl Fn(usize) -> [f32; K] + Sync,
 ) -> [Vec<f32>; K] {
     const CHUNK: usize = 4096;
-    let mut outs: [Vec<f32>; K] = std::array::from_fn(|_| vec![0.0f32; n]);
+    let mut outs: [Vec<f32>; K] = std::array::from_fn(|_| dev.buffer(n));
     let mut iters = outs.each_mut().map(|o| o.chunks_mut(CHUNK));
     let chunks: Vec<[&mut [f32]; K]> = (0..n.div_ceil(CHUNK))
         .map(|_| iters.each_mut().map(|it| it.next().expect("equal lengths")))

@@ -10,8 +10,9 @@ use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
 use super::elementwise::{binary_forward, unary_forward, Binary, Unary};
-use super::{par_fill, PAR_MIN};
+use super::{for_chunks, PAR_MIN};
 use crate::autograd::{Graph, Var};
+use crate::device::CpuDevice;
 use crate::tensor::{fmt_shape, Storage, Tensor};
 
 /// Which planes share statistics.
@@ -64,17 +65,47 @@ impl Layout {
     }
 }
 
-/// Per-plane `(sum f(i), sum f'(i))` in f64 over `S`-element planes.
-fn plane_sums(l: Layout, f: impl Fn(usize) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
+/// Per-plane `(sum a, sum a * b)` in f64 over `S`-element planes. Each sum
+/// runs in `LANES` interleaved partial sums so the loop vectorizes; f64 makes
+/// the reassociation invisible at f32 precision.
+fn plane_sums(l: Layout, a: &[f32], b: &[f32]) -> Vec<(f64, f64)> {
+    const LANES: usize = 8;
     let mut out = vec![(0.0, 0.0); l.n * l.c];
     out.par_iter_mut()
         .with_min_len((PAR_MIN / l.s.max(1)).max(1))
         .enumerate()
         .for_each(|(p, o)| {
-            *o = (p * l.s..(p + 1) * l.s)
-                .map(&f)
-                .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y))
+            let (a, b) = (&a[p * l.s..][..l.s], &b[p * l.s..][..l.s]);
+            let (mut sa, mut sab) = ([0.0f64; LANES], [0.0f64; LANES]);
+            for (ca, cb) in a.chunks(LANES).zip(b.chunks(LANES)) {
+                for k in 0..ca.len() {
+                    let (x, y) = (ca[k] as f64, cb[k] as f64);
+                    sa[k] += x;
+                    sab[k] += x * y;
+                }
+            }
+            *o = (sa.iter().sum(), sab.iter().sum());
         });
+    out
+}
+
+/// `out[i] = f(coef[p], x[i], y[i])` for `i` in plane `p`: the per-plane
+/// coefficients read once per plane rather than through a division per
+/// element.
+fn plane_map<C: Copy + Sync>(
+    dev: &CpuDevice,
+    s: usize,
+    coef: &[C],
+    (x, y): (&[f32], &[f32]),
+    f: impl Fn(C, f32, f32) -> f32 + Sync,
+) -> Vec<f32> {
+    let mut out = dev.buffer(x.len());
+    for_chunks(&mut out, s.max(1), |p, o| {
+        let (x, y) = (&x[p * s..][..s], &y[p * s..][..s]);
+        for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+            *o = f(coef[p], x, y);
+        }
+    });
     out
 }
 
@@ -91,10 +122,7 @@ fn pool(l: Layout, planes: &[(f64, f64)], weight: impl Fn(usize) -> f64) -> Vec<
 
 /// Mean and biased variance per statistic, as host vectors.
 fn stats_cpu(xs: &[f32], l: Layout) -> (Vec<f32>, Vec<f32>) {
-    let planes = plane_sums(l, |i| {
-        let x = xs[i] as f64;
-        (x, x * x)
-    });
+    let planes = plane_sums(l, xs, xs);
     let m = l.pooled() as f64;
     pool(l, &planes, |_| 1.0)
         .into_iter()
@@ -106,7 +134,15 @@ fn stats_cpu(xs: &[f32], l: Layout) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// `y = (x - mean) * rstd * gamma + beta` with per-statistic `mean`, `rstd`.
-fn normalize_cpu(xs: &[f32], l: Layout, gamma: &[f32], beta: &[f32], mean: &[f32], rstd: &[f32]) -> Vec<f32> {
+fn normalize_cpu(
+    dev: &CpuDevice,
+    xs: &[f32],
+    l: Layout,
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+) -> Vec<f32> {
     // Per plane (mean, gamma * rstd, beta); subtracting the mean before
     // scaling keeps precision when |mean| >> std.
     let coef: Vec<(f32, f32, f32)> = (0..l.n * l.c)
@@ -115,10 +151,7 @@ fn normalize_cpu(xs: &[f32], l: Layout, gamma: &[f32], beta: &[f32], mean: &[f32
             (mean[k], gamma[c] * rstd[k], beta[c])
         })
         .collect();
-    par_fill(xs.len(), |i| {
-        let (m, a, b) = coef[i / l.s];
-        (xs[i] - m) * a + b
-    })
+    plane_map(dev, l.s, &coef, (xs, xs), |(m, a, b), x, _| (x - m) * a + b)
 }
 
 /// `(dx, dgamma, dbeta)`. With `through_stats` the mean and variance are
@@ -128,6 +161,7 @@ fn normalize_cpu(xs: &[f32], l: Layout, gamma: &[f32], beta: &[f32], mean: &[f32
 /// the mean subtracted first for precision); without, `dx = dy * gamma * rstd`.
 #[allow(clippy::too_many_arguments)]
 fn backward_cpu(
+    dev: &CpuDevice,
     xs: &[f32],
     gy: &[f32],
     l: Layout,
@@ -136,7 +170,7 @@ fn backward_cpu(
     rstd: &[f32],
     through_stats: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let planes = plane_sums(l, |i| (gy[i] as f64, gy[i] as f64 * xs[i] as f64));
+    let planes = plane_sums(l, gy, xs);
     let (mut dgamma, mut dbeta) = (vec![0.0f64; l.c], vec![0.0f64; l.c]);
     for (p, &(sdy, sdyx)) in planes.iter().enumerate() {
         let (c, k) = (p % l.c, l.stat(p));
@@ -161,9 +195,8 @@ fn backward_cpu(
             (gamma[p % l.c] * rstd[k], mean[k], pq[k].0, pq[k].1)
         })
         .collect();
-    let dx = par_fill(xs.len(), |i| {
-        let (a, m, p, q) = coef[i / l.s];
-        gy[i] * a + (xs[i] - m) * p + q
+    let dx = plane_map(dev, l.s, &coef, (xs, gy), |(a, m, p, q), x, gy| {
+        gy * a + (x - m) * p + q
     });
     let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
     (dx, f32s(dgamma), f32s(dbeta))
@@ -222,6 +255,7 @@ fn forward(
             x.shape(),
         ),
         Storage::Cpu(_) => x.same_shape(normalize_cpu(
+            x.host(),
             x.cpu()?,
             l,
             gamma.cpu()?,
@@ -258,6 +292,7 @@ fn backward(
         }
         Storage::Cpu(_) => {
             let (dx, dg, db) = backward_cpu(
+                x.host(),
                 x.cpu()?,
                 gy.cpu()?,
                 l,

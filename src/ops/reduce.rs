@@ -18,7 +18,7 @@ fn sum_axis(x: &Tensor, axis: usize) -> Result<Tensor> {
     match x.storage() {
         Storage::Cpu(_) => {
             let xs = x.cpu()?;
-            let data = par_fill(outer * inner, |o| {
+            let data = par_fill(x.host(), outer * inner, |o| {
                 let (a, b) = (o / inner, o % inner);
                 let base = a * n * inner + b;
                 let mut s = 0.0f64;

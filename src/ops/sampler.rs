@@ -317,7 +317,7 @@ pub fn grid_sample_forward(img: &Tensor, grid: &Tensor) -> Result<Tensor> {
         Storage::Cpu(_) => {
             let (xs, gs) = (img.cpu()?, grid.cpu()?);
             let win = Region::whole(h, w);
-            let mut out = vec![0.0; n * c * oh * ow];
+            let mut out = img.host().zeros(n * c * oh * ow);
             out.par_chunks_mut(c * oh * ow)
                 .zip(xs.par_chunks(c * h * w).zip(gs.par_chunks(oh * ow * 2)))
                 .for_each(|(o, (x, g))| sample_forward(&win, x, c, g, o));
@@ -348,9 +348,9 @@ pub fn grid_sample_backward(
                 let gout = &go[i * c * oh * ow..(i + 1) * c * oh * ow];
                 sample_backward(&win, x, c, g, gout, gw, gg);
             };
-            let mut ggrid = vec![0.0; n * ppts];
+            let mut ggrid = grid.host().zeros(n * ppts);
             let gimg = if img_grad {
-                let mut gimg = vec![0.0; n * chw];
+                let mut gimg = img.host().zeros(n * chw);
                 gimg.par_chunks_mut(chw)
                     .zip(ggrid.par_chunks_mut(ppts))
                     .enumerate()
@@ -533,7 +533,7 @@ pub fn localized_crop_forward(
         Storage::Cuda(ws) => cuda::localized_crop(ws, saved.table()?, saved.grid.cuda()?, dims)?,
         Storage::Cpu(_) => {
             let (gs, ws) = (saved.grid.cpu()?, saved.windows.cpu()?);
-            let mut out = vec![0.0; n * c * out_h * out_w];
+            let mut out = saved.grid.host().zeros(n * c * out_h * out_w);
             out.par_chunks_mut(c * out_h * out_w)
                 .zip(gs.par_chunks(ppts))
                 .enumerate()
@@ -566,7 +566,7 @@ pub fn localized_crop_backward(saved: &LocalizedCrop, grad_out: &Tensor) -> Resu
         Storage::Cpu(_) => {
             let (gs, go, ws) = (saved.grid.cpu()?, grad_out.cpu()?, saved.windows.cpu()?);
             let ppts = oh * ow * 2;
-            let mut ggrid = vec![0.0; n * ppts];
+            let mut ggrid = saved.grid.host().zeros(n * ppts);
             ggrid
                 .par_chunks_mut(ppts)
                 .zip(gs.par_chunks(ppts).zip(go.par_chunks(c * oh * ow)))

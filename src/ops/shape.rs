@@ -45,7 +45,7 @@ pub fn concat_forward(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
             for (p, x) in xs.iter().enumerate() {
                 which.extend((0..x.shape()[axis]).map(|k| (p, k)));
             }
-            let data = par_fill(outer * total * inner, |i| {
+            let data = par_fill(xs[0].host(), outer * total * inner, |i| {
                 let (o, rest) = (i / (total * inner), i % (total * inner));
                 let (t, j) = (rest / inner, rest % inner);
                 let (p, k) = which[t];
@@ -86,7 +86,7 @@ pub fn slice_forward(x: &Tensor, axis: usize, start: usize, len: usize) -> Resul
     match x.storage() {
         Storage::Cpu(_) => {
             let xs = x.cpu()?;
-            let data = par_fill(outer * len * inner, |i| {
+            let data = par_fill(x.host(), outer * len * inner, |i| {
                 let (o, rest) = (i / (len * inner), i % (len * inner));
                 xs[(o * n + start) * inner + rest]
             });
@@ -105,7 +105,7 @@ fn pad_axis(x: &Tensor, axis: usize, before: usize, total: usize) -> Result<Tens
     match x.storage() {
         Storage::Cpu(_) => {
             let xs = x.cpu()?;
-            let data = par_fill(outer * total * inner, |i| {
+            let data = par_fill(x.host(), outer * total * inner, |i| {
                 let (o, rest) = (i / (total * inner), i % (total * inner));
                 let (t, j) = (rest / inner, rest % inner);
                 if t >= before && t < before + len {
@@ -147,7 +147,7 @@ pub fn permute_forward(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     match x.storage() {
         Storage::Cpu(_) => {
             let xs = x.cpu()?;
-            let data = par_fill(x.numel(), |i| {
+            let data = par_fill(x.host(), x.numel(), |i| {
                 let (mut rem, mut src) = (i, 0);
                 for a in (0..r).rev() {
                     src += (rem % shape[a]) * strides[a];
