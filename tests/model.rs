@@ -102,3 +102,56 @@ fn glimpses_move_toward_a_planted_target() {
     let (x1, y1) = *centres.last().unwrap();
     assert!(x1 > x0 + 0.2 && y1 > y0 + 0.2, "{centres:?}");
 }
+
+/// A step's result does not depend on what the device's buffer pool holds:
+/// the same forward and backward, run again once the first run's buffers are
+/// back in the pool (holding their old values), gives the same numbers.
+#[test]
+fn repeated_steps_give_identical_gradients() {
+    let dev = Device::cpu();
+    let cfg = DataConfig {
+        seed: 4,
+        sizes: SplitSizes {
+            train: 8,
+            valid: 1,
+            test: 1,
+        },
+        mnist_dir: None,
+    };
+    let ds = open_dataset("cluttered-mnist", Split::Train, &cfg).unwrap();
+    let loader = Loader::new(
+        ds,
+        LoaderConfig {
+            batch_size: 8,
+            ..Default::default()
+        },
+        &dev,
+    )
+    .unwrap();
+    let batch = loader.epoch(0).next().unwrap().unwrap();
+    let images = Images::Resident(batch.images.as_ref().unwrap());
+    let m = Saccader::new(SaccadeConfig::small(1, 55), &mut StdRng::seed_from_u64(1), &dev);
+    let run = || {
+        let mut g = Graph::new();
+        let mut rng = StdRng::seed_from_u64(9);
+        let out = m
+            .forward(&mut g, &images, &batch.proxies, &batch.labels, Some(&mut rng))
+            .unwrap();
+        let grads = g.backward(out.loss).unwrap();
+        let mut all: Vec<(String, Vec<f32>)> = m
+            .params
+            .iter()
+            .filter_map(|(id, p)| grads.param(id).map(|t| (p.name.clone(), t.to_vec().unwrap())))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        (g.value(out.loss).to_vec().unwrap(), all)
+    };
+    let first = run();
+    for _ in 0..2 {
+        let again = run();
+        assert_eq!(first.0, again.0, "loss");
+        for ((name, a), (_, b)) in first.1.iter().zip(&again.1) {
+            assert!(a == b, "gradient of {name} differs between identical steps");
+        }
+    }
+}
