@@ -2,10 +2,31 @@
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use saccade::data::{open_dataset, DataConfig, Loader, LoaderConfig, Split, SplitSizes};
+use saccade::data::{open_dataset, Batch, DataConfig, Loader, LoaderConfig, Split, SplitSizes};
 use saccade::models::{Images, SaccadeConfig, Saccader};
 use saccade::optim::{Adam, AdamConfig};
 use saccade::{Device, Graph};
+
+/// The first `n` training images of `spec` (data seed `seed`) as one batch.
+fn first_batch(spec: &str, seed: u64, n: usize, dev: &Device) -> Batch {
+    let cfg = DataConfig {
+        seed,
+        sizes: SplitSizes {
+            train: n,
+            valid: 1,
+            test: 1,
+        },
+        mnist_dir: None,
+    };
+    let ds = open_dataset(spec, Split::Train, &cfg).unwrap();
+    let config = LoaderConfig {
+        batch_size: n,
+        ..Default::default()
+    };
+    let loader = Loader::new(ds, config, dev).unwrap();
+    let first = loader.epoch(0).next();
+    first.unwrap().unwrap()
+}
 
 /// Every part of the model learns together: with posterior means (no
 /// noise), 16 images are memorized within 100 Adam steps (this batch: 2.34
@@ -15,26 +36,7 @@ use saccade::{Device, Graph};
 #[test]
 fn overfits_one_batch() {
     let dev = Device::cpu();
-    let cfg = DataConfig {
-        seed: 3,
-        sizes: SplitSizes {
-            train: 16,
-            valid: 1,
-            test: 1,
-        },
-        mnist_dir: None,
-    };
-    let ds = open_dataset("cluttered-mnist-1", Split::Train, &cfg).unwrap();
-    let loader = Loader::new(
-        ds,
-        LoaderConfig {
-            batch_size: 16,
-            ..Default::default()
-        },
-        &dev,
-    )
-    .unwrap();
-    let batch = loader.epoch(0).next().unwrap().unwrap();
+    let batch = first_batch("cluttered-mnist-1", 3, 16, &dev);
     let images = Images::Resident(batch.images.as_ref().unwrap());
     let mut rng = StdRng::seed_from_u64(1);
     let mut cfg = SaccadeConfig::small(1, 10);
@@ -109,26 +111,7 @@ fn glimpses_move_toward_a_planted_target() {
 #[test]
 fn repeated_steps_give_identical_gradients() {
     let dev = Device::cpu();
-    let cfg = DataConfig {
-        seed: 4,
-        sizes: SplitSizes {
-            train: 8,
-            valid: 1,
-            test: 1,
-        },
-        mnist_dir: None,
-    };
-    let ds = open_dataset("cluttered-mnist", Split::Train, &cfg).unwrap();
-    let loader = Loader::new(
-        ds,
-        LoaderConfig {
-            batch_size: 8,
-            ..Default::default()
-        },
-        &dev,
-    )
-    .unwrap();
-    let batch = loader.epoch(0).next().unwrap().unwrap();
+    let batch = first_batch("cluttered-mnist", 4, 8, &dev);
     let images = Images::Resident(batch.images.as_ref().unwrap());
     let m = Saccader::new(SaccadeConfig::small(1, 55), &mut StdRng::seed_from_u64(1), &dev);
     let run = || {
