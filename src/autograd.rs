@@ -4,7 +4,7 @@
 //! [`Graph::backward`] walks the nodes in reverse. Nothing is global: drop the
 //! graph and everything it saved for backward is freed.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use anyhow::{ensure, Result};
 
@@ -30,7 +30,7 @@ struct Node {
 
 pub struct Graph {
     nodes: Vec<Node>,
-    params: HashMap<ParamId, Var>,
+    params: BTreeMap<ParamId, Var>,
     grad_enabled: bool,
 }
 
@@ -45,7 +45,7 @@ impl Graph {
     pub fn new() -> Self {
         Graph {
             nodes: Vec::new(),
-            params: HashMap::new(),
+            params: BTreeMap::new(),
             grad_enabled: true,
         }
     }
@@ -222,14 +222,14 @@ impl Graph {
 /// Leaf gradients from one backward pass.
 pub struct Gradients {
     grads: Vec<Option<Tensor>>,
-    params: HashMap<ParamId, Var>,
+    params: BTreeMap<ParamId, Var>,
 }
 
 impl Gradients {
     /// Parameter gradients computed outside one graph (gradient
     /// checkpointing sums them over several graphs).
     pub fn from_params(grads: impl IntoIterator<Item = (ParamId, Tensor)>) -> Gradients {
-        let (params, grads): (HashMap<ParamId, Var>, Vec<Option<Tensor>>) = grads
+        let (params, grads): (BTreeMap<ParamId, Var>, Vec<Option<Tensor>>) = grads
             .into_iter()
             .enumerate()
             .map(|(i, (id, g))| ((id, Var(i)), Some(g)))
@@ -256,9 +256,35 @@ impl Gradients {
         Ok(())
     }
 
+    /// In parameter order, so that sums over them (the clipping norm) give
+    /// the same bits in every process.
     pub fn param_grads(&self) -> impl Iterator<Item = (ParamId, &Tensor)> {
         self.params
             .iter()
             .filter_map(|(&id, &v)| self.get(v).map(|g| (id, g)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Device;
+
+    /// Parameter gradients come in parameter order (a hash map's order
+    /// changes from process to process, and so would a norm summed over it).
+    #[test]
+    fn parameter_gradients_come_in_parameter_order() {
+        let dev = Device::cpu();
+        let mut ps = ParamStore::new();
+        let ids: Vec<ParamId> = (0..40)
+            .map(|i| ps.add(&format!("p{i}"), Tensor::full(&[2], i as f32, &dev)))
+            .collect();
+        let mut g = Graph::new();
+        let vars: Vec<Var> = ids.iter().rev().map(|&id| g.param(&ps, id)).collect();
+        let all = g.concat(&vars, 0).unwrap();
+        let loss = g.sum(all, &[0], false).unwrap();
+        let grads = g.backward(loss).unwrap();
+        let order: Vec<ParamId> = grads.param_grads().map(|(id, _)| id).collect();
+        assert_eq!(order, ids);
     }
 }
