@@ -65,6 +65,12 @@ impl ConvStack {
         Ok(x)
     }
 
+    /// The product of the blocks' strides: output cell `j` is centred on
+    /// input pixel `stride() * j` (3x3, pad 1).
+    pub fn stride(&self) -> usize {
+        self.blocks.iter().map(|(conv, _)| conv.stride).product()
+    }
+
     /// Spatial side after the stack for an input of side `n` (3x3, pad 1).
     pub fn out_side(&self, mut n: usize) -> usize {
         for (conv, _) in &self.blocks {

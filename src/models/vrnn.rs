@@ -37,10 +37,10 @@ const POSTERIOR_OUT: usize = 1 + LATENT;
 /// `[2, m*m]`: x then y, in normalized image coordinates, of the proxy pixel
 /// each cell of the encoder's `m x m` map is centred on (row-major like the
 /// map). A 3x3, padding 1, stride 2 conv centres output `j` on input `2j`, so
-/// after a total stride `r = J/m` cell `j` sits on proxy pixel `r*j`, whose
-/// centre is at `(2rj + 1)/J - 1`.
-fn cell_centres(m: usize, proxy_size: usize, dev: &Device) -> Tensor {
-    let r = proxy_size / m;
+/// after a total stride `r` cell `j` sits on proxy pixel `r*j`, whose centre
+/// is at `(2rj + 1)/J - 1`. (`r` is the encoder's, not `J/m`: they differ
+/// when the proxy side is not a multiple of `r`.)
+fn cell_centres(m: usize, r: usize, proxy_size: usize, dev: &Device) -> Tensor {
     let c = |k: usize| (2 * r * k + 1) as f32 / proxy_size as f32 - 1.0;
     let xs = (0..m * m).map(|p| c(p % m));
     let ys = (0..m * m).map(|p| c(p / m));
@@ -175,7 +175,7 @@ impl Vrnn {
                 dev,
             ),
             query,
-            cells: cell_centres(side, cfg.proxy_size, dev),
+            cells: cell_centres(side, enc_convs.stride(), cfg.proxy_size, dev),
             enc_convs,
             phi_z: Linear::new(ps, "vrnn.phi_z", LATENT, e, rng, dev),
             posterior,
@@ -362,6 +362,33 @@ mod tests {
             &mut StdRng::seed_from_u64(0),
             &Device::cpu(),
         )
+    }
+
+    /// Cells sit on the proxy pixels their features are centred on, also for
+    /// a proxy side that is not a multiple of the encoder's stride (4): at
+    /// J = 30 the last cell is on pixel 28, so attention reaches the edge.
+    #[test]
+    fn cells_sit_on_their_receptive_field_centres() {
+        let mut cfg = vrnn(false).cfg;
+        cfg.proxy_size = 30;
+        let v = Vrnn::new(
+            &mut ParamStore::new(),
+            cfg,
+            &mut StdRng::seed_from_u64(0),
+            &Device::cpu(),
+        );
+        let c = v.cells.to_vec().unwrap();
+        assert_eq!(v.cells.shape(), &[2, 64]);
+        let want = |k: usize| (8 * k + 1) as f32 / 30.0 - 1.0;
+        for k in 0..8 {
+            assert!(
+                (c[k] - want(k)).abs() < 1e-6,
+                "x of cell {k}: {} vs {}",
+                c[k],
+                want(k)
+            );
+            assert!((c[64 + 8 * k] - want(k)).abs() < 1e-6, "y of row {k}");
+        }
     }
 
     /// A glimpse flags exactly the cells whose centres its box holds, and a
