@@ -40,11 +40,11 @@ const POSTERIOR_OUT: usize = 1 + LATENT;
 /// after a total stride `r` cell `j` sits on proxy pixel `r*j`, whose centre
 /// is at `(2rj + 1)/J - 1`. (`r` is the encoder's, not `J/m`: they differ
 /// when the proxy side is not a multiple of `r`.)
-fn cell_centres(m: usize, r: usize, proxy_size: usize, dev: &Device) -> Tensor {
+fn cell_centres(m: usize, r: usize, proxy_size: usize) -> Vec<f32> {
     let c = |k: usize| (2 * r * k + 1) as f32 / proxy_size as f32 - 1.0;
     let xs = (0..m * m).map(|p| c(p % m));
     let ys = (0..m * m).map(|p| c(p / m));
-    Tensor::from_vec(xs.chain(ys).collect(), &[2, m * m], dev).expect("2*m*m values")
+    xs.chain(ys).collect()
 }
 
 /// Initial posterior log-variance: standard deviation e^-2 = 0.14 in z, about
@@ -116,6 +116,8 @@ pub struct Vrnn {
     query: Linear,
     /// The map cells' centres, `[2, P]` (see [`cell_centres`]).
     cells: Tensor,
+    /// The same on the host, for the mask's box tests (no device read per step).
+    cells_host: Vec<f32>,
     prior: Mlp,
     decoder: Mlp,
     gru: GruCell,
@@ -143,6 +145,7 @@ impl Vrnn {
             dev,
         );
         let side = enc_convs.out_side(cfg.proxy_size);
+        let cells_host = cell_centres(side, enc_convs.stride(), cfg.proxy_size);
         let e = cfg.embed;
         let h = cfg.hidden;
         let proxy_values = cfg.channels * cfg.proxy_size * cfg.proxy_size;
@@ -175,7 +178,8 @@ impl Vrnn {
                 dev,
             ),
             query,
-            cells: cell_centres(side, enc_convs.stride(), cfg.proxy_size, dev),
+            cells: Tensor::from_vec(cells_host.clone(), &[2, side * side], dev).expect("2*m*m values"),
+            cells_host,
             enc_convs,
             phi_z: Linear::new(ps, "vrnn.phi_z", LATENT, e, rng, dev),
             posterior,
@@ -240,7 +244,7 @@ impl Vrnn {
     /// No gradient flows through this choice.
     fn mark_attended(&self, z: &Tensor, attended: &mut [bool]) -> Result<()> {
         let z = z.to_vec()?;
-        let cells = self.cells.to_vec()?;
+        let cells = &self.cells_host;
         let p = self.cells.dim(1);
         let [lo, hi] = self.cfg.scale;
         for (zi, flags) in z.chunks(LATENT).zip(attended.chunks_mut(p)) {
