@@ -14,7 +14,7 @@ const TRAIN: usize = 20_000;
 const TEST: usize = 500;
 
 /// One epoch over 20,000 images (625 Adam steps of 32) with the default
-/// model and schedule at T = 2, about a minute on 2 cores. Runs this short
+/// model and schedule at T = 2, 20-90 s on 2 cores. Runs this short
 /// vary a lot between seeds: seeds 7, 8, 9 gave 19.8%, 25.2%, 31.2% test
 /// accuracy and 67%, 80%, 95% of digits inside a glimpse (BENCHMARKS.md,
 /// "learning guard", measured before the speedups); this seed is 7, the
