@@ -248,6 +248,7 @@ impl Vrnn {
         let p = self.cells.dim(1);
         let [lo, hi] = self.cfg.scale;
         for (zi, flags) in z.chunks(LATENT).zip(attended.chunks_mut(p)) {
+            // Saccader::theta's mapping of z to the glimpse, on the host.
             let s = lo + (hi - lo) / (1.0 + (-zi[0]).exp());
             let (tx, ty) = (zi[1].tanh(), zi[2].tanh());
             for (k, flag) in flags.iter_mut().enumerate() {
