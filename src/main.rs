@@ -253,6 +253,11 @@ struct TrainArgs {
     /// the default hard mask, which excludes them).
     #[arg(long)]
     no_mask: bool,
+    /// Training images during which the classification loss does not move the glimpses (then
+    /// ramped in over as many images): the classifier learns what matters before the glimpses
+    /// follow it. Default 40000 for the small preset, 0 (off) for paper.
+    #[arg(long)]
+    policy_warmup: Option<usize>,
     /// Fix the posterior variance to this value instead of learning it (paper ablation, e.g. 0.6).
     #[arg(long)]
     fixed_variance: Option<f32>,
@@ -626,6 +631,7 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     m.multiplicative = a.multiplicative;
     m.fixed_variance = a.fixed_variance;
     m.mask_attended = !a.no_mask;
+    m.policy_warmup = a.policy_warmup.unwrap_or(m.policy_warmup);
     if m.glimpses == 0 || m.crop < 4 || !(m.scale_max > m.scale_min && m.scale_max <= 1.0) {
         bail!(
             "need --glimpses >= 1, --crop >= 4 and {} < --max-scale <= 1",

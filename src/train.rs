@@ -242,6 +242,9 @@ pub trait Model: Sized {
     fn params_mut(&mut self) -> &mut ParamStore;
     /// Forward and backward on a training batch; `rng` draws any noise.
     fn train_batch(&mut self, batch: &Batch, rng: &mut StdRng) -> Result<StepOutput>;
+    /// Where training stands before a step, as training images seen (for
+    /// schedules inside the model).
+    fn set_progress(&mut self, _images: u64) {}
     /// Class scores in evaluation mode, and where the model looked.
     fn scores(&mut self, batch: &Batch) -> Result<BatchScores>;
 }
@@ -275,6 +278,9 @@ impl Model for Saccader {
     }
     fn params_mut(&mut self) -> &mut ParamStore {
         &mut self.params
+    }
+    fn set_progress(&mut self, images: u64) {
+        Saccader::set_progress(self, images);
     }
     fn train_batch(&mut self, batch: &Batch, rng: &mut StdRng) -> Result<StepOutput> {
         let mut g = Graph::new();
@@ -532,10 +538,9 @@ impl<M: Model> Trainer<M> {
                 (0.0, 0.0, 0.0, 0, 0, 0);
             for batch in loader.epoch_from(epoch, self.progress.step) {
                 let batch = batch?;
-                self.adam.config.lr =
-                    self.cfg
-                        .lr_schedule
-                        .rate(self.cfg.lr, epoch * steps + self.progress.step, total_steps);
+                let done = epoch * steps + self.progress.step;
+                self.adam.config.lr = self.cfg.lr_schedule.rate(self.cfg.lr, done, total_steps);
+                self.model.set_progress((done * self.cfg.batch_size) as u64);
                 let (loss, ce, kl, ok) = match self.step(&batch) {
                     Ok(v) => v,
                     Err(e) => {

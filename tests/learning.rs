@@ -27,6 +27,9 @@ const TEST: usize = 500;
 #[test]
 fn learns_where_to_look_on_cluttered_mnist_1() {
     let mut model = SaccadeConfig::small(1, 10);
+    // The glimpses follow the classifier from the first step: the default
+    // waits 40k images, longer than this whole run.
+    model.policy_warmup = 0;
     model.glimpses = 2;
     let cfg = TrainConfig {
         model,

@@ -138,3 +138,45 @@ fn repeated_steps_give_identical_gradients() {
         }
     }
 }
+
+/// During the policy warmup the classification loss trains the classifier
+/// but does not reach the glimpses (their parameters get no gradient when
+/// the VRNN's own terms are weighted 0); halfway through the ramp half of it
+/// does, and after the ramp all of it. The forward values never change.
+#[test]
+fn policy_warmup_keeps_the_classification_loss_off_the_glimpses() {
+    let dev = Device::cpu();
+    let batch = first_batch("cluttered-mnist", 4, 8, &dev);
+    let images = Images::Resident(batch.images.as_ref().unwrap());
+    let mut cfg = SaccadeConfig::small(1, 55);
+    cfg.beta = 0.0;
+    cfg.policy_warmup = 1000;
+    let mut m = Saccader::new(cfg, &mut StdRng::seed_from_u64(1), &dev);
+    let mut run = |seen: u64| {
+        m.set_progress(seen);
+        let mut g = Graph::new();
+        let mut rng = StdRng::seed_from_u64(9);
+        let out = m
+            .forward(&mut g, &images, &batch.proxies, &batch.labels, Some(&mut rng))
+            .unwrap();
+        let grads = g.backward(out.loss).unwrap();
+        let norm = |prefix: &str| -> f32 {
+            m.params
+                .iter()
+                .filter(|(_, p)| p.name.starts_with(prefix))
+                .filter_map(|(id, _)| grads.param(id))
+                .flat_map(|t| t.to_vec().unwrap())
+                .map(|v| v * v)
+                .sum::<f32>()
+                .sqrt()
+        };
+        let loss = g.value(out.loss).item().unwrap();
+        (loss, norm("vrnn.posterior"), norm("classifier"))
+    };
+    let (off, mid, on) = (run(500), run(1500), run(3000));
+    assert_eq!(off.1, 0.0, "glimpse gradient during warmup");
+    assert!(off.2 > 0.0, "the classifier learns during warmup");
+    assert!(on.1 > 0.0, "glimpse gradient after the ramp");
+    assert!(((mid.1 / on.1) - 0.5).abs() < 1e-3, "{} vs {}", mid.1, on.1);
+    assert!((off.0 - on.0).abs() < 1e-6 && off.2 == on.2);
+}

@@ -40,6 +40,11 @@ pub struct SaccadeConfig {
     /// (absent in checkpoints from before the option: off).
     #[serde(default)]
     pub mask_attended: bool,
+    /// Training images during which the classification loss does not move
+    /// the glimpses (its gradient into them then ramps up linearly over as
+    /// many images again). Absent in older checkpoints: 0, no warmup.
+    #[serde(default)]
+    pub policy_warmup: usize,
     pub enc_width: usize,
     pub embed: usize,
     pub hidden: usize,
@@ -63,6 +68,14 @@ impl SaccadeConfig {
             multiplicative: false,
             fixed_variance: None,
             mask_attended: true,
+            // At initialization a crop with a digit in it raises the loss of
+            // a classifier that knows no digits, so the loss's gradient moves
+            // the glimpses onto empty background at minimum scale, where it
+            // then never learns digits (seed 1: 1.2% of test images covered,
+            // 2.75% accuracy after 93k images). The glimpses follow the
+            // classifier only once it has learnt something: here after 40k
+            // images, fully from 80k.
+            policy_warmup: 40_000,
             enc_width: 16,
             embed: 128,
             hidden: 128,
@@ -81,6 +94,7 @@ impl SaccadeConfig {
             embed: 256,
             hidden: 256,
             classifier_width: 32,
+            policy_warmup: 0,
             ..SaccadeConfig::small(channels, num_classes)
         }
     }
@@ -101,6 +115,9 @@ pub struct Saccader {
     classifier: CropClassifier,
     head1: Linear,
     head2: Linear,
+    /// How much of the classification loss's gradient reaches the glimpses,
+    /// in [0, 1] (see [`SaccadeConfig::policy_warmup`]).
+    policy_grad: f32,
 }
 
 /// One forward pass.
@@ -163,7 +180,34 @@ impl Saccader {
             classifier,
             head1,
             head2,
+            policy_grad: 1.0,
         }
+    }
+
+    /// Where training stands, as training images seen: sets how much of the
+    /// classification loss's gradient reaches the glimpses.
+    pub fn set_progress(&mut self, images: u64) {
+        let w = self.cfg.policy_warmup as f64;
+        self.policy_grad = if w > 0.0 {
+            (images as f64 / w - 1.0).clamp(0.0, 1.0) as f32
+        } else {
+            1.0
+        };
+    }
+
+    /// `theta` with its value unchanged and `policy_grad` times its gradient.
+    fn gate_policy(&self, g: &mut Graph, theta: Var) -> Result<Var> {
+        let a = self.policy_grad;
+        if a >= 1.0 {
+            return Ok(theta);
+        }
+        let fixed = g.constant(g.value(theta).clone());
+        if a <= 0.0 {
+            return Ok(fixed);
+        }
+        let moving = g.affine(theta, a, 0.0)?;
+        let fixed = g.affine(fixed, 1.0 - a, 0.0)?;
+        g.add(moving, fixed)
     }
 
     /// The device the parameters live on.
@@ -248,7 +292,8 @@ impl Saccader {
         let mut crops = Vec::with_capacity(t_steps);
         for &z in &run.z {
             let theta = self.theta(g, z)?;
-            crops.push(self.crop(g, images, theta)?);
+            let gated = self.gate_policy(g, theta)?;
+            crops.push(self.crop(g, images, gated)?);
             thetas.push(theta);
         }
         // All T*B crops through the classifier in one batch.
