@@ -9,9 +9,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use image::GrayImage;
 use saccade::data::cluttered::{mnist_split, Mode, SceneConfig, SceneDataset, Task};
 use saccade::data::mnist::{default_dir, Mnist};
-use saccade::data::source::level_for_crop;
 use saccade::data::store::{write_tiled, TiledImage};
 use saccade::data::{ImageSource, Split};
+use saccade::ops::sampler::choose_level;
 
 fn bench_crop(c: &mut Criterion) {
     let size: usize = std::env::var("SACCADE_BENCH_SIZE")
@@ -63,7 +63,7 @@ fn bench_crop(c: &mut Criterion) {
     let mut out = Vec::new();
     let mut crop = |img: &TiledImage| {
         k += 1;
-        let level = level_for_crop(img, extent, 32);
+        let level = choose_level(img, 0.3, 32);
         let s = img.level_size(level).0 as f64 / size as f64;
         let side = (extent * s).ceil() as usize + 2;
         let (fy, fx) = ((k * 37 % 70) as f64 / 100.0, (k * 53 % 70) as f64 / 100.0);

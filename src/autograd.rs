@@ -8,10 +8,24 @@ use std::collections::BTreeMap;
 
 use anyhow::{ensure, Result};
 
-use crate::nn::{ParamId, ParamStore};
-use crate::ops;
 use crate::profile::{self, Phase};
 use crate::tensor::Tensor;
+
+/// A parameter's key: the tape collects one gradient per parameter, in
+/// this order, whichever store the values come from (`nn::ParamStore`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ParamId(usize);
+
+impl ParamId {
+    pub fn new(index: usize) -> Self {
+        ParamId(index)
+    }
+
+    /// Position in its store (dense, from 0).
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
 
 /// A handle to a node of one graph.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -76,11 +90,11 @@ impl Graph {
 
     /// The graph variable of a parameter; the same parameter used twice (a
     /// recurrent cell over T steps) is one variable, so its gradients add up.
-    pub fn param(&mut self, store: &ParamStore, id: ParamId) -> Var {
+    pub fn param(&mut self, id: ParamId, value: &Tensor) -> Var {
         if let Some(&v) = self.params.get(&id) {
             return v;
         }
-        let v = self.leaf(store.value(id).clone());
+        let v = self.leaf(value.clone());
         self.params.insert(id, v);
         v
     }
@@ -199,7 +213,7 @@ impl Graph {
                 );
                 grads[v.0] = Some(match grads[v.0].take() {
                     None => ig,
-                    Some(acc) => ops::elementwise::add_same(&acc, &ig)?,
+                    Some(acc) => acc.add_same(&ig)?,
                 });
             }
             if let Some(mut p) = counter.profile() {
@@ -275,12 +289,13 @@ mod tests {
     #[test]
     fn parameter_gradients_come_in_parameter_order() {
         let dev = Device::cpu();
-        let mut ps = ParamStore::new();
-        let ids: Vec<ParamId> = (0..40)
-            .map(|i| ps.add(&format!("p{i}"), Tensor::full(&[2], i as f32, &dev)))
-            .collect();
+        let ids: Vec<ParamId> = (0..40).map(ParamId::new).collect();
         let mut g = Graph::new();
-        let vars: Vec<Var> = ids.iter().rev().map(|&id| g.param(&ps, id)).collect();
+        let vars: Vec<Var> = ids
+            .iter()
+            .rev()
+            .map(|&id| g.param(id, &Tensor::full(&[2], id.index() as f32, &dev)))
+            .collect();
         let all = g.concat(&vars, 0).unwrap();
         let loss = g.sum(all, &[0], false).unwrap();
         let grads = g.backward(loss).unwrap();

@@ -1,14 +1,21 @@
 //! saccade: a small GPU compute engine whose first model is Variational
-//! Saccading (Ramapuram et al.). See DESIGN.md in the shared folder and
-//! README.md for the tour.
+//! Saccading (Ramapuram et al.). README.md gives the tour.
 //!
-//! Layers, from the bottom:
-//! - [`device`]: where storage lives (CPU now; CUDA next) and how many bytes are live.
+//! Layers, from the bottom; each uses only the ones above it in this list
+//! (no import cycles):
+//! - [`profile`]: the opt-in per-op timer.
+//! - [`device`]: where storage lives (host memory or a CUDA device), its
+//!   allocators and live-byte counters, kernel compilation and launch.
 //! - [`tensor`]: a contiguous f32 NCHW tensor = shape + shared storage.
-//! - [`ops`]: one file per op family, each with forward, backward and the
-//!   CPU reference loop (and, with the CUDA backend, the launcher).
-//! - [`autograd`]: the tape that records ops and runs their backward in reverse.
-//! - [`nn`], [`optim`]: parameters, layers, Adam and clipping.
+//! - [`autograd`]: the tape that records ops and runs their backward closures
+//!   in reverse, keyed by [`autograd::ParamId`] for parameters.
+//! - [`ops`]: one file per op family: forward, backward, the CPU loop, the
+//!   CUDA launcher, and the `Graph` method that records it on the tape. The
+//!   localized crop reads images through [`ops::sampler::ImageSource`].
+//! - [`nn`], [`optim`]: the parameter store, layers, Adam and clipping.
+//! - [`data`]: datasets, image stores and the loader (images implement
+//!   `ImageSource`); [`models`]: the saccade model and the baselines.
+//! - [`checkpoint`], [`train`], then [`predict`], [`viz`], [`bench`].
 //!
 //! The tape in five lines: record ops on a [`Graph`], then ask for gradients.
 //!

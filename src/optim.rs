@@ -224,7 +224,7 @@ pub fn clip_by_norm(grads: &mut Gradients, max_norm: f32) -> Result<f32> {
             Storage::Cuda(gs) => {
                 if acc.is_none() {
                     let mut a = gs.device().alloc(1)?;
-                    crate::ops::elementwise::cuda::fill(&mut a, 0.0)?;
+                    a.fill(0.0)?;
                     acc = Some(a);
                 }
                 cuda::add_sum_squares(gs, acc.as_mut().expect("set above"))?;
@@ -256,7 +256,7 @@ mod tests {
         let mut ps = ParamStore::new();
         let id = ps.add("w", Tensor::from_vec(vec![1.0, -2.0, 3.0], &[3], &dev).unwrap());
         let mut g = Graph::new();
-        let w = g.param(&ps, id);
+        let w = ps.var(&mut g, id);
         let c = g.constant(Tensor::from_vec(vec![2.0, -0.5, 0.0], &[3], &dev).unwrap());
         let y = g.mul(w, c).unwrap();
         let loss = g.sum_all(y).unwrap();
@@ -284,7 +284,7 @@ mod tests {
         });
         for _ in 0..500 {
             let mut g = Graph::new();
-            let w = g.param(&ps, id);
+            let w = ps.var(&mut g, id);
             let sq = g.mul(w, w).unwrap();
             let loss = g.sum_all(sq).unwrap();
             let grads = g.backward(loss).unwrap();
@@ -300,7 +300,7 @@ mod tests {
         let id = ps.add("w", Tensor::from_vec(vec![3.0, 4.0], &[2], &dev).unwrap());
         let grads_of = |ps: &ParamStore| {
             let mut g = Graph::new();
-            let w = g.param(ps, id);
+            let w = ps.var(&mut g, id);
             let sq = g.mul(w, w).unwrap();
             let l = g.affine(sq, 0.5, 0.0).unwrap();
             let loss = g.sum_all(l).unwrap();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, ensure, Result};
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
 
 use crate::device::cpu::CpuStorage;
 use crate::device::cuda::CudaStorage;
@@ -78,7 +79,7 @@ impl Tensor {
             Device::Cuda(d) => {
                 let s = d
                     .alloc(n)
-                    .and_then(|mut s| crate::ops::elementwise::cuda::fill(&mut s, value).map(|()| s))
+                    .and_then(|mut s| s.fill(value).map(|()| s))
                     .unwrap_or_else(|e| panic!("Tensor::full {}: {e:#}", fmt_shape(shape)));
                 Tensor::from_cuda(s, shape)
             }
@@ -214,6 +215,29 @@ impl Tensor {
             shape: shape.to_vec(),
             storage: self.storage.clone(),
         })
+    }
+
+    /// `self + other` for equal shapes: the tape's gradient accumulation
+    /// (broadcasting sums are the `add` op's).
+    pub fn add_same(&self, other: &Tensor) -> Result<Tensor> {
+        ensure!(
+            self.shape == other.shape,
+            "add_same: shapes {} and {} differ",
+            fmt_shape(&self.shape),
+            fmt_shape(&other.shape)
+        );
+        match &*self.storage {
+            Storage::Cpu(s) => {
+                let (a, b) = (s.data(), other.cpu()?);
+                let mut out = s.device().buffer(a.len());
+                out.par_iter_mut()
+                    .with_min_len(1 << 14)
+                    .zip(a.par_iter().zip(b))
+                    .for_each(|(o, (x, y))| *o = x + y);
+                Ok(Tensor::from_cpu(out, &self.shape, s.device()))
+            }
+            Storage::Cuda(s) => Ok(Tensor::from_cuda(s.add(other.cuda()?)?, &self.shape)),
+        }
     }
 
     /// A new tensor of the same shape on the same device.

@@ -299,7 +299,7 @@ fn cuda_parity_clipping() {
         let mut loss = None;
         for (i, s) in [&[3, 5][..], &[4099], &[7]].iter().enumerate() {
             let id = ps.add(&format!("w{i}"), randn(s, i as u64).to_device(d).unwrap());
-            let w = g.param(&ps, id);
+            let w = ps.var(&mut g, id);
             let c = g.constant(randn(s, 10 + i as u64).to_device(d).unwrap());
             let y = g.mul(w, c).unwrap();
             let s = g.sum_all(y).unwrap();

@@ -504,7 +504,7 @@ fn gradients(values: &[Tensor]) -> (Gradients, Vec<saccade::nn::ParamId>) {
     let mut loss = None;
     for (i, v) in values.iter().enumerate() {
         let id = ps.add(&format!("w{i}"), randn(v.shape(), 99));
-        let w = g.param(&ps, id);
+        let w = ps.var(&mut g, id);
         let c = g.constant(v.clone());
         let y = g.mul(w, c).unwrap();
         let s = g.sum_all(y).unwrap();

@@ -4,7 +4,7 @@
 //! `workers × (prefetch + 1)` batches exist ahead of the consumer.
 //!
 //! Workers build host buffers only; tensors are made on the consuming thread,
-//! where the device (and later its CUDA context) lives.
+//! where the device (and its CUDA context, on a GPU) lives.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;

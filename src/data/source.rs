@@ -1,68 +1,12 @@
-//! `ImageSource`: read a rectangle of an image at a pyramid level, so that
-//! large images are never loaded whole. Level `l` is level 0 area-downsampled
-//! `l` times by 2 (see [`downsample2`]); reads outside the image give zeros,
-//! which is the zero padding of the spatial transformer.
+//! Images as [`ImageSource`]s (the trait lives with its reader, the
+//! localized crop in `ops::sampler`): in memory, with a pyramid built by
+//! [`downsample2`], and the helpers other sources share.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{ensure, Result};
 
-pub trait ImageSource: Send + Sync {
-    fn channels(&self) -> usize;
-
-    /// Number of pyramid levels (at least 1).
-    fn levels(&self) -> usize;
-
-    /// `(height, width)` of `level`.
-    fn level_size(&self, level: usize) -> (usize, usize);
-
-    /// `(height, width)` at full resolution.
-    fn size(&self) -> (usize, usize) {
-        self.level_size(0)
-    }
-
-    /// Write rows `y0..y0+h`, columns `x0..x0+w` of `level` into `out`
-    /// (`channels * h * w` values, CHW, in `[0, 1]`); pixels outside the
-    /// image are 0.
-    fn read_region(&self, level: usize, y0: i64, x0: i64, h: usize, w: usize, out: &mut [f32]) -> Result<()>;
-
-    /// Bytes of stored pixels `read_region` has touched so far (whole tiles
-    /// for the tiled store, in-image pixels for in-memory images, 0 for
-    /// sources that render on demand): the figure behind "bytes read per crop
-    /// do not grow with the image size".
-    fn bytes_read(&self) -> u64 {
-        0
-    }
-
-    /// The whole image at the coarsest level whose sides are both at least
-    /// `min_side` (level 0 when none is), as `(h, w, CHW data)`: proxies are
-    /// made from it without reading the full resolution.
-    fn overview(&self, min_side: usize) -> Result<(usize, usize, Vec<f32>)> {
-        let level = (0..self.levels())
-            .rev()
-            .find(|&l| {
-                let (h, w) = self.level_size(l);
-                h.min(w) >= min_side
-            })
-            .unwrap_or(0);
-        let (h, w) = self.level_size(level);
-        let mut out = vec![0.0; self.channels() * h * w];
-        self.read_region(level, 0, 0, h, w, &mut out)?;
-        Ok((h, w, out))
-    }
-}
-
-/// The coarsest level at which a window `extent` level-0 pixels wide still
-/// has at least `out_px` pixels. Reading a crop there rather than at level 0
-/// keeps the pixels read per crop near `(2 * out_px)^2` whatever the image size.
-pub fn level_for_crop(src: &dyn ImageSource, extent: f64, out_px: usize) -> usize {
-    let full = src.level_size(0).1 as f64;
-    let mut level = 0;
-    while level + 1 < src.levels() && extent * src.level_size(level + 1).1 as f64 / full >= out_px as f64 {
-        level += 1;
-    }
-    level
-}
+pub use crate::ops::sampler::ImageSource;
 
 /// Read a region of `level >= 1` by reading the region of `level - 1` it
 /// covers and area-downsampling it; the result equals that region of a
@@ -286,6 +230,7 @@ impl ImageSource for InMemoryImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::sampler::choose_level;
 
     #[test]
     fn pyramid_and_regions() {
@@ -324,9 +269,10 @@ mod tests {
     #[test]
     fn crop_level_and_overview() {
         let img = InMemoryImage::new(vec![0.5; 1024 * 1024], 1, 1024, 1024, 8).unwrap();
-        assert_eq!(level_for_crop(&img, 1024.0, 32), 5); // 1024 -> 32 pixels
-        assert_eq!(level_for_crop(&img, 300.0, 32), 3); // 300/8 = 37.5 >= 32 > 18.75
-        assert_eq!(level_for_crop(&img, 10.0, 32), 0);
+        let level = |extent: f32| choose_level(&img, extent / 1024.0, 32);
+        assert_eq!(level(1024.0), 5); // 1024 -> 32 pixels
+        assert_eq!(level(300.0), 3); // 300/8 = 37.5 >= 32 > 18.75
+        assert_eq!(level(10.0), 0);
         let (h, w, d) = img.overview(100).unwrap();
         assert_eq!((h, w, d.len()), (128, 128, 128 * 128));
     }

@@ -620,7 +620,8 @@ mod tests {
     use super::*;
     use crate::data::cluttered::{Mode, SceneConfig, SceneDataset, Task};
     use crate::data::mnist::{tests::mnist, MnistSplit};
-    use crate::data::source::{level_for_crop, InMemoryImage};
+    use crate::data::source::InMemoryImage;
+    use crate::ops::sampler::choose_level;
 
     fn full(src: &dyn ImageSource, level: usize) -> Vec<f32> {
         let (h, w) = src.level_size(level);
@@ -757,7 +758,7 @@ mod tests {
                 (0.02, 0.37, 0.37),
             ] {
                 let extent = scale * size as f64;
-                let level = level_for_crop(&img, extent, 32);
+                let level = choose_level(&img, scale as f32, 32);
                 let k = img.level_size(level).0 as f64 / size as f64;
                 // The window at that level plus a one-pixel margin, as the localized transformer reads it.
                 let side = (extent * k).ceil() as usize + 2;

@@ -398,7 +398,7 @@ impl CudaDevice {
     pub(crate) fn alloc(&self, n: usize) -> Result<CudaStorage> {
         let mut s = CudaStorage::new(self.raw_alloc(n)?, n, self.clone());
         if self.inner.poison.load(Ordering::Relaxed) {
-            crate::ops::elementwise::cuda::fill(&mut s, f32::NAN)?;
+            s.fill(f32::NAN)?;
         }
         Ok(s)
     }
@@ -595,6 +595,45 @@ macro_rules! launch {
     }};
 }
 pub(crate) use launch;
+
+impl CudaStorage {
+    /// Set every element to `value` (kernels/elementwise.cu's `fill`).
+    pub(crate) fn fill(&mut self, value: f32) -> Result<()> {
+        let (dev, n) = (self.device(), self.len());
+        launch!(
+            &dev,
+            "elementwise",
+            "fill",
+            grid(n)?,
+            self.slice_mut(),
+            &(n as i32),
+            &value
+        );
+        Ok(())
+    }
+
+    /// `self + other` as new storage (`binary_forward` over one flat axis;
+    /// op 0 is `ops::elementwise::Binary::Add`).
+    pub(crate) fn add(&self, other: &CudaStorage) -> Result<CudaStorage> {
+        let (dev, n) = (self.device(), self.len());
+        ensure!(other.len() == n, "add: {n} and {} elements", other.len());
+        let mut out = dev.alloc(n)?;
+        let dims = Dims::new(&[n], &[1], &[1])?;
+        launch!(
+            &dev,
+            "elementwise",
+            "binary_forward",
+            grid(n)?,
+            self.slice(),
+            other.slice(),
+            out.slice_mut(),
+            &(n as i32),
+            &0i32,
+            &dims
+        );
+        Ok(out)
+    }
+}
 
 #[cfg(test)]
 mod tests {

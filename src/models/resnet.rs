@@ -39,7 +39,7 @@ impl BnMode {
 }
 
 fn batch_norm(g: &mut Graph, ps: &mut ParamStore, bn: &BatchNorm, x: Var, mode: BnMode) -> Result<Var> {
-    let (gamma, beta) = (g.param(ps, bn.gamma), g.param(ps, bn.beta));
+    let (gamma, beta) = (ps.var(g, bn.gamma), ps.var(g, bn.beta));
     let (y, stats) = g.batch_norm(
         x,
         gamma,

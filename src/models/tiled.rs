@@ -29,7 +29,6 @@ use crate::autograd::{Gradients, Graph, Var};
 use crate::data::ImageSource;
 use crate::device::Device;
 use crate::nn::{Linear, ParamId, ParamStore};
-use crate::ops::elementwise::add_same;
 use crate::tensor::Tensor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,7 +194,7 @@ impl TiledResNet18 {
             let s = g.value(s).clone();
             sum = Some(match sum {
                 None => s,
-                Some(acc) => add_same(&acc, &s)?,
+                Some(acc) => acc.add_same(&s)?,
             });
         }
         sum.ok_or_else(|| anyhow::anyhow!("tiled-resnet18: no tiles"))
@@ -257,7 +256,7 @@ impl TiledResNet18 {
             for (id, t) in cg.backward_from(s, seed.clone())?.param_grads() {
                 let sum = match acc.remove(&id) {
                     None => t.clone(),
-                    Some(a) => add_same(&a, t)?,
+                    Some(a) => a.add_same(t)?,
                 };
                 acc.insert(id, sum);
             }

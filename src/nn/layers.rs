@@ -37,7 +37,7 @@ impl Linear {
     }
 
     pub fn forward(&self, g: &mut Graph, ps: &ParamStore, x: Var) -> Result<Var> {
-        let (w, b) = (g.param(ps, self.w), g.param(ps, self.b));
+        let (w, b) = (ps.var(g, self.w), ps.var(g, self.b));
         g.linear(x, w, Some(b))
     }
 }
@@ -78,8 +78,8 @@ impl Conv2d {
     }
 
     pub fn forward(&self, g: &mut Graph, ps: &ParamStore, x: Var) -> Result<Var> {
-        let w = g.param(ps, self.w);
-        let b = self.b.map(|b| g.param(ps, b));
+        let w = ps.var(g, self.w);
+        let b = self.b.map(|b| ps.var(g, b));
         g.conv2d(x, w, b, self.stride, self.padding)
     }
 }
@@ -101,7 +101,7 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, g: &mut Graph, ps: &ParamStore, x: Var) -> Result<Var> {
-        let (gamma, beta) = (g.param(ps, self.gamma), g.param(ps, self.beta));
+        let (gamma, beta) = (ps.var(g, self.gamma), ps.var(g, self.beta));
         g.group_norm(x, gamma, beta, self.groups, 1e-5)
     }
 }
@@ -134,7 +134,7 @@ impl BatchNorm {
     /// Batch statistics when the graph records gradients (training), running
     /// statistics otherwise.
     pub fn forward(&self, g: &mut Graph, ps: &mut ParamStore, x: Var) -> Result<Var> {
-        let (gamma, beta) = (g.param(ps, self.gamma), g.param(ps, self.beta));
+        let (gamma, beta) = (ps.var(g, self.gamma), ps.var(g, self.beta));
         let training = g.grad_enabled();
         let (y, stats) = g.batch_norm(
             x,
@@ -194,8 +194,8 @@ impl GruCell {
     }
 
     pub fn forward(&self, g: &mut Graph, ps: &ParamStore, x: Var, h: Var) -> Result<Var> {
-        let (wi, wh) = (g.param(ps, self.w_ih), g.param(ps, self.w_hh));
-        let (bi, bh) = (g.param(ps, self.b_ih), g.param(ps, self.b_hh));
+        let (wi, wh) = (ps.var(g, self.w_ih), ps.var(g, self.w_hh));
+        let (bi, bh) = (ps.var(g, self.b_ih), ps.var(g, self.b_hh));
         g.gru_cell(x, h, wi, wh, bi, bh)
     }
 }

@@ -8,17 +8,9 @@ use anyhow::{bail, Result};
 
 pub use layers::{BatchNorm, Conv2d, GroupNorm, GruCell, Linear};
 
+pub use crate::autograd::ParamId;
+use crate::autograd::{Graph, Var};
 use crate::tensor::Tensor;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ParamId(usize);
-
-impl ParamId {
-    /// Position in its store (dense, from 0).
-    pub fn index(self) -> usize {
-        self.0
-    }
-}
 
 pub struct Param {
     pub name: String,
@@ -58,20 +50,25 @@ impl ParamStore {
             value,
             trainable,
         });
-        ParamId(self.params.len() - 1)
+        ParamId::new(self.params.len() - 1)
     }
 
     pub fn value(&self, id: ParamId) -> &Tensor {
-        &self.params[id.0].value
+        &self.params[id.index()].value
+    }
+
+    /// The parameter's variable in `g` (one per parameter and graph).
+    pub fn var(&self, g: &mut Graph, id: ParamId) -> Var {
+        g.param(id, self.value(id))
     }
 
     pub fn get(&self, id: ParamId) -> &Param {
-        &self.params[id.0]
+        &self.params[id.index()]
     }
 
     /// Replace a value, keeping its shape.
     pub fn set(&mut self, id: ParamId, value: Tensor) -> Result<()> {
-        let p = &mut self.params[id.0];
+        let p = &mut self.params[id.index()];
         if p.value.shape() != value.shape() {
             bail!(
                 "parameter {}: new value has shape {:?}, expected {:?}",
@@ -85,11 +82,11 @@ impl ParamStore {
     }
 
     pub fn ids(&self) -> impl Iterator<Item = ParamId> {
-        (0..self.params.len()).map(ParamId)
+        (0..self.params.len()).map(ParamId::new)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (ParamId, &Param)> {
-        self.params.iter().enumerate().map(|(i, p)| (ParamId(i), p))
+        self.params.iter().enumerate().map(|(i, p)| (ParamId::new(i), p))
     }
 
     pub fn len(&self) -> usize {
@@ -110,6 +107,6 @@ impl ParamStore {
     }
 
     pub fn find(&self, name: &str) -> Option<ParamId> {
-        self.params.iter().position(|p| p.name == name).map(ParamId)
+        self.params.iter().position(|p| p.name == name).map(ParamId::new)
     }
 }

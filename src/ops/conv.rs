@@ -579,7 +579,6 @@ mod cuda {
 
     use super::Geom;
     use crate::device::cuda::{grid, launch, CudaDevice, CudaStorage, BLOCK};
-    use crate::ops::elementwise::cuda::fill;
     use crate::ops::linear::cuda::sgemm_view;
 
     /// Scratch floats a chunk of images aims for (16 MiB); one image always fits.
@@ -711,7 +710,7 @@ mod cuda {
         let mut cols = col_scratch(&dev, g, gs)?;
         let mut part = (gs > 1).then(|| dev.alloc(gs * o * ck)).transpose()?;
         let mut dw = dev.alloc(o * ck)?;
-        fill(&mut dw, 0.0)?;
+        dw.fill(0.0)?;
         for n0 in (0..n).step_by(gs) {
             let nz = gs.min(n - n0);
             let x = imgs.slice().slice(n0 * il..(n0 + nz) * il);

@@ -193,20 +193,6 @@ pub(crate) mod cuda {
     use crate::device::cuda::{grid, launch, CudaStorage, Dims};
     use crate::tensor::Tensor;
 
-    pub(crate) fn fill(s: &mut CudaStorage, value: f32) -> Result<()> {
-        let (dev, n) = (s.device(), s.len());
-        launch!(
-            &dev,
-            "elementwise",
-            "fill",
-            grid(n)?,
-            s.slice_mut(),
-            &(n as i32),
-            &value
-        );
-        Ok(())
-    }
-
     pub(crate) fn unary_forward(x: &CudaStorage, shape: &[usize], op: Unary) -> Result<Tensor> {
         let (dev, n) = (x.device(), x.len());
         let mut y = dev.alloc(n)?;
@@ -391,18 +377,6 @@ pub fn binary_forward(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
             cuda::binary_forward(xa, b.cuda()?, &shape, dims, op)
         }
     }
-}
-
-/// `a + b` for equal shapes (gradient accumulation).
-pub fn add_same(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if a.shape() != b.shape() {
-        bail!(
-            "add_same: shapes {} and {} differ",
-            fmt_shape(a.shape()),
-            fmt_shape(b.shape())
-        );
-    }
-    binary_forward(a, b, Binary::Add)
 }
 
 /// Gradients of a broadcasting binary op with respect to both inputs.

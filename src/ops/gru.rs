@@ -16,7 +16,7 @@
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
-use super::elementwise::{add_same, Unary};
+use super::elementwise::Unary;
 use super::linear::{linear_backward, linear_forward};
 use super::PAR_MIN;
 use crate::autograd::{Graph, Var};
@@ -141,7 +141,7 @@ pub fn gru_cell_backward(
     };
     let (dx, dw_ih, db_ih) = linear_backward(x, w_ih, &d_gi)?;
     let (dh_gates, dw_hh, db_hh) = linear_backward(h, w_hh, &d_gh)?;
-    let dh = add_same(&dh_gates, &dh_direct)?;
+    let dh = dh_gates.add_same(&dh_direct)?;
     Ok([dx, dh, dw_ih, dw_hh, db_ih, db_hh])
 }
 

@@ -409,7 +409,6 @@ mod cuda {
 
     use super::{Layout, Pooling};
     use crate::device::cuda::{grid, launch, CudaStorage, BLOCK};
-    use crate::ops::elementwise::cuda::fill;
     use crate::tensor::Tensor;
 
     /// The elements that `pooling` groups together, for the one-block-per-
@@ -592,8 +591,8 @@ mod cuda {
         } else {
             let dev = x.device();
             let (mut a, mut b) = (dev.alloc(l.num_stats())?, dev.alloc(l.num_stats())?);
-            fill(&mut a, 0.0)?;
-            fill(&mut b, 0.0)?;
+            a.fill(0.0)?;
+            b.fill(0.0)?;
             (a, b)
         };
         let (dev, n) = (x.device(), x.len());

@@ -21,10 +21,58 @@ use anyhow::{anyhow, ensure, Result};
 use rayon::prelude::*;
 
 use crate::autograd::{Graph, Var};
-use crate::data::ImageSource;
 use crate::device::cuda::CudaStorage;
 use crate::device::Device;
 use crate::tensor::{fmt_shape, Storage, Tensor};
+
+/// An image read a rectangle at a time at pyramid levels, so that large
+/// images are never loaded whole. Level `l` is level 0 area-downsampled `l`
+/// times by 2; reads outside the image give zeros, which is the zero padding
+/// of the spatial transformer. Implemented by the data layer's images.
+pub trait ImageSource: Send + Sync {
+    fn channels(&self) -> usize;
+
+    /// Number of pyramid levels (at least 1).
+    fn levels(&self) -> usize;
+
+    /// `(height, width)` of `level`.
+    fn level_size(&self, level: usize) -> (usize, usize);
+
+    /// `(height, width)` at full resolution.
+    fn size(&self) -> (usize, usize) {
+        self.level_size(0)
+    }
+
+    /// Write rows `y0..y0+h`, columns `x0..x0+w` of `level` into `out`
+    /// (`channels * h * w` values, CHW, in `[0, 1]`); pixels outside the
+    /// image are 0.
+    fn read_region(&self, level: usize, y0: i64, x0: i64, h: usize, w: usize, out: &mut [f32]) -> Result<()>;
+
+    /// Bytes of stored pixels `read_region` has touched so far (whole tiles
+    /// for the tiled store, in-image pixels for in-memory images, 0 for
+    /// sources that render on demand): the figure behind "bytes read per crop
+    /// do not grow with the image size".
+    fn bytes_read(&self) -> u64 {
+        0
+    }
+
+    /// The whole image at the coarsest level whose sides are both at least
+    /// `min_side` (level 0 when none is), as `(h, w, CHW data)`: proxies are
+    /// made from it without reading the full resolution.
+    fn overview(&self, min_side: usize) -> Result<(usize, usize, Vec<f32>)> {
+        let level = (0..self.levels())
+            .rev()
+            .find(|&l| {
+                let (h, w) = self.level_size(l);
+                h.min(w) >= min_side
+            })
+            .unwrap_or(0);
+        let (h, w) = self.level_size(level);
+        let mut out = vec![0.0; self.channels() * h * w];
+        self.read_region(level, 0, 0, h, w, &mut out)?;
+        Ok((h, w, out))
+    }
+}
 
 /// Normalized coordinate of pixel centre `i` of an axis of `size` pixels.
 fn base_coord(i: usize, size: usize) -> f32 {
@@ -715,7 +763,7 @@ mod cuda {
         let gimg = if img_grad {
             // The kernel scatters with atomicAdd into zeros.
             let mut gimg = dev.alloc(n * c * h * w)?;
-            crate::ops::elementwise::cuda::fill(&mut gimg, 0.0)?;
+            gimg.fill(0.0)?;
             launch!(
                 &dev,
                 "sampler",

@@ -118,7 +118,7 @@ fn pad_axis(x: &Tensor, axis: usize, before: usize, total: usize) -> Result<Tens
         }
         Storage::Cuda(xs) => {
             let mut out = xs.device().alloc(outer * total * inner)?;
-            super::elementwise::cuda::fill(&mut out, 0.0)?;
+            out.fill(0.0)?;
             cuda::copy_into(xs, &mut out, (outer, len, inner), total, before)?;
             Ok(Tensor::from_cuda(out, &shape))
         }
