@@ -47,23 +47,29 @@ pub enum LrSchedule {
     /// Linear warmup over the first 2% of steps, then cosine decay to zero
     /// at the last step: large early steps without a noisy end.
     Cosine,
+    /// Warmup, stable, decay: linear warmup over the first 2% of steps, the
+    /// configured rate until 80%, then linear decay to zero at the last step.
+    /// The rate stays high while the model is still learning fast, and the
+    /// end is quiet.
+    Wsd,
 }
 
 impl LrSchedule {
     /// The rate at 0-based `step` of `total`.
     pub fn rate(self, lr: f32, step: usize, total: usize) -> f32 {
+        let total = total.max(1);
+        let warm = ((step + 1) as f32 / (total / 50).max(1) as f32).min(1.0);
+        let done = step.min(total) as f32 / total as f32;
         match self {
             LrSchedule::Constant => lr,
-            LrSchedule::Cosine => {
-                let total = total.max(1);
-                let warmup = (total / 50).max(1);
-                let warm = ((step + 1) as f32 / warmup as f32).min(1.0);
-                let done = step.min(total) as f32 / total as f32;
-                lr * warm * 0.5 * (1.0 + (std::f32::consts::PI * done).cos())
-            }
+            LrSchedule::Cosine => lr * warm * 0.5 * (1.0 + (std::f32::consts::PI * done).cos()),
+            LrSchedule::Wsd => lr * warm * ((1.0 - done) / (1.0 - WSD_DECAY_FROM)).min(1.0),
         }
     }
 }
+
+/// Where [`LrSchedule::Wsd`] starts to decay, as a share of the run.
+const WSD_DECAY_FROM: f32 = 0.8;
 
 /// Everything a run needs besides the data; saved in every checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -744,4 +750,28 @@ pub fn evaluate<M: Model>(
         class_names: data.class_names(),
         coverage: coverage.map(Coverage::finish),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LrSchedule;
+
+    /// Both schedules warm up over the first 2% of steps and end at zero;
+    /// cosine is at half the rate midway, WSD holds the full rate until 80%
+    /// and is at half at 90%.
+    #[test]
+    fn lr_schedules_have_their_shapes() {
+        let (lr, total) = (1e-3, 1000);
+        let at = |s: LrSchedule, step: usize| s.rate(lr, step, total);
+        for s in [LrSchedule::Cosine, LrSchedule::Wsd] {
+            assert!((at(s, 0) - lr / 20.0).abs() < 1e-9, "{s:?} starts warming up");
+            assert!(at(s, 9) < at(s, 10) && (at(s, 19) - lr).abs() < 1e-6, "{s:?}");
+            assert_eq!(at(s, total), 0.0, "{s:?} ends at zero");
+        }
+        assert!((at(LrSchedule::Cosine, 500) - lr / 2.0).abs() < 1e-6);
+        assert_eq!(at(LrSchedule::Wsd, 500), lr);
+        assert_eq!(at(LrSchedule::Wsd, 800), lr);
+        assert!((at(LrSchedule::Wsd, 900) - lr / 2.0).abs() < 1e-6);
+        assert_eq!(at(LrSchedule::Constant, 0), lr);
+    }
 }
