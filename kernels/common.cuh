@@ -6,6 +6,28 @@
 
 #define MAX_RANK 8
 
+// Threads per block of every launch: `BLOCK` in src/device/cuda.rs, which a
+// test there keeps equal to this. Shared arrays are sized by it.
+#define BLOCK 256
+
+// The sum of `v` over the threads of a block of at most BLOCK threads (a
+// power of two), added in a fixed tree order so that results do not depend
+// on timing; every thread gets it. Safe to call more than once in a kernel:
+// it waits for every thread to have read the previous total before reusing
+// its shared array.
+template <class T>
+__device__ T block_sum(T v) {
+    __shared__ T part[BLOCK];
+    __syncthreads();
+    part[threadIdx.x] = v;
+    __syncthreads();
+    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+        if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+        __syncthreads();
+    }
+    return part[0];
+}
+
 // Index maps of up to MAX_RANK axes, passed by value (mirrors `Dims` in
 // src/device/cuda.rs): `shape` is the output's, `sa`/`sb` the element
 // strides of up to two inputs read in the output's index space.

@@ -58,21 +58,15 @@ extern "C" __global__ void add_bias(float* y, const float* b, int c, int plane, 
 }
 
 // db[ci] = sum over images and pixels of gy[z, ci, :] for gy [n, c, plane]:
-// one 256-thread block per channel, double partial sums added in a fixed
+// one block of BLOCK threads per channel, double partial sums added in a fixed
 // tree (deterministic).
 extern "C" __global__ void bias_grad(const float* gy, float* db, int n, int c, int plane) {
-    __shared__ double part[256];
     int ci = blockIdx.x;
     double s = 0.0;
     for (int t = threadIdx.x; t < n * plane; t += blockDim.x)
         s += gy[((long long)(t / plane) * c + ci) * plane + t % plane];
-    part[threadIdx.x] = s;
-    __syncthreads();
-    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-        if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) db[ci] = (float)part[0];
+    s = block_sum(s);
+    if (threadIdx.x == 0) db[ci] = (float)s;
 }
 
 // dw[e] += sum over z of part[z, e] for `nz` per-image weight gradients of

@@ -5,21 +5,15 @@
 #define LN_2PI 1.8378771f
 
 // out[blockIdx.x] = sum of term(i) over the d elements i of row blockIdx.x;
-// one block of 256 threads per row, strided partial sums then a tree
+// one block of BLOCK threads per row, strided partial sums then a tree
 // reduction in shared memory (a fixed order, so deterministic).
 template <class Term>
 __device__ void block_row_sum(float* out, int d, Term term) {
-    __shared__ double part[256];
     long long base = (long long)blockIdx.x * d;
     double s = 0.0;
     for (int j = threadIdx.x; j < d; j += blockDim.x) s += (double)term(base + j);
-    part[threadIdx.x] = s;
-    __syncthreads();
-    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-        if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[blockIdx.x] = (float)part[0];
+    s = block_sum(s);
+    if (threadIdx.x == 0) out[blockIdx.x] = (float)s;
 }
 
 // Per row: sum(max(x, 0) - x t + log(1 + e^-|x|)). A target outside [0, 1],

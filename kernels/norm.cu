@@ -2,13 +2,11 @@
 // a statistic pools the planes of one (sample, group) when `groups` > 0 and
 // those of one channel across the batch when `groups` == 0.
 //
-// The reductions run one block of 256 threads (BLOCK) per segment: segment
+// The reductions run one block of BLOCK threads per segment: segment
 // `seg` holds the `len` elements `seg * first + (j / run) * step + j % run`,
 // runs of `run` contiguous elements `step` apart. Each thread sums a strided
-// share in double, then a shared-memory tree adds the 256 partial sums, so
-// the result does not depend on timing.
-
-#define NORM_BLOCK 256
+// share in double, then `block_sum` (common.cuh) adds the partial sums in a
+// fixed tree, so the result does not depend on timing.
 
 __device__ __forceinline__ long long seg_offset(int seg, int j, long long first, int run, long long step) {
     return seg * first + (j / run) * step + j % run;
@@ -17,24 +15,6 @@ __device__ __forceinline__ long long seg_offset(int seg, int j, long long first,
 // The statistic of plane p = n * C + c.
 __device__ __forceinline__ int stat_of(int p, int c, int groups) {
     return groups > 0 ? (p / c) * groups + (p % c) / (c / groups) : p % c;
-}
-
-// Adds `a` and `b` over the block; every thread gets the totals.
-__device__ void block_sum2(double* a, double* b) {
-    __shared__ double sa[NORM_BLOCK], sb[NORM_BLOCK];
-    int t = threadIdx.x;
-    sa[t] = *a;
-    sb[t] = *b;
-    __syncthreads();
-    for (int w = NORM_BLOCK / 2; w > 0; w >>= 1) {
-        if (t < w) {
-            sa[t] += sa[t + w];
-            sb[t] += sb[t + w];
-        }
-        __syncthreads();
-    }
-    *a = sa[0];
-    *b = sb[0];
 }
 
 // Mean and biased variance of statistic blockIdx.x from double sums of x and
@@ -47,7 +27,8 @@ extern "C" __global__ void norm_stats(const float* x, float* mean, float* var, i
         s += v;
         ss += v * v;
     }
-    block_sum2(&s, &ss);
+    s = block_sum(s);
+    ss = block_sum(ss);
     if (threadIdx.x == 0) {
         double mu = s / len;
         mean[blockIdx.x] = (float)mu;
@@ -84,7 +65,8 @@ extern "C" __global__ void norm_backward_sums(const float* x, const float* gy, c
         sg += g;
         sgx += g * ((double)x[o] - mean[k]) * rstd[k];
     }
-    block_sum2(&sg, &sgx);
+    sg = block_sum(sg);
+    sgx = block_sum(sgx);
     if (threadIdx.x == 0) {
         a[blockIdx.x] = (float)sg;
         b[blockIdx.x] = (float)sgx;

@@ -20,14 +20,8 @@ extern "C" __global__ void clamp(const float* g, float* out, int n, float c) {
 
 // acc[0] += sum of x[i]^2 (each block adds its partial sum once).
 extern "C" __global__ void sum_squares(const float* x, int n, float* acc) {
-    __shared__ float part[256];
     float s = 0.f;
     FOR_EACH(i, n) s += x[i] * x[i];
-    part[threadIdx.x] = s;
-    __syncthreads();
-    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-        if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) atomicAdd(acc, part[0]);
+    s = block_sum(s);
+    if (threadIdx.x == 0) atomicAdd(acc, s);
 }

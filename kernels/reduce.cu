@@ -12,18 +12,12 @@ extern "C" __global__ void sum_axis(const float* x, float* out, int outer, int n
     }
 }
 
-// One block of 256 threads per output: few outputs, long sums.
+// One block of BLOCK threads per output: few outputs, long sums.
 extern "C" __global__ void sum_axis_block(const float* x, float* out, int outer, int n, int inner) {
-    __shared__ double part[256];
     int i = blockIdx.x;
     const float* p = x + (long long)(i / inner) * n * inner + i % inner;
     double s = 0.0;
     for (int k = threadIdx.x; k < n; k += blockDim.x) s += p[(long long)k * inner];
-    part[threadIdx.x] = s;
-    __syncthreads();
-    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-        if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[i] = (float)part[0];
+    s = block_sum(s);
+    if (threadIdx.x == 0) out[i] = (float)s;
 }

@@ -128,10 +128,9 @@ extern "C" __global__ void affine_grid(const float* theta, float* grid, int n, i
 }
 
 // dtheta[n, k] = sum over the points of grad_grid times d grid / d theta_k,
-// in double like the CPU; one block of 256 threads per (n, k): strided
+// in double like the CPU; one block of BLOCK threads per (n, k): strided
 // partial sums, then a tree in shared memory (deterministic).
 extern "C" __global__ void affine_grid_backward(const float* gg, float* dtheta, int oh, int ow) {
-    __shared__ double part[256];
     int n = blockIdx.x / 6, k = blockIdx.x % 6, npts = oh * ow;
     // Rows 0 and 1 of theta take the x and y components of the gradient.
     const float* g = gg + 2LL * n * npts + k / 3;
@@ -142,13 +141,8 @@ extern "C" __global__ void affine_grid_backward(const float* gg, float* dtheta, 
         if (k % 3 == 1) v *= (double)base_coord(q / ow, oh);
         s += v;
     }
-    part[threadIdx.x] = s;
-    __syncthreads();
-    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-        if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) dtheta[blockIdx.x] = (float)part[0];
+    s = block_sum(s);
+    if (threadIdx.x == 0) dtheta[blockIdx.x] = (float)s;
 }
 
 // out [N, C, npts] = bilinear samples of img [N, C, H, W] at grid [N, npts, 2];

@@ -37,7 +37,8 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("sampler", include_str!("../../kernels/sampler.cu")),
 ];
 
-/// Threads per block of the one-dimensional kernels.
+/// Threads per block of the one-dimensional kernels and the block
+/// reductions; kernels/common.cuh defines the same (a test checks).
 pub const BLOCK: u32 = 256;
 
 /// How to make NVRTC or the driver findable; part of every "not found" message.
@@ -638,6 +639,14 @@ impl CudaStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernels size their shared arrays by common.cuh's BLOCK; launches
+    /// use this one.
+    #[test]
+    fn block_matches_common_cuh() {
+        let line = COMMON.lines().find(|l| l.starts_with("#define BLOCK "));
+        assert_eq!(line, Some(format!("#define BLOCK {BLOCK}").as_str()));
+    }
 
     #[test]
     fn size_classes_cover_requests_with_little_slack() {
