@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -92,6 +92,45 @@ pub struct TrainConfig {
     /// without the dataset (absent in older checkpoints).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub class_names: Vec<String>,
+}
+
+impl TrainConfig {
+    /// Refuse a configuration that cannot train or run, naming the field
+    /// and its `saccade train` flag.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        ensure!(
+            self.batch_size >= 1,
+            "batch_size (--batch-size) must be at least 1"
+        );
+        ensure!(
+            self.lr.is_finite() && self.lr > 0.0,
+            "lr (--lr) must be positive, got {}",
+            self.lr
+        );
+        ensure!(
+            self.clip_value >= 0.0 && self.clip_norm >= 0.0,
+            "clip_value (--clip-value) and clip_norm must be >= 0 (0: off), got {} and {}",
+            self.clip_value,
+            self.clip_norm
+        );
+        match self.baseline {
+            Some(Baseline::ResNet18(c)) => ensure!(
+                (1..=1024).contains(&c.width),
+                "width (--resnet-width) must be within 1..=1024, got {}",
+                c.width
+            ),
+            Some(Baseline::TiledResNet18(c)) => ensure!(
+                (1..=1024).contains(&c.width) && (32..=4096).contains(&c.tile) && c.chunk >= 1,
+                "need --resnet-width within 1..=1024, --tile within 32..=4096 and --tile-chunk >= 1, got {}, {} and {}",
+                c.width,
+                c.tile,
+                c.chunk
+            ),
+            None => {}
+        }
+        Ok(())
+    }
 }
 
 /// Where a run stands; saved in checkpoints for `--resume`.
@@ -417,6 +456,7 @@ pub fn checkpoint_config(path: &Path) -> Result<TrainConfig> {
 
 impl<M: Model> Trainer<M> {
     pub fn new(cfg: TrainConfig, device: Device) -> Result<Self> {
+        cfg.validate()?;
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let model = M::build(&cfg, &mut rng, &device)?;
         let adam = Adam::new(AdamConfig {
@@ -439,6 +479,8 @@ impl<M: Model> Trainer<M> {
         let cfg: TrainConfig = serde_json::from_value(ck.meta["train"].clone())
             .with_context(|| format!("{}: no training configuration in the checkpoint", path.display()))?;
         let progress: Progress = serde_json::from_value(ck.meta["progress"].clone()).unwrap_or_default();
+        cfg.validate()
+            .with_context(|| format!("{}: the checkpoint's configuration is invalid", path.display()))?;
         let mut t = Trainer::<M>::new(cfg, device)?;
         ck.restore(t.model.params_mut(), Some(&mut t.adam), &t.device)?;
         t.progress = progress;
