@@ -188,7 +188,8 @@ fn policy_warmup_keeps_the_classification_loss_off_the_glimpses() {
 fn configs_the_model_cannot_run_are_refused_naming_the_field() {
     SaccadeConfig::small(1, 10).validate().unwrap();
     SaccadeConfig::paper(3, 55).validate().unwrap();
-    let cases: [(fn(&mut SaccadeConfig), &str); 5] = [
+    type Break = fn(&mut SaccadeConfig);
+    let cases: [(Break, &str); 5] = [
         (|c| c.glimpses = 0, "glimpses (--glimpses)"),
         (|c| c.crop = 100_000, "crop (--crop) must be within 4..=1024"),
         (|c| c.proxy_size = 100_000, "proxy_size (--proxy-size)"),
