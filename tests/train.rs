@@ -166,3 +166,23 @@ fn a_failed_atomic_write_removes_its_temporary_file() {
     assert!(!dir.path().join("metrics.jsonl.tmp").exists());
     assert!(target.join("keep").is_file());
 }
+
+/// A checkpoint whose configuration the model cannot run (glimpses 0 used
+/// to fail later with "concat of no tensors") is refused on load by name.
+#[test]
+fn a_checkpoint_with_an_impossible_configuration_is_refused_on_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("checkpoint.safetensors");
+    let mut t: Trainer = Trainer::new(config(1, 16), Device::cpu()).unwrap();
+    t.cfg.model.glimpses = 0;
+    t.save(&ck).unwrap();
+    let e = match Trainer::<saccade::models::Saccader>::from_checkpoint(&ck, Device::cpu()) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("configuration is invalid"), "{e}");
+    assert!(
+        e.contains("glimpses (--glimpses) must be within 1..=256, got 0"),
+        "{e}"
+    );
+}
