@@ -194,7 +194,7 @@ struct TrainArgs {
     /// [default: cluttered-mnist].
     #[arg(long)]
     dataset: Option<String>,
-    /// [default: small]
+    /// Model and training defaults that the other flags override [default: small].
     #[arg(long, value_enum)]
     preset: Option<Preset>,
     /// Which model to train [default: saccade].
@@ -275,7 +275,7 @@ struct TrainArgs {
     /// Clip gradient values to [-c, c] (0: off).
     #[arg(long)]
     clip_value: Option<f32>,
-    /// [default: 1]
+    /// Seed of the data, the initialization and the training noise [default: 1].
     #[arg(long)]
     seed: Option<u64>,
     /// Output folder for the checkpoint, metrics.jsonl and saccades.png. Default: a new
@@ -678,13 +678,14 @@ fn checkpoint_dir(ck: &Path) -> PathBuf {
     runs::resolve_link(dir.unwrap_or(Path::new(".")))
 }
 
-fn same_dir(a: &Path, b: &Path) -> bool {
+fn same_file(a: &Path, b: &Path) -> bool {
     matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
 }
 
 /// The run's folder, ready before any training: --resume continues in the
-/// checkpoint's folder; another folder holding a run is refused unless
-/// --overwrite; without --out a new folder under runs/.
+/// checkpoint's folder when it is that folder's checkpoint.safetensors; a
+/// folder holding another run is refused unless --overwrite; without --out
+/// a new folder under runs/.
 fn prepare_out(a: &TrainArgs) -> Result<PathBuf, Failure> {
     let own = a.resume.as_deref().map(checkpoint_dir);
     let Some(out) = a.out.clone().or(own.clone()) else {
@@ -692,11 +693,14 @@ fn prepare_out(a: &TrainArgs) -> Result<PathBuf, Failure> {
         runs::check_writable(&dir).map_err(usage)?;
         return Ok(dir);
     };
-    let continuing = own.as_deref().is_some_and(|o| same_dir(o, &out));
+    let continuing = a
+        .resume
+        .as_deref()
+        .is_some_and(|ck| same_file(ck, &out.join(runs::CHECKPOINT)));
     if !continuing && runs::holds_run(&out) && !a.overwrite {
         let d = out.display();
         return Err(usage(anyhow::anyhow!(
-            "--out {d} already holds a run ({d}/{} or {d}/{}): continue it with --resume {d}/{}, \
+            "the output folder {d} already holds a run ({d}/{} or {d}/{}): continue it with --resume {d}/{}, \
              replace it with --overwrite, or choose another --out",
             runs::CHECKPOINT,
             runs::METRICS,

@@ -64,7 +64,7 @@ fn a_second_run_into_the_same_out_is_refused_until_overwrite() {
     assert_eq!(again.status.code(), Some(2));
     let e = stderr(&again);
     for needle in [
-        "--out A already holds a run",
+        "output folder A already holds a run",
         "--resume A/checkpoint.safetensors",
         "--overwrite",
     ] {
@@ -205,6 +205,19 @@ fn resume_refuses_conflicting_flags_and_continues_in_the_checkpoints_folder() {
     assert_eq!(o.status.code(), Some(2));
     assert!(
         stderr(&o).contains("--epochs 1 is fewer than the 2 epochs"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A copy beside the run is not that run: resuming it must not replace R's checkpoint.
+    fs::copy(dir.path().join(ck), dir.path().join("R/copy.safetensors")).unwrap();
+    let o = saccade_in(
+        dir.path(),
+        &["train", "--resume", "R/copy.safetensors", "--epochs", "3"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("output folder R already holds a run"),
         "{}",
         stderr(&o)
     );
