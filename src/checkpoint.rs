@@ -1,10 +1,13 @@
 //! Checkpoints: safetensors files holding every parameter and buffer by name,
 //! the optimizer's moments, and a JSON metadata entry (model config, training
 //! state). Written atomically: a temporary file in the same folder, then a
-//! rename, so a crash never leaves a half-written checkpoint.
+//! rename, so a crash never leaves a half-written checkpoint. A CRC32 of the
+//! metadata and tensors, checked on load (when present: older checkpoints
+//! have none), and a check that every value is finite catch damage.
 
 use std::collections::HashMap;
 use std::fs;
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -45,11 +48,75 @@ pub fn save(path: &Path, params: &ParamStore, adam: Option<&Adam>, meta: &serde_
     if let Some(a) = adam {
         info.insert("adam_step".to_string(), a.step.to_string());
     }
+    let sum = checksum(
+        &info,
+        named
+            .iter()
+            .map(|(n, s, b)| (n.as_str(), s.as_slice(), b.as_slice())),
+    );
+    info.insert(CRC32.to_string(), format!("{sum:08x}"));
     let bytes = safetensors::tensor::serialize(views, Some(info))?;
-    let tmp = path.with_extension("safetensors.tmp");
-    fs::write(&tmp, bytes).with_context(|| format!("writing checkpoint {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    write_atomic(path, &bytes).context("writing the checkpoint")
+}
+
+/// Replace `path` with `bytes` whole or not at all: a temporary file in the
+/// same folder, flushed to disk before it is renamed over `path` (else a
+/// crash can leave the new name on an empty file); removed if anything fails.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut name = path.file_name().context("a file name")?.to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let written = (|| -> Result<()> {
+        let mut f = fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
+    // The rename itself is durable once the folder is flushed (unix only).
+    #[cfg(unix)]
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+    }
     Ok(())
+}
+
+/// The metadata key of the checksum.
+const CRC32: &str = "crc32";
+
+/// CRC32 of the metadata (but the checksum) and of every tensor's name,
+/// shape and bytes, in name order (the file's order is the writer's).
+fn checksum<'a>(
+    info: &HashMap<String, String>,
+    tensors: impl Iterator<Item = (&'a str, &'a [usize], &'a [u8])>,
+) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    let mut keys: Vec<&String> = info.keys().filter(|k| *k != CRC32).collect();
+    keys.sort();
+    for k in keys {
+        for part in [k, &info[k]] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+    }
+    let mut tensors: Vec<_> = tensors.collect();
+    tensors.sort_by_key(|t| t.0);
+    for (name, shape, bytes) in tensors {
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(&(shape.len() as u64).to_le_bytes());
+        for &d in shape {
+            h.update(&(d as u64).to_le_bytes());
+        }
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    h.finalize()
 }
 
 /// A checkpoint read back: its metadata and raw tensors.
@@ -82,6 +149,19 @@ impl Checkpoint {
             serde_json::from_str(info.get("meta").map(String::as_str).unwrap_or("null")).with_context(bad)?;
         let adam_step = info.get("adam_step").and_then(|s| s.parse().ok());
         let st = SafeTensors::deserialize(&bytes).with_context(bad)?;
+        if let Some(want) = info.get(CRC32) {
+            let views = st.tensors();
+            let got = checksum(
+                &info,
+                views.iter().map(|(n, v)| (n.as_str(), v.shape(), v.data())),
+            );
+            if format!("{got:08x}") != *want {
+                bail!(
+                    "{}: checksum mismatch (stored {want}, computed {got:08x}): the checkpoint is damaged",
+                    path.display()
+                );
+            }
+        }
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
             ensure!(
@@ -94,6 +174,13 @@ impl Checkpoint {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
+            if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    "{}: tensor {name} holds {} at index {i}: the checkpoint is damaged or its training diverged",
+                    path.display(),
+                    data[i]
+                );
+            }
             tensors.insert(name, (view.shape().to_vec(), data));
         }
         Ok(Checkpoint {
@@ -132,10 +219,99 @@ impl Checkpoint {
                 let m = self.tensor(&format!("adam_m/{name}"), dev)?;
                 let v = self.tensor(&format!("adam_v/{name}"), dev)?;
                 if let (Some(m), Some(v)) = (m, v) {
+                    let want = params.get(id).value.shape();
+                    ensure!(
+                        m.shape() == want && v.shape() == want,
+                        "checkpoint: optimizer moments of {name} have shapes {:?} and {:?}, the parameter {want:?}",
+                        m.shape(),
+                        v.shape()
+                    );
                     adam.set_moments(id, m, v);
                 }
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn store(dev: &Device, nan: bool) -> ParamStore {
+        let mut p = ParamStore::new();
+        let mut w: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+        if nan {
+            w[7] = f32::NAN;
+        }
+        p.add("layer.weight", Tensor::from_vec(w, &[4, 6], dev).unwrap());
+        p.add("layer.bias", Tensor::from_vec(vec![0.25; 4], &[4], dev).unwrap());
+        p
+    }
+
+    /// Name, shape and bit patterns of one tensor.
+    type Bits = (String, Vec<usize>, Vec<u32>);
+
+    fn contents(c: &Checkpoint) -> (String, Option<u64>, Vec<Bits>) {
+        let mut t: Vec<_> = c
+            .tensors
+            .iter()
+            .map(|(n, (s, d))| (n.clone(), s.clone(), d.iter().map(|v| v.to_bits()).collect()))
+            .collect();
+        t.sort();
+        (c.meta.to_string(), c.adam_step, t)
+    }
+
+    /// One NaN weight used to load silently: eval then reported an accuracy
+    /// with exit 0 and predict --json printed null probabilities.
+    #[test]
+    fn a_nan_weight_is_refused_on_load_naming_the_tensor() {
+        let dev = Device::cpu();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ck.safetensors");
+        save(&path, &store(&dev, true), None, &serde_json::json!({})).unwrap();
+        let e = Checkpoint::load(&path).err().unwrap().to_string();
+        assert!(
+            e.contains("tensor param/layer.weight holds NaN at index 7"),
+            "{e}"
+        );
+    }
+
+    /// Bytes flipped or the file cut anywhere: a clean error or, where the
+    /// change is immaterial (header padding), the same contents; never a panic.
+    #[test]
+    fn damaged_checkpoints_fail_cleanly_or_load_identically() {
+        let dev = Device::cpu();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ck.safetensors");
+        let meta = serde_json::json!({"train": {"lr": 0.001}, "history": [{"epoch": 1}]});
+        save(&path, &store(&dev, false), None, &meta).unwrap();
+        let good = fs::read(&path).unwrap();
+        let want = contents(&Checkpoint::load(&path).unwrap());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let bad = dir.path().join("bad.safetensors");
+        let mut errors = 0;
+        for case in 0..60 {
+            let mut bytes = good.clone();
+            if case % 3 == 0 {
+                bytes.truncate(rng.random_range(0..good.len()));
+            } else {
+                // Two in three flips land in the header, where parsing happens.
+                let header = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+                let at = match case % 3 {
+                    1 => rng.random_range(0..header),
+                    _ => rng.random_range(0..good.len()),
+                };
+                bytes[at] ^= rng.random_range(1..=255u8);
+            }
+            fs::write(&bad, &bytes).unwrap();
+            match std::panic::catch_unwind(|| Checkpoint::load(&bad)) {
+                Err(_) => panic!("case {case}: loading panicked"),
+                Ok(Err(_)) => errors += 1,
+                Ok(Ok(c)) => assert_eq!(contents(&c), want, "case {case}: loaded different contents"),
+            }
+        }
+        assert!(errors >= 50, "only {errors} of 60 damaged files were refused");
     }
 }

@@ -44,6 +44,7 @@ pub mod ops;
 pub mod optim;
 pub mod predict;
 pub mod profile;
+pub mod runs;
 pub mod tensor;
 pub mod train;
 pub mod viz;

@@ -1,19 +1,19 @@
 //! The `saccade` command line: parses flags, calls the library, prints.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Once};
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use saccade::data::commands::{self, GenerateArgs, ImportArgs, InspectArgs, OutputFormat};
-use saccade::data::spec::SPEC_HELP;
+use saccade::data::spec::{DatasetSpec, SPEC_HELP};
 use saccade::data::{self, Split, SplitSizes};
 use saccade::models::{ResNet18, ResNetConfig, SaccadeConfig, Saccader, TiledConfig, TiledResNet18};
 use saccade::train::{checkpoint_config, Baseline, Coverage, LrSchedule, Model, TrainConfig, Trainer};
-use saccade::Device;
+use saccade::{runs, Device};
 
 #[derive(Parser)]
 #[command(
@@ -188,29 +188,33 @@ struct DeviceArgs {
 
 #[derive(Args, Clone)]
 struct TrainArgs {
-    /// Dataset: a generated task (see `saccade data generate --help`) or a store folder.
-    #[arg(long, default_value = "cluttered-mnist")]
-    dataset: String,
-    #[arg(long, value_enum, default_value_t = Preset::Small)]
-    preset: Preset,
-    /// Which model to train.
-    #[arg(long, value_enum, default_value_t = ModelChoice::Saccade)]
-    model: ModelChoice,
-    /// ResNet first-stage width for the baselines (64: the standard ResNet18).
-    #[arg(long, default_value_t = 64)]
-    resnet_width: usize,
-    /// Tiled ResNet18: tile side in pixels.
-    #[arg(long, default_value_t = 224)]
-    tile: usize,
-    /// Tiled ResNet18: tiles per trunk pass.
-    #[arg(long, default_value_t = 16)]
-    tile_chunk: usize,
+    // Flags with defaults are options, applied in `train_config`, so that a
+    // flag given with --resume can be told from one left out.
+    /// Dataset: a generated task (see `saccade data generate --help`) or a store folder
+    /// [default: cluttered-mnist].
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Model and training defaults that the other flags override [default: small].
+    #[arg(long, value_enum)]
+    preset: Option<Preset>,
+    /// Which model to train [default: saccade].
+    #[arg(long, value_enum)]
+    model: Option<ModelChoice>,
+    /// ResNet first-stage width for the baselines [default: 64, the standard ResNet18].
+    #[arg(long)]
+    resnet_width: Option<usize>,
+    /// Tiled ResNet18: tile side in pixels [default: 224].
+    #[arg(long)]
+    tile: Option<usize>,
+    /// Tiled ResNet18: tiles per trunk pass [default: 16].
+    #[arg(long)]
+    tile_chunk: Option<usize>,
     /// Tiled ResNet18: recompute each chunk of tiles in backward (gradient checkpointing).
     #[arg(long)]
     checkpointing: bool,
     #[command(flatten)]
     device: DeviceArgs,
-    /// Passes over the training set.
+    /// Passes over the training set (with --resume: raise it to extend the run).
     #[arg(long)]
     epochs: Option<usize>,
     /// Wall-clock budget: stop training after this many minutes (mid-epoch if need be,
@@ -228,10 +232,10 @@ struct TrainArgs {
     /// Training images (generated datasets).
     #[arg(long)]
     train_size: Option<usize>,
-    /// Validation images (generated datasets).
+    /// Validation images (generated datasets; at least 1: every epoch is validated).
     #[arg(long)]
     valid_size: Option<usize>,
-    /// Test images (generated datasets).
+    /// Test images (generated datasets; at least 1: a run ends with a test evaluation).
     #[arg(long)]
     test_size: Option<usize>,
     /// Glimpses per image (T).
@@ -271,12 +275,19 @@ struct TrainArgs {
     /// Clip gradient values to [-c, c] (0: off).
     #[arg(long)]
     clip_value: Option<f32>,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Output folder for the checkpoint, metrics.jsonl and saccades.png.
-    #[arg(long, default_value = "runs/latest")]
-    out: PathBuf,
-    /// Continue from a checkpoint written by an earlier run.
+    /// Seed of the data, the initialization and the training noise [default: 1].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Output folder for the checkpoint, metrics.jsonl and saccades.png. Default: a new
+    /// folder runs/<YYYYMMDD-HHMMSS> (UTC), with runs/latest pointing at it; with --resume,
+    /// the checkpoint's folder. A folder that holds another run is refused (see --overwrite).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Replace the run in --out instead of refusing the folder.
+    #[arg(long)]
+    overwrite: bool,
+    /// Continue from a checkpoint written by an earlier run, in its folder. Flags that
+    /// would change its configuration are refused; --epochs may extend it.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Print one JSON object with the figures as the last line.
@@ -421,17 +432,27 @@ fn select_device(args: &DeviceArgs) -> Result<Device, Failure> {
     }
 }
 
-/// Ctrl-C raises the flag; the training loop then writes a checkpoint and stops.
-fn stop_flag() -> Arc<AtomicBool> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let f = flag.clone();
-    let _ = ctrlc::set_handler(move || {
-        if f.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping: writing a checkpoint (press Ctrl-C again to quit now)");
+/// Raised by the first Ctrl-C during training: the loop then writes a checkpoint and stops.
+static STOP: AtomicBool = AtomicBool::new(false);
+/// What Ctrl-C says once training is over and its checkpoint written; it
+/// then ends the process at once (the test evaluation writes nothing).
+static AFTER_TRAINING: Mutex<Option<String>> = Mutex::new(None);
+
+/// Install the Ctrl-C handler, once: `bench learning` trains several runs.
+fn handle_ctrlc() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if let Some(msg) = AFTER_TRAINING.lock().ok().and_then(|m| m.clone()) {
+                eprintln!("\n{msg}");
+                std::process::exit(130);
+            }
+            if STOP.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nstopping: writing a checkpoint (press Ctrl-C again to quit now)");
+        });
     });
-    flag
 }
 
 /// The saccade picture for the saccade model; nothing for the baselines.
@@ -463,16 +484,15 @@ struct RunSummary {
     seconds: f64,
 }
 
+fn usage(error: anyhow::Error) -> Failure {
+    Failure { code: 2, error }
+}
+
 fn run_train(a: TrainArgs) -> Result<RunSummary, Failure> {
-    if a.minutes.is_some_and(|m| m.is_nan() || m <= 0.0) {
-        return Err(Failure {
-            code: 2,
-            error: anyhow::anyhow!("--minutes must be positive"),
-        });
-    }
+    check_train_flags(&a)?;
     let cfg = match &a.resume {
-        Some(path) => checkpoint_config(path)?,
-        None => train_config(&a)?,
+        Some(path) => resume_config(&a, path)?,
+        None => train_config(&a).map_err(usage)?,
     };
     match cfg.baseline {
         None => train_model::<Saccader>(a, cfg, saccade_picture),
@@ -481,23 +501,37 @@ fn run_train(a: TrainArgs) -> Result<RunSummary, Failure> {
     }
 }
 
+/// The checks on flags alone, before anything is read.
+fn check_train_flags(a: &TrainArgs) -> Result<(), Failure> {
+    if a.minutes.is_some_and(|m| m.is_nan() || m <= 0.0) {
+        return Err(usage(anyhow::anyhow!("--minutes must be positive")));
+    }
+    for (flag, v) in [
+        ("--epochs", a.epochs),
+        ("--batch-size", a.batch_size),
+        ("--train-size", a.train_size),
+        ("--valid-size", a.valid_size),
+        ("--test-size", a.test_size),
+    ] {
+        if v == Some(0) {
+            return Err(usage(anyhow::anyhow!(
+                "{flag} must be at least 1: every run trains, validates each epoch and ends with a test evaluation"
+            )));
+        }
+    }
+    if a.overwrite && a.out.is_none() {
+        return Err(usage(anyhow::anyhow!(
+            "--overwrite needs --out: without --out every run gets a new folder"
+        )));
+    }
+    Ok(())
+}
+
 fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) -> Result<RunSummary, Failure> {
     let device = select_device(&a.device)?;
     let started = std::time::Instant::now();
     let mut trainer = match &a.resume {
-        Some(path) => {
-            let mut t = Trainer::<M>::from_checkpoint(path, device.clone())?;
-            if let Some(e) = a.epochs {
-                t.cfg.epochs = e;
-            }
-            eprintln!(
-                "resuming {} at epoch {} step {}",
-                path.display(),
-                t.progress.epoch + 1,
-                t.progress.step
-            );
-            t
-        }
+        Some(path) => resumed::<M>(path, a.epochs, device.clone())?,
         None => Trainer::<M>::new(cfg, device.clone())?,
     };
     let [train, valid, test] = trainer.cfg.sizes;
@@ -511,37 +545,63 @@ fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) ->
     let valid_set = data::open_dataset(&spec, Split::Valid, &cfg)?;
     let test_set = data::open_dataset(&spec, Split::Test, &cfg)?;
     check_compatible(&trainer.cfg.model, train_set.as_ref())?;
+    for (split, set) in [("train", &train_set), ("valid", &valid_set), ("test", &test_set)] {
+        if set.is_empty() {
+            return Err(usage(anyhow::anyhow!(
+                "the {split} split of {spec} is empty: a run needs images in all three splits"
+            )));
+        }
+    }
+    // The last check, as it makes the folder.
+    let out = prepare_out(&a)?;
     if !a.json {
         eprintln!(
-            "training on {spec}: {} train / {} valid / {} test images of {:?}, {} classes; {} parameters; device {device}",
+            "training on {spec}: {} train / {} valid / {} test images of {:?}, {} classes; {} parameters; device {device}; writing to {}",
             train_set.len(),
             valid_set.len(),
             test_set.len(),
             train_set.image_size(),
             train_set.num_classes(),
-            trainer.model.params().num_trainable()
+            trainer.model.params().num_trainable(),
+            out.display()
         );
     }
-    let stop = stop_flag();
+    handle_ctrlc();
+    *AFTER_TRAINING.lock().unwrap_or_else(|e| e.into_inner()) = None;
     trainer.deadline = a
         .minutes
         .map(|m| started + std::time::Duration::from_secs_f64(60.0 * m));
-    let fit = trainer.fit(&train_set, Some(&valid_set), &a.out, !a.json, &stop)?;
+    let fit = trainer.fit(&train_set, Some(&valid_set), &out, !a.json, &STOP)?;
+    let ck = out.join(runs::CHECKPOINT);
+    // The checkpoint is in its run's folder, where --resume writes: no --out needed.
+    let resume = format!("saccade train --resume {}", ck.display());
     if fit.interrupted {
-        eprintln!(
-            "stopped; continue with: saccade train --resume {}",
-            fit.last_checkpoint
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        );
+        eprintln!("stopped; continue with: {resume}");
+        return Err(Failure {
+            code: 130,
+            error: anyhow::anyhow!("interrupted"),
+        });
+    }
+    if fit.out_of_time {
+        eprintln!("continue this run with: {resume}");
+    }
+    let after = format!(
+        "interrupted during the test evaluation: training is complete and {} is written; \
+         evaluate it with: saccade eval --checkpoint {} --test-size {test}",
+        ck.display(),
+        ck.display()
+    );
+    *AFTER_TRAINING.lock().unwrap_or_else(|e| e.into_inner()) = Some(after.clone());
+    if STOP.load(Ordering::SeqCst) {
+        // Ctrl-C came after the last step, before the message above was set.
+        eprintln!("{after}");
         return Err(Failure {
             code: 130,
             error: anyhow::anyhow!("interrupted"),
         });
     }
     let report = trainer.evaluate(&test_set, !a.json)?;
-    let viz = picture(&trainer.model, &test_set, &a.out)?;
+    let viz = picture(&trainer.model, &test_set, &out)?;
     let seconds = started.elapsed().as_secs_f64();
     let peak = fit.epochs.iter().map(|e| e.peak_bytes).max().unwrap_or(0);
     if a.json {
@@ -569,7 +629,7 @@ fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) ->
             report.samples,
             seconds,
             peak as f64 / (1 << 20) as f64,
-            a.out.join("checkpoint.safetensors").display(),
+            ck.display(),
             viz.map(|v| format!(" and {}", v.display())).unwrap_or_default()
         );
         if let Some(c) = &report.coverage {
@@ -589,9 +649,92 @@ fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) ->
     })
 }
 
-/// The dataset spec with the proxy flags folded in.
-fn dataset_spec(a: &TrainArgs) -> String {
-    let mut spec = a.dataset.clone();
+/// The trainer a checkpoint holds, its epochs raised to `epochs` if given.
+fn resumed<M: Model>(path: &Path, epochs: Option<usize>, device: Device) -> Result<Trainer<M>, Failure> {
+    let mut t = Trainer::<M>::from_checkpoint(path, device)?;
+    if let Some(e) = epochs {
+        let begun = t.progress.epoch + usize::from(t.progress.step > 0);
+        if e < begun {
+            return Err(usage(anyhow::anyhow!(
+                "--epochs {e} is fewer than the {begun} epochs {} has begun: give --epochs {begun} or more, or leave it out",
+                path.display()
+            )));
+        }
+        t.cfg.epochs = e;
+    }
+    eprintln!(
+        "resuming {} at epoch {} step {}",
+        path.display(),
+        t.progress.epoch + 1,
+        t.progress.step
+    );
+    Ok(t)
+}
+
+/// The folder a checkpoint lies in, read through a symlink such as
+/// runs/latest so that it names the run itself.
+fn checkpoint_dir(ck: &Path) -> PathBuf {
+    let dir = ck.parent().filter(|d| !d.as_os_str().is_empty());
+    runs::resolve_link(dir.unwrap_or(Path::new(".")))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
+}
+
+/// The run's folder, ready before any training: --resume continues in the
+/// checkpoint's folder when it is that folder's checkpoint.safetensors; a
+/// folder holding another run is refused unless --overwrite; without --out
+/// a new folder under runs/.
+fn prepare_out(a: &TrainArgs) -> Result<PathBuf, Failure> {
+    let own = a.resume.as_deref().map(checkpoint_dir);
+    let Some(out) = a.out.clone().or(own.clone()) else {
+        let dir = new_run_dir().map_err(usage)?;
+        runs::check_writable(&dir).map_err(usage)?;
+        return Ok(dir);
+    };
+    let continuing = a
+        .resume
+        .as_deref()
+        .is_some_and(|ck| same_file(ck, &out.join(runs::CHECKPOINT)));
+    if !continuing && runs::holds_run(&out) && !a.overwrite {
+        let d = out.display();
+        return Err(usage(anyhow::anyhow!(
+            "the output folder {d} already holds a run ({d}/{} or {d}/{}): continue it with --resume {d}/{}, \
+             replace it with --overwrite, or choose another --out",
+            runs::CHECKPOINT,
+            runs::METRICS,
+            runs::CHECKPOINT
+        )));
+    }
+    runs::check_writable(&out).map_err(usage)?;
+    if continuing {
+        return Ok(own.unwrap_or(out));
+    }
+    if a.overwrite {
+        runs::clear_run(&out)?;
+    }
+    Ok(out)
+}
+
+/// A new folder runs/<UTC time> for a run given no --out, with runs/latest
+/// pointing at it.
+fn new_run_dir() -> Result<PathBuf> {
+    let root = Path::new("runs");
+    let dir = runs::fresh_dir(root, &runs::stamp(std::time::SystemTime::now()))?;
+    if !runs::point_latest(root, &dir)? {
+        eprintln!(
+            "note: runs/latest is a folder from an earlier version (or this system has no symlinks) \
+             and stays as it is; this run writes to {}",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// The dataset spec with the proxy flags folded in; `base` without --dataset.
+fn dataset_spec(a: &TrainArgs, base: &str) -> String {
+    let mut spec = a.dataset.clone().unwrap_or_else(|| base.to_string());
     if let Some(j) = a.proxy_size {
         spec.push_str(&format!(",proxy={j}"));
     }
@@ -614,76 +757,242 @@ fn probe(spec: &str) -> Result<Arc<dyn data::Dataset>> {
     data::open_dataset(spec, Split::Test, &cfg)
 }
 
+fn preset_model(p: Preset, channels: usize, num_classes: usize) -> SaccadeConfig {
+    match p {
+        Preset::Small => SaccadeConfig::small(channels, num_classes),
+        Preset::Paper => SaccadeConfig::paper(channels, num_classes),
+    }
+}
+
+/// A new run's configuration: the preset's, then the flags given.
 fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
-    let spec = dataset_spec(a);
+    let spec = dataset_spec(a, "cluttered-mnist");
     let probe = probe(&spec)?;
-    let paper = a.preset == Preset::Paper;
-    let mut m = if paper {
-        SaccadeConfig::paper(probe.channels(), probe.num_classes())
-    } else {
-        SaccadeConfig::small(probe.channels(), probe.num_classes())
+    let preset = a.preset.unwrap_or(Preset::Small);
+    let paper = preset == Preset::Paper;
+    let mut model = preset_model(preset, probe.channels(), probe.num_classes());
+    model.proxy_size = probe.proxy_shape().1;
+    let mut cfg = TrainConfig {
+        model,
+        baseline: None,
+        dataset: spec,
+        epochs: if paper { 60 } else { 4 },
+        batch_size: if paper { 100 } else { 32 },
+        lr: if paper { 1e-4 } else { 1e-3 },
+        lr_schedule: if paper {
+            LrSchedule::Constant
+        } else {
+            LrSchedule::Cosine
+        },
+        clip_value: if paper { 0.25 } else { 0.0 },
+        clip_norm: 0.0,
+        seed: 1,
+        class_names: probe.class_names(),
+        sizes: [
+            100_000,
+            if paper { 10_000 } else { 1_000 },
+            if paper { 10_000 } else { 2_000 },
+        ],
     };
-    m.proxy_size = probe.proxy_shape().1;
+    apply_flags(a, &mut cfg);
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Put the flags given into `cfg`; a flag left out leaves it as it is (the
+/// dataset and proxy flags are the caller's: they make the spec).
+fn apply_flags(a: &TrainArgs, cfg: &mut TrainConfig) {
+    let m = &mut cfg.model;
     m.glimpses = a.glimpses.unwrap_or(m.glimpses);
     m.crop = a.crop.unwrap_or(m.crop);
     m.scale_max = a.max_scale.unwrap_or(m.scale_max);
     m.beta = a.beta.unwrap_or(m.beta);
-    m.multiplicative = a.multiplicative;
-    m.fixed_variance = a.fixed_variance;
-    m.mask_attended = !a.no_mask;
     m.policy_warmup = a.policy_warmup.unwrap_or(m.policy_warmup);
-    if m.glimpses == 0 || m.crop < 4 || !(m.scale_max > m.scale_min && m.scale_max <= 1.0) {
-        bail!(
-            "need --glimpses >= 1, --crop >= 4 and {} < --max-scale <= 1",
-            m.scale_min
-        );
+    m.multiplicative |= a.multiplicative;
+    m.mask_attended &= !a.no_mask;
+    if a.fixed_variance.is_some() {
+        m.fixed_variance = a.fixed_variance;
     }
-    if let Some(v) = a.fixed_variance {
-        if v <= 0.0 {
-            bail!("--fixed-variance must be positive, got {v}");
+    let (channels, num_classes) = (m.channels, m.num_classes);
+    cfg.epochs = a.epochs.unwrap_or(cfg.epochs);
+    cfg.batch_size = a.batch_size.unwrap_or(cfg.batch_size);
+    cfg.lr = a.lr.unwrap_or(cfg.lr);
+    cfg.lr_schedule = a.lr_schedule.unwrap_or(cfg.lr_schedule);
+    cfg.clip_value = a.clip_value.unwrap_or(cfg.clip_value);
+    cfg.seed = a.seed.unwrap_or(cfg.seed);
+    for (s, v) in cfg
+        .sizes
+        .iter_mut()
+        .zip([a.train_size, a.valid_size, a.test_size])
+    {
+        *s = v.unwrap_or(*s);
+    }
+    cfg.baseline = baseline(a, cfg.baseline, channels, num_classes);
+}
+
+/// The baseline the flags ask for, starting from `current`.
+fn baseline(
+    a: &TrainArgs,
+    current: Option<Baseline>,
+    channels: usize,
+    num_classes: usize,
+) -> Option<Baseline> {
+    let kind = a.model.unwrap_or(match current {
+        None => ModelChoice::Saccade,
+        Some(Baseline::ResNet18(_)) => ModelChoice::Resnet18,
+        Some(Baseline::TiledResNet18(_)) => ModelChoice::TiledResnet18,
+    });
+    match kind {
+        ModelChoice::Saccade => None,
+        ModelChoice::Resnet18 => {
+            let mut c = match current {
+                Some(Baseline::ResNet18(c)) => c,
+                _ => ResNetConfig {
+                    channels,
+                    num_classes,
+                    width: 64,
+                },
+            };
+            c.width = a.resnet_width.unwrap_or(c.width);
+            Some(Baseline::ResNet18(c))
+        }
+        ModelChoice::TiledResnet18 => {
+            let mut c = match current {
+                Some(Baseline::TiledResNet18(c)) => c,
+                _ => TiledConfig::paper(channels, num_classes),
+            };
+            c.width = a.resnet_width.unwrap_or(c.width);
+            c.tile = a.tile.unwrap_or(c.tile);
+            c.chunk = a.tile_chunk.unwrap_or(c.chunk);
+            c.checkpoint |= a.checkpointing;
+            Some(Baseline::TiledResNet18(c))
         }
     }
-    let (channels, num_classes, width) = (m.channels, m.num_classes, a.resnet_width);
-    let baseline = match a.model {
-        ModelChoice::Saccade => None,
-        ModelChoice::Resnet18 => Some(Baseline::ResNet18(ResNetConfig {
-            channels,
-            num_classes,
-            width,
-        })),
-        ModelChoice::TiledResnet18 => Some(Baseline::TiledResNet18(TiledConfig {
-            width,
-            tile: a.tile,
-            chunk: a.tile_chunk,
-            checkpoint: a.checkpointing,
-            ..TiledConfig::paper(channels, num_classes)
-        })),
-    };
-    if a.model != ModelChoice::Saccade && (width == 0 || a.tile < 32 || a.tile_chunk == 0) {
-        bail!("need --resnet-width >= 1, --tile >= 32 and --tile-chunk >= 1");
+}
+
+/// The checkpoint's configuration, refusing flags that would change it;
+/// --epochs may (a run can be extended, see `resumed`).
+fn resume_config(a: &TrainArgs, path: &Path) -> Result<TrainConfig, Failure> {
+    let saved = checkpoint_config(path)?;
+    let mut want = saved.clone();
+    apply_flags(a, &mut want);
+    want.epochs = saved.epochs;
+    let mut conflicts: Vec<String> = config_differences(&want, &saved)
+        .into_iter()
+        .map(|(field, w, s)| format!("{} ({field} {w}, the checkpoint's {s})", flag_of(&field)))
+        .collect();
+    if let Some(p) = a.preset {
+        // The preset's own fields: those no other flag given sets.
+        let m = &saved.model;
+        let mut preset = TrainConfig {
+            model: SaccadeConfig {
+                proxy_size: m.proxy_size,
+                ..preset_model(p, m.channels, m.num_classes)
+            },
+            ..saved.clone()
+        };
+        apply_flags(a, &mut preset);
+        preset.epochs = saved.epochs;
+        let fields: Vec<String> = config_differences(&preset, &want)
+            .into_iter()
+            .map(|(field, w, s)| format!("{field} {w} against {s}"))
+            .collect();
+        if !fields.is_empty() {
+            conflicts.push(format!("--preset ({})", fields.join(", ")));
+        }
     }
-    Ok(TrainConfig {
-        model: m,
-        baseline,
-        dataset: spec,
-        epochs: a.epochs.unwrap_or(if paper { 60 } else { 4 }),
-        batch_size: a.batch_size.unwrap_or(if paper { 100 } else { 32 }),
-        lr: a.lr.unwrap_or(if paper { 1e-4 } else { 1e-3 }),
-        lr_schedule: a.lr_schedule.unwrap_or(if paper {
-            LrSchedule::Constant
-        } else {
-            LrSchedule::Cosine
-        }),
-        clip_value: a.clip_value.unwrap_or(if paper { 0.25 } else { 0.0 }),
-        clip_norm: 0.0,
-        seed: a.seed,
-        class_names: probe.class_names(),
-        sizes: [
-            a.train_size.unwrap_or(100_000),
-            a.valid_size.unwrap_or(if paper { 10_000 } else { 1_000 }),
-            a.test_size.unwrap_or(if paper { 10_000 } else { 2_000 }),
-        ],
-    })
+    if a.dataset.is_some() || a.proxy_size.is_some() || a.proxy_noise.is_some() {
+        let spec = dataset_spec(a, &saved.dataset);
+        if DatasetSpec::parse(&spec).ok() != DatasetSpec::parse(&saved.dataset).ok() {
+            conflicts.push(format!(
+                "--dataset/--proxy-size/--proxy-noise ({spec}, the checkpoint's {})",
+                saved.dataset
+            ));
+        }
+    }
+    if !conflicts.is_empty() {
+        return Err(usage(anyhow::anyhow!(
+            "--resume {}: these flags conflict with the checkpoint's configuration: {}. \
+             Leave them out to continue that run, or start a new run without --resume",
+            path.display(),
+            conflicts.join("; ")
+        )));
+    }
+    Ok(saved)
+}
+
+/// The fields where `a` and `b` differ, as (path, a's value, b's value).
+fn config_differences(a: &TrainConfig, b: &TrainConfig) -> Vec<(String, String, String)> {
+    // Through text, so that f32 values read as written (0.01, not 0.009999999776).
+    let json = |c: &TrainConfig| -> serde_json::Value {
+        serde_json::to_string(c)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    diff_json(String::new(), &json(a), &json(b), &mut out);
+    out
+}
+
+fn diff_json(
+    path: String,
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    out: &mut Vec<(String, String, String)>,
+) {
+    use serde_json::Value;
+    let join = |k: &dyn std::fmt::Display| match path.is_empty() {
+        true => k.to_string(),
+        false => format!("{path}.{k}"),
+    };
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let (u, v) = (x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null));
+                diff_json(join(k), u, v, out);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (u, v)) in x.iter().zip(y).enumerate() {
+                diff_json(join(&i), u, v, out);
+            }
+        }
+        _ if a != b => out.push((path, a.to_string(), b.to_string())),
+        _ => {}
+    }
+}
+
+/// The `saccade train` flag that sets a configuration field.
+fn flag_of(field: &str) -> &'static str {
+    match field {
+        "sizes.0" => return "--train-size",
+        "sizes.1" => return "--valid-size",
+        "sizes.2" => return "--test-size",
+        _ => {}
+    }
+    match field.rsplit('.').next().unwrap_or(field) {
+        "glimpses" => "--glimpses",
+        "crop" => "--crop",
+        "scale_max" => "--max-scale",
+        "beta" => "--beta",
+        "multiplicative" => "--multiplicative",
+        "fixed_variance" => "--fixed-variance",
+        "mask_attended" => "--no-mask",
+        "policy_warmup" => "--policy-warmup",
+        "batch_size" => "--batch-size",
+        "lr" => "--lr",
+        "lr_schedule" => "--lr-schedule",
+        "clip_value" => "--clip-value",
+        "seed" => "--seed",
+        "width" => "--resnet-width",
+        "tile" => "--tile",
+        "chunk" => "--tile-chunk",
+        "checkpoint" => "--checkpointing",
+        "baseline" | "ResNet18" | "TiledResNet18" => "--model",
+        _ => "a flag",
+    }
 }
 
 /// The checkpoint's class names, or (older checkpoints) its dataset's.
@@ -958,18 +1267,18 @@ fn run_learning(l: LearningArgs) -> Result<(), Failure> {
             error: anyhow::anyhow!("bench learning needs --seeds >= 1 and no --resume"),
         });
     }
+    check_train_flags(&l.train)?;
+    let base = match &l.train.out {
+        Some(out) => out.clone(),
+        None => new_run_dir().map_err(usage)?,
+    };
     let mut rows = Vec::new();
     for k in 0..l.seeds {
         let mut a = l.train.clone();
-        a.seed = l.train.seed + k;
-        a.out = l.train.out.join(format!("seed-{}", a.seed));
-        eprintln!(
-            "seed {} ({} of {}) -> {}",
-            a.seed,
-            k + 1,
-            l.seeds,
-            a.out.display()
-        );
+        let seed = l.train.seed.unwrap_or(1) + k;
+        let out = base.join(format!("seed-{seed}"));
+        eprintln!("seed {seed} ({} of {}) -> {}", k + 1, l.seeds, out.display());
+        (a.seed, a.out) = (Some(seed), Some(out));
         rows.push(run_train(a)?);
     }
     let cover = |r: &RunSummary| r.test_coverage.as_ref().map_or(f64::NAN, |c| c.all_objects);

@@ -9,13 +9,13 @@
 //! uninterrupted run would have.
 
 use std::fs;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -28,6 +28,7 @@ use crate::device::Device;
 use crate::models::{Images, ResNet18, ResNetConfig, SaccadeConfig, Saccader, TiledConfig, TiledResNet18};
 use crate::nn::ParamStore;
 use crate::optim::{clip_by_norm, clip_by_value, Adam, AdamConfig};
+use crate::runs;
 use crate::tensor::Tensor;
 
 /// A baseline trained instead of the saccade model.
@@ -98,6 +99,45 @@ pub struct TrainConfig {
     /// without the dataset (absent in older checkpoints).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub class_names: Vec<String>,
+}
+
+impl TrainConfig {
+    /// Refuse a configuration that cannot train or run, naming the field
+    /// and its `saccade train` flag.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        ensure!(
+            self.batch_size >= 1,
+            "batch_size (--batch-size) must be at least 1"
+        );
+        ensure!(
+            self.lr.is_finite() && self.lr > 0.0,
+            "lr (--lr) must be positive, got {}",
+            self.lr
+        );
+        ensure!(
+            self.clip_value >= 0.0 && self.clip_norm >= 0.0,
+            "clip_value (--clip-value) and clip_norm must be >= 0 (0: off), got {} and {}",
+            self.clip_value,
+            self.clip_norm
+        );
+        match self.baseline {
+            Some(Baseline::ResNet18(c)) => ensure!(
+                (1..=1024).contains(&c.width),
+                "width (--resnet-width) must be within 1..=1024, got {}",
+                c.width
+            ),
+            Some(Baseline::TiledResNet18(c)) => ensure!(
+                (1..=1024).contains(&c.width) && (32..=4096).contains(&c.tile) && c.chunk >= 1,
+                "need --resnet-width within 1..=1024, --tile within 32..=4096 and --tile-chunk >= 1, got {}, {} and {}",
+                c.width,
+                c.tile,
+                c.chunk
+            ),
+            None => {}
+        }
+        Ok(())
+    }
 }
 
 /// Where a run stands; saved in checkpoints for `--resume`.
@@ -401,6 +441,9 @@ pub struct Trainer<M: Model = Saccader> {
     /// Stop training at the first step boundary after this instant (a
     /// wall-clock budget); `None` trains the configured epochs.
     pub deadline: Option<Instant>,
+    /// Every whole epoch's metrics, saved in the checkpoint: metrics.jsonl
+    /// is rewritten from it with every checkpoint, so the two agree.
+    pub history: Vec<serde_json::Value>,
 }
 
 /// What `Trainer::fit` reports.
@@ -423,6 +466,7 @@ pub fn checkpoint_config(path: &Path) -> Result<TrainConfig> {
 
 impl<M: Model> Trainer<M> {
     pub fn new(cfg: TrainConfig, device: Device) -> Result<Self> {
+        cfg.validate()?;
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let model = M::build(&cfg, &mut rng, &device)?;
         let adam = Adam::new(AdamConfig {
@@ -436,6 +480,7 @@ impl<M: Model> Trainer<M> {
             progress: Progress::default(),
             device,
             deadline: None,
+            history: Vec::new(),
         })
     }
 
@@ -445,14 +490,29 @@ impl<M: Model> Trainer<M> {
         let cfg: TrainConfig = serde_json::from_value(ck.meta["train"].clone())
             .with_context(|| format!("{}: no training configuration in the checkpoint", path.display()))?;
         let progress: Progress = serde_json::from_value(ck.meta["progress"].clone()).unwrap_or_default();
+        cfg.validate()
+            .with_context(|| format!("{}: the checkpoint's configuration is invalid", path.display()))?;
         let mut t = Trainer::<M>::new(cfg, device)?;
         ck.restore(t.model.params_mut(), Some(&mut t.adam), &t.device)?;
         t.progress = progress;
+        // Absent in checkpoints from before it: `fit` recovers it from metrics.jsonl.
+        t.history = serde_json::from_value(ck.meta["history"].clone()).unwrap_or_default();
         Ok(t)
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
         checkpoint::save(path, self.model.params(), Some(&self.adam), &self.meta())
+    }
+
+    /// The checkpoint, then metrics.jsonl from the history it holds: after
+    /// a crash between the two, metrics.jsonl lags the checkpoint (the next
+    /// save catches up), never runs ahead of it or repeats an epoch.
+    fn save_run(&self, out: &Path) -> Result<PathBuf> {
+        let ck = out.join(runs::CHECKPOINT);
+        self.save(&ck)?;
+        let lines: String = self.history.iter().map(|m| format!("{m}\n")).collect();
+        checkpoint::write_atomic(&out.join(runs::METRICS), lines.as_bytes())?;
+        Ok(ck)
     }
 
     /// The weights and configuration only, without the optimizer state: a
@@ -466,6 +526,7 @@ impl<M: Model> Trainer<M> {
             "train": self.cfg,
             "progress": self.progress,
             "classes": self.cfg.model.num_classes,
+            "history": self.history,
         })
     }
 
@@ -515,7 +576,10 @@ impl<M: Model> Trainer<M> {
         stop: &AtomicBool,
     ) -> Result<FitReport> {
         fs::create_dir_all(out).with_context(|| format!("cannot create output folder {}", out.display()))?;
-        let ck_path = out.join("checkpoint.safetensors");
+        let ck_path = out.join(runs::CHECKPOINT);
+        if self.history.len() < self.progress.epoch {
+            self.history = history_from(&out.join(runs::METRICS), self.progress.epoch);
+        }
         let mut report = FitReport {
             epochs: Vec::new(),
             interrupted: false,
@@ -593,9 +657,8 @@ impl<M: Model> Trainer<M> {
                 bar.inc(1);
                 if stop.load(Ordering::SeqCst) {
                     bar.abandon_with_message("interrupted");
-                    self.save(&ck_path)?;
+                    report.last_checkpoint = Some(self.save_run(out)?);
                     report.interrupted = true;
-                    report.last_checkpoint = Some(ck_path);
                     return Ok(report);
                 }
                 if self.progress.step < steps && self.deadline.is_some_and(|d| Instant::now() >= d) {
@@ -622,8 +685,7 @@ impl<M: Model> Trainer<M> {
             if report.out_of_time {
                 // A partial epoch: checkpoint where it stands (resumable), report
                 // its figures, leave metrics.jsonl to whole epochs.
-                self.save(&ck_path)?;
-                report.last_checkpoint = Some(ck_path);
+                report.last_checkpoint = Some(self.save_run(out)?);
                 if show_progress {
                     eprintln!(
                         "time budget reached at epoch {} step {}/{steps}",
@@ -643,14 +705,9 @@ impl<M: Model> Trainer<M> {
                 epoch: epoch + 1,
                 step: 0,
             };
-            let mut f = fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(out.join("metrics.jsonl"))
-                .with_context(|| format!("cannot write {}", out.join("metrics.jsonl").display()))?;
-            writeln!(f, "{}", serde_json::to_string(&m)?)?;
-            self.save(&ck_path)?;
-            report.last_checkpoint = Some(ck_path.clone());
+            self.history.truncate(epoch);
+            self.history.push(serde_json::to_value(&m)?);
+            report.last_checkpoint = Some(self.save_run(out)?);
             if show_progress {
                 eprintln!(
                     "epoch {}: loss {:.3}, train acc {:.1}%, valid acc {:.1}%{}, {:.0}s, {:.0} samples/s",
@@ -681,6 +738,24 @@ impl<M: Model> Trainer<M> {
             show_progress,
         )
     }
+}
+
+/// Epochs 1..=`epochs` of an existing metrics.jsonl, the last line of each
+/// (for checkpoints written before they held their history). Stops at the
+/// first epoch missing: the history must list epochs in order.
+fn history_from(path: &Path, epochs: usize) -> Vec<serde_json::Value> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let mut by_epoch = vec![None; epochs];
+    for v in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        let e = v["epoch"].as_u64().unwrap_or(0) as usize;
+        if (1..=epochs).contains(&e) {
+            by_epoch[e - 1] = Some(v);
+        }
+    }
+    by_epoch.into_iter().map_while(|v| v).collect()
 }
 
 /// Batches in a fixed order per (seed, epoch); `None` keeps dataset order.

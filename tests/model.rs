@@ -180,3 +180,26 @@ fn policy_warmup_keeps_the_classification_loss_off_the_glimpses() {
     assert!(((mid.1 / on.1) - 0.5).abs() < 1e-3, "{} vs {}", mid.1, on.1);
     assert!((off.0 - on.0).abs() < 1e-6 && off.2 == on.2);
 }
+
+/// `glimpses 0` used to fail deep inside the model ("concat of no
+/// tensors") and `crop 100000` to abort on allocation: both are refused by
+/// name, for new runs and checkpoints alike.
+#[test]
+fn configs_the_model_cannot_run_are_refused_naming_the_field() {
+    SaccadeConfig::small(1, 10).validate().unwrap();
+    SaccadeConfig::paper(3, 55).validate().unwrap();
+    type Break = fn(&mut SaccadeConfig);
+    let cases: [(Break, &str); 5] = [
+        (|c| c.glimpses = 0, "glimpses (--glimpses)"),
+        (|c| c.crop = 100_000, "crop (--crop) must be within 4..=1024"),
+        (|c| c.proxy_size = 100_000, "proxy_size (--proxy-size)"),
+        (|c| c.scale_max = 1.5, "scale_max (--max-scale) <= 1"),
+        (|c| c.scale_min = 0.0, "0 < scale_min"),
+    ];
+    for (break_it, needle) in cases {
+        let mut c = SaccadeConfig::small(1, 10);
+        break_it(&mut c);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(needle), "{needle}: {e}");
+    }
+}

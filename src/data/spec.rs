@@ -58,6 +58,10 @@ impl SplitSizes {
     }
 }
 
+/// Largest proxy side: the proxy is read whole for every image (the
+/// paper's is 32).
+pub const MAX_PROXY: usize = 1024;
+
 /// What besides the spec decides a dataset.
 #[derive(Clone, Debug, Default)]
 pub struct DataConfig {
@@ -93,7 +97,16 @@ impl DatasetSpec {
             };
             let bad = || anyhow::anyhow!("dataset spec `{spec}`: bad value in `{kv}`\n\n{SPEC_HELP}");
             match k.trim() {
-                "proxy" => proxy = v.trim().parse().ok().filter(|&j| j > 0).ok_or_else(bad)?,
+                "proxy" => {
+                    proxy = v
+                        .trim()
+                        .parse()
+                        .ok()
+                        .filter(|&j| j > 0 && j <= MAX_PROXY)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("dataset spec `{spec}`: proxy= must be within 1..={MAX_PROXY}")
+                        })?
+                }
                 "noise" => {
                     noise = v
                         .trim()
@@ -201,13 +214,26 @@ mod tests {
             ("mnist-plus", "unknown dataset"),
             ("cluttered-mnist@big", "not a number"),
             ("cluttered-mnist@2528:sideways", "neither upsampled nor native"),
-            ("cluttered-mnist,proxy=0", "bad value"),
+            ("cluttered-mnist,proxy=0", "proxy= must be within"),
             ("cluttered-mnist,zoom=2", "unknown key"),
             ("cluttered-mnist@2528,digit=64", "native mode only"),
         ] {
             let err = DatasetSpec::parse(bad).err().unwrap().to_string();
             assert!(err.contains(needle), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_huge_proxy_is_refused_before_allocating_it() {
+        let err = DatasetSpec::parse("cluttered-mnist,proxy=100000")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("proxy= must be within 1..=1024"), "{err}");
+        assert_eq!(
+            DatasetSpec::parse("cluttered-mnist,proxy=1024").unwrap().proxy,
+            1024
+        );
     }
 
     #[test]

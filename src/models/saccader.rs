@@ -98,7 +98,57 @@ impl SaccadeConfig {
             ..SaccadeConfig::small(channels, num_classes)
         }
     }
+
+    /// Refuse what the model cannot run (or could not allocate), naming the
+    /// field and the `saccade train` flag that sets it: checked for new runs
+    /// and for every checkpoint loaded.
+    pub fn validate(&self) -> Result<()> {
+        let within = |name: &str, flag: &str, v: usize, lo: usize, hi: usize| {
+            ensure!(
+                (lo..=hi).contains(&v),
+                "{name} ({flag}) must be within {lo}..={hi}, got {v}"
+            );
+            Ok(())
+        };
+        within("channels", "the dataset", self.channels, 1, 64)?;
+        within("num_classes", "the dataset", self.num_classes, 1, 100_000)?;
+        within("proxy_size", "--proxy-size", self.proxy_size, 1, MAX_PROXY)?;
+        within("glimpses", "--glimpses", self.glimpses, 1, 256)?;
+        within("crop", "--crop", self.crop, 4, MAX_CROP)?;
+        for (name, v) in [
+            ("enc_width", self.enc_width),
+            ("embed", self.embed),
+            ("hidden", self.hidden),
+            ("classifier_width", self.classifier_width),
+        ] {
+            within(name, "--preset", v, 1, 4096)?;
+        }
+        ensure!(
+            self.scale_min > 0.0 && self.scale_min < self.scale_max && self.scale_max <= 1.0,
+            "glimpse scales need 0 < scale_min < scale_max (--max-scale) <= 1, got {} and {}",
+            self.scale_min,
+            self.scale_max
+        );
+        ensure!(
+            self.beta.is_finite() && self.beta >= 0.0,
+            "beta (--beta) must be finite and >= 0, got {}",
+            self.beta
+        );
+        if let Some(v) = self.fixed_variance {
+            ensure!(
+                v.is_finite() && v > 0.0,
+                "fixed_variance (--fixed-variance) must be positive, got {v}"
+            );
+        }
+        Ok(())
+    }
 }
+
+/// Largest crop side: the paper's is 64; a batch of 32 four-glimpse crops
+/// at 1024² already holds 512 MiB.
+pub const MAX_CROP: usize = 1024;
+/// Largest proxy side (the paper's is 32).
+pub const MAX_PROXY: usize = crate::data::spec::MAX_PROXY;
 
 /// Where crops are read from.
 pub enum Images<'a> {

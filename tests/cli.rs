@@ -1,0 +1,343 @@
+//! `saccade train` loses nothing and says what went wrong before any work:
+//! no run replaces another, impossible flags and unwritable folders are
+//! refused up front, --resume refuses flags that would change the run, and
+//! every hint printed is a command that continues the same run.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// A tiny one-digit dataset on the CPU.
+const TINY: [&str; 10] = [
+    "--dataset",
+    "cluttered-mnist-1",
+    "--train-size",
+    "32",
+    "--valid-size",
+    "16",
+    "--test-size",
+    "16",
+    "--device",
+    "cpu",
+];
+
+fn saccade_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_saccade"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("the saccade binary runs")
+}
+
+fn train(dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["train"];
+    args.extend(TINY);
+    args.extend(extra);
+    saccade_in(dir, &args)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The epochs listed in a metrics.jsonl, in order.
+fn metric_epochs(path: &Path) -> Vec<u64> {
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_second_run_into_the_same_out_is_refused_until_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = train(dir.path(), &["--epochs", "1", "--out", "A"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let ck = fs::read(dir.path().join("A/checkpoint.safetensors")).unwrap();
+
+    let again = train(dir.path(), &["--epochs", "1", "--out", "A"]);
+    assert_eq!(again.status.code(), Some(2));
+    let e = stderr(&again);
+    for needle in [
+        "output folder A already holds a run",
+        "--resume A/checkpoint.safetensors",
+        "--overwrite",
+    ] {
+        assert!(e.contains(needle), "{needle}: {e}");
+    }
+    assert!(!e.contains("epoch 1"), "refused only after training: {e}");
+    assert_eq!(fs::read(dir.path().join("A/checkpoint.safetensors")).unwrap(), ck);
+
+    let over = train(
+        dir.path(),
+        &["--epochs", "1", "--out", "A", "--overwrite", "--seed", "2"],
+    );
+    assert!(over.status.success(), "{}", stderr(&over));
+    assert_eq!(metric_epochs(&dir.path().join("A/metrics.jsonl")), [1]);
+    assert_ne!(fs::read(dir.path().join("A/checkpoint.safetensors")).unwrap(), ck);
+}
+
+#[cfg(unix)]
+#[test]
+fn plain_train_writes_a_new_folder_and_points_latest_at_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let o = train(dir.path(), &["--epochs", "1"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let runs = dir.path().join("runs");
+    let mut folders: Vec<String> = fs::read_dir(&runs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != "latest")
+        .collect();
+    folders.sort();
+    assert_eq!(folders.len(), 2, "{folders:?}");
+    for f in &folders {
+        assert!(runs.join(f).join("checkpoint.safetensors").is_file(), "{f}");
+        assert_eq!(metric_epochs(&runs.join(f).join("metrics.jsonl")), [1]);
+    }
+    let newest = folders.iter().max_by_key(|f| (f.len(), f.to_string())).unwrap();
+    assert_eq!(fs::read_link(runs.join("latest")).unwrap(), Path::new(newest));
+    // What the README tells people to run still works.
+    let o = saccade_in(
+        dir.path(),
+        &[
+            "eval",
+            "--checkpoint",
+            "runs/latest/checkpoint.safetensors",
+            "--test-size",
+            "8",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn zero_epochs_or_split_sizes_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, v) in [
+        ("--epochs", "0"),
+        ("--valid-size", "0"),
+        ("--test-size", "0"),
+        ("--batch-size", "0"),
+    ] {
+        let mut args = vec!["train", "--device", "cpu", "--out", "Z"];
+        args.extend([flag, v]);
+        let o = saccade_in(dir.path(), &args);
+        assert_eq!(o.status.code(), Some(2), "{flag}");
+        assert!(
+            stderr(&o).contains(&format!("{flag} must be at least 1")),
+            "{}",
+            stderr(&o)
+        );
+        assert!(!dir.path().join("Z").exists(), "{flag}: a folder was made");
+    }
+}
+
+#[test]
+fn an_unwritable_out_or_a_metrics_folder_is_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("M/metrics.jsonl")).unwrap();
+    let o = train(dir.path(), &["--epochs", "1", "--out", "M"]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("M/metrics.jsonl is a folder"), "{e}");
+    assert!(!e.contains("epoch 1"), "{e}");
+
+    fs::write(dir.path().join("file"), b"").unwrap();
+    let o = train(dir.path(), &["--epochs", "1", "--out", "file/run"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("cannot create the output folder file/run"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn resume_refuses_conflicting_flags_and_continues_in_the_checkpoints_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = train(dir.path(), &["--epochs", "1", "--out", "R"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ck = "R/checkpoint.safetensors";
+
+    let o = saccade_in(
+        dir.path(),
+        &[
+            "train",
+            "--resume",
+            ck,
+            "--lr",
+            "0.01",
+            "--dataset",
+            "mnist-sum",
+            "--crop",
+            "48",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    for needle in [
+        "--lr (lr 0.01, the checkpoint's 0.001)",
+        "--crop (model.crop 48, the checkpoint's 32)",
+        "mnist-sum, the checkpoint's cluttered-mnist-1",
+    ] {
+        assert!(e.contains(needle), "{needle}: {e}");
+    }
+
+    // Flags equal to the checkpoint's are fine, and --epochs extends the run
+    // in the checkpoint's own folder.
+    let mut args = vec!["train", "--resume", ck, "--epochs", "2", "--lr", "0.001"];
+    args.extend(TINY);
+    let o = saccade_in(dir.path(), &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(metric_epochs(&dir.path().join("R/metrics.jsonl")), [1, 2]);
+
+    let o = saccade_in(dir.path(), &["train", "--resume", ck, "--epochs", "1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--epochs 1 is fewer than the 2 epochs"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A copy beside the run is not that run: resuming it must not replace R's checkpoint.
+    fs::copy(dir.path().join(ck), dir.path().join("R/copy.safetensors")).unwrap();
+    let o = saccade_in(
+        dir.path(),
+        &["train", "--resume", "R/copy.safetensors", "--epochs", "3"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("output folder R already holds a run"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn the_time_budget_hint_continues_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = train(
+        dir.path(),
+        &[
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--minutes",
+            "0.00001",
+            "--out",
+            "T",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    let hint = e
+        .lines()
+        .find_map(|l| l.strip_prefix("continue this run with: saccade "))
+        .unwrap_or_else(|| panic!("no hint in {e}"));
+    assert_eq!(hint, "train --resume T/checkpoint.safetensors");
+    let args: Vec<&str> = hint.split(' ').chain(["--device", "cpu"]).collect();
+    let o = saccade_in(dir.path(), &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resuming T/checkpoint.safetensors at epoch 1 step 1"));
+    assert_eq!(metric_epochs(&dir.path().join("T/metrics.jsonl")), [1, 2]);
+}
+
+#[test]
+fn huge_crops_and_proxies_are_refused_not_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = train(dir.path(), &["--crop", "100000", "--out", "C"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("crop (--crop) must be within 4..=1024"),
+        "{}",
+        stderr(&o)
+    );
+    let o = saccade_in(
+        dir.path(),
+        &[
+            "train",
+            "--dataset",
+            "cluttered-mnist-1,proxy=100000",
+            "--out",
+            "P",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("proxy= must be within 1..=1024"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// Ctrl-C after training, during the test evaluation: the checkpoint is
+/// already written, so say so, exit 130 and name the eval command.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_during_the_test_evaluation_says_the_run_is_saved_and_exits_130() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["train"];
+    args.extend(&TINY[..6]);
+    args.extend([
+        "--test-size",
+        "20000",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--out",
+        "I",
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_saccade"))
+        .current_dir(dir.path())
+        .args(&args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    // "epoch 1: ..." comes after the epoch's checkpoint, as the test evaluation starts.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.starts_with("epoch 1:") {
+            break;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    for line in lines {
+        seen.push_str(&line.unwrap());
+        seen.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.contains("interrupted during the test evaluation"), "{seen}");
+    assert!(
+        seen.contains("saccade eval --checkpoint I/checkpoint.safetensors"),
+        "{seen}"
+    );
+    assert!(!seen.contains("stopping: writing a checkpoint"), "{seen}");
+    assert!(dir.path().join("I/checkpoint.safetensors").is_file());
+}
