@@ -11,7 +11,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use saccade::data::commands::{self, GenerateArgs, ImportArgs, InspectArgs, OutputFormat};
 use saccade::data::spec::{DatasetSpec, SPEC_HELP};
 use saccade::data::{self, Split, SplitSizes};
-use saccade::models::{ResNet18, ResNetConfig, SaccadeConfig, Saccader, TiledConfig, TiledResNet18};
+use saccade::models::{
+    GlimpsePool, ResNet18, ResNetConfig, SaccadeConfig, Saccader, TiledConfig, TiledResNet18,
+};
 use saccade::train::{checkpoint_config, Baseline, Coverage, LrSchedule, Model, TrainConfig, Trainer};
 use saccade::{runs, Device};
 
@@ -262,6 +264,9 @@ struct TrainArgs {
     /// follow it. Default 40000 for the small preset, 0 (off) for paper.
     #[arg(long)]
     policy_warmup: Option<usize>,
+    /// How the glimpses' features are pooled into one: mean (the paper, default) or max.
+    #[arg(long, value_enum)]
+    glimpse_pool: Option<GlimpsePool>,
     /// Fix the posterior variance to this value instead of learning it (paper ablation, e.g. 0.6).
     #[arg(long)]
     fixed_variance: Option<f32>,
@@ -808,6 +813,7 @@ fn apply_flags(a: &TrainArgs, cfg: &mut TrainConfig) {
     m.scale_max = a.max_scale.unwrap_or(m.scale_max);
     m.beta = a.beta.unwrap_or(m.beta);
     m.policy_warmup = a.policy_warmup.unwrap_or(m.policy_warmup);
+    m.glimpse_pool = a.glimpse_pool.unwrap_or(m.glimpse_pool);
     m.multiplicative |= a.multiplicative;
     m.mask_attended &= !a.no_mask;
     if a.fixed_variance.is_some() {
@@ -981,6 +987,7 @@ fn flag_of(field: &str) -> &'static str {
         "fixed_variance" => "--fixed-variance",
         "mask_attended" => "--no-mask",
         "policy_warmup" => "--policy-warmup",
+        "glimpse_pool" => "--glimpse-pool",
         "batch_size" => "--batch-size",
         "lr" => "--lr",
         "lr_schedule" => "--lr-schedule",

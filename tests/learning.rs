@@ -14,12 +14,12 @@ const TRAIN: usize = 20_000;
 const TEST: usize = 500;
 
 /// One epoch over 20,000 images (625 Adam steps of 32) with the default
-/// model and schedule at T = 2, 20-90 s on 2 cores. Runs this short
+/// model at T = 2, cosine schedule, 20-90 s on 2 cores. Runs this short
 /// vary a lot between seeds: seeds 7, 8, 9 gave 19.8%, 25.2%, 31.2% test
 /// accuracy and 67%, 80%, 95% of digits inside a glimpse (BENCHMARKS.md,
-/// "learning guard", measured before the speedups); this seed is 7, the
-/// lowest, and gives 22.4% and 71.8% with today's build (float rounding
-/// differs). Thresholds:
+/// "learning guard", 32x32 crops, measured before the speedups); this seed
+/// is 7, the lowest, and gives 18.4% and 73.4% with today's 24x24 crops.
+/// Thresholds:
 /// - accuracy >= 15%, one and a half times chance (10%);
 /// - coverage >= 55%, and 20 points above the same model untrained (its
 ///   two glimpses sit at the centre at mid scale and hold about a fifth
