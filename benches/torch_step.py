@@ -82,7 +82,7 @@ INIT_LOGVAR = -4.0
 PRESETS = {
     # SaccadeConfig::small / ::paper in src/models/saccader.rs; the training
     # defaults (lr, clip, batch) are those of `saccade train --preset ...`.
-    "small": dict(proxy_size=32, glimpses=4, crop=32, scale_min=0.2, scale_max=0.5, beta=0.01,
+    "small": dict(proxy_size=32, glimpses=4, crop=24, scale_min=0.2, scale_max=0.5, beta=0.01,
                   multiplicative=False, fixed_variance=None, enc_width=16, embed=128, hidden=128,
                   classifier_width=16, lr=1e-3, clip_value=0.0, batch_size=32),
     "paper": dict(proxy_size=32, glimpses=4, crop=64, scale_min=0.1, scale_max=0.3, beta=0.01,
@@ -679,7 +679,9 @@ def verify(args):
     work = args.workdir or tempfile.mkdtemp(prefix="torch_verify_")
     n, seed, fv = args.verify_size, args.seed_saccade, args.fixed_variance
     data_dir, run_dir = os.path.join(work, "data"), os.path.join(work, "run")
-    extra = ["--preset", args.preset, *([] if args.mask else ["--no-mask"])]
+    # The replica has no policy warmup (it only gates which gradients reach
+    # the glimpses early in a run): saccade's step is compared ungated.
+    extra = ["--preset", args.preset, "--policy-warmup", "0", *([] if args.mask else ["--no-mask"])]
     if not os.path.exists(os.path.join(data_dir, "train")):
         run([binary, "data", "generate", "--dataset", "cluttered-mnist", "--out", data_dir, "--train", str(n),
              "--valid", str(n), "--test", str(n), "--format", "png", "--seed", str(seed)])
