@@ -1,5 +1,5 @@
 //! `saccade data generate|import|inspect`: plain functions taking argument
-//! structs, so `main.rs` only parses flags.
+//! structs, so the command line (`crate::cli`) only parses flags.
 
 use std::fs;
 use std::path::{Path, PathBuf};
