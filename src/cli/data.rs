@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
 use clap::{Subcommand, ValueEnum};
 
+use super::{usage, Failure};
 use crate::data::commands::{self, GenerateArgs, ImportArgs, InspectArgs, OutputFormat};
 use crate::data::spec::SPEC_HELP;
 use crate::data::{Split, SplitSizes};
@@ -84,7 +84,9 @@ pub(super) enum DataCommand {
     },
 }
 
-pub(super) fn run_data(command: DataCommand) -> Result<()> {
+/// Run a data command; the checks on its arguments alone come first, as
+/// usage errors.
+pub(super) fn run_data(command: DataCommand) -> Result<(), Failure> {
     match command {
         DataCommand::Generate {
             dataset,
@@ -94,30 +96,38 @@ pub(super) fn run_data(command: DataCommand) -> Result<()> {
             valid,
             test,
             format,
-        } => commands::generate(&GenerateArgs {
-            dataset,
-            out,
-            seed,
-            sizes: SplitSizes { train, valid, test },
-            format: match format {
-                Format::Store => OutputFormat::Store,
-                Format::Png => OutputFormat::Png,
-            },
-            mnist_dir: None,
-        }),
+        } => {
+            let args = GenerateArgs {
+                dataset,
+                out,
+                seed,
+                sizes: SplitSizes { train, valid, test },
+                format: match format {
+                    Format::Store => OutputFormat::Store,
+                    Format::Png => OutputFormat::Png,
+                },
+                mnist_dir: None,
+            };
+            args.check().map_err(usage)?;
+            commands::generate(&args)?;
+        }
         DataCommand::Import {
             folder,
             out,
             size,
             valid_frac,
             test_frac,
-        } => commands::import(&ImportArgs {
-            folder,
-            out,
-            size,
-            valid_frac,
-            test_frac,
-        }),
+        } => {
+            let args = ImportArgs {
+                folder,
+                out,
+                size,
+                valid_frac,
+                test_frac,
+            };
+            args.check().map_err(usage)?;
+            commands::import(&args)?;
+        }
         DataCommand::Inspect {
             dataset,
             out,
@@ -125,17 +135,22 @@ pub(super) fn run_data(command: DataCommand) -> Result<()> {
             split,
             seed,
             cell,
-        } => commands::inspect(&InspectArgs {
-            dataset,
-            out,
-            count,
-            split: match split {
-                SplitArg::Train => Split::Train,
-                SplitArg::Valid => Split::Valid,
-                SplitArg::Test => Split::Test,
-            },
-            seed,
-            cell,
-        }),
+        } => {
+            let args = InspectArgs {
+                dataset,
+                out,
+                count,
+                split: match split {
+                    SplitArg::Train => Split::Train,
+                    SplitArg::Valid => Split::Valid,
+                    SplitArg::Test => Split::Test,
+                },
+                seed,
+                cell,
+            };
+            args.check().map_err(usage)?;
+            commands::inspect(&args)?;
+        }
     }
+    Ok(())
 }

@@ -85,6 +85,9 @@ pub(super) fn check_compatible(m: &SaccadeConfig, d: &dyn data::Dataset) -> Resu
 }
 
 pub(super) fn run_eval(a: EvalArgs) -> Result<(), Failure> {
+    if a.test_size == Some(0) {
+        return Err(usage(anyhow::anyhow!("--test-size must be at least 1")));
+    }
     match checkpoint_config(&a.checkpoint)?.baseline {
         None => eval_model::<Saccader>(a),
         Some(Baseline::ResNet18(_)) => eval_model::<ResNet18>(a),

@@ -201,7 +201,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Eval(a) => eval::run_eval(a),
         Command::Predict(a) => eval::run_predict(a),
         Command::Export(a) => eval::run_export(a),
-        Command::Data { command } => data::run_data(command).map_err(Failure::from),
+        Command::Data { command } => data::run_data(command),
         Command::Device => run_device(),
         Command::Bench(a) => bench::run_bench(a),
         Command::Kernels { command } => run_kernels(command),
