@@ -197,24 +197,8 @@ fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) ->
         Some(path) => resumed::<M>(path, a.epochs, device.clone())?,
         None => Trainer::<M>::new(cfg, device.clone())?,
     };
-    let [train, valid, test] = trainer.cfg.sizes;
-    let cfg = data::DataConfig {
-        seed: trainer.cfg.seed,
-        sizes: SplitSizes { train, valid, test },
-        mnist_dir: None,
-    };
     let spec = trainer.cfg.dataset.clone();
-    let train_set = data::open_dataset(&spec, Split::Train, &cfg)?;
-    let valid_set = data::open_dataset(&spec, Split::Valid, &cfg)?;
-    let test_set = data::open_dataset(&spec, Split::Test, &cfg)?;
-    check_compatible(&trainer.cfg.model, train_set.as_ref())?;
-    for (split, set) in [("train", &train_set), ("valid", &valid_set), ("test", &test_set)] {
-        if set.is_empty() {
-            return Err(usage(anyhow::anyhow!(
-                "the {split} split of {spec} is empty: a run needs images in all three splits"
-            )));
-        }
-    }
+    let [train_set, valid_set, test_set] = open_splits(&trainer.cfg)?;
     // The last check, as it makes the folder.
     let out = prepare_out(&a)?;
     if !a.json {
@@ -245,18 +229,7 @@ fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) ->
     if fit.out_of_time {
         eprintln!("continue this run with: {resume}");
     }
-    let after = format!(
-        "interrupted during the test evaluation: training is complete and {} is written; \
-         evaluate it with: saccade eval --checkpoint {} --test-size {test}",
-        ck.display(),
-        ck.display()
-    );
-    *AFTER_TRAINING.lock().unwrap_or_else(|e| e.into_inner()) = Some(after.clone());
-    if STOP.load(Ordering::SeqCst) {
-        // Ctrl-C came after the last step, before the message above was set.
-        eprintln!("{after}");
-        return Err(interrupted());
-    }
+    after_training(&ck, trainer.cfg.sizes[2])?;
     let report = trainer.evaluate(&test_set, !a.json)?;
     let viz = picture(&trainer.model, &test_set, &out)?;
     let seconds = started.elapsed().as_secs_f64();
@@ -304,6 +277,48 @@ fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) ->
         samples_per_second: samples as f64 / train_seconds.max(1e-9),
         seconds,
     })
+}
+
+/// Training is over and `ck` written: from here Ctrl-C ends the process
+/// at once, naming the eval command for the `test` images not yet evaluated.
+fn after_training(ck: &Path, test: usize) -> Result<(), Failure> {
+    let after = format!(
+        "interrupted during the test evaluation: training is complete and {} is written; \
+         evaluate it with: saccade eval --checkpoint {} --test-size {test}",
+        ck.display(),
+        ck.display()
+    );
+    *AFTER_TRAINING.lock().unwrap_or_else(|e| e.into_inner()) = Some(after.clone());
+    if STOP.load(Ordering::SeqCst) {
+        // Ctrl-C came after the last step, before the message above was set.
+        eprintln!("{after}");
+        return Err(interrupted());
+    }
+    Ok(())
+}
+
+/// The run's train, valid and test splits, checked against its model and
+/// refused when one is empty.
+fn open_splits(cfg: &TrainConfig) -> Result<[Arc<dyn data::Dataset>; 3], Failure> {
+    let [train, valid, test] = cfg.sizes;
+    let data_cfg = data::DataConfig {
+        seed: cfg.seed,
+        sizes: SplitSizes { train, valid, test },
+        mnist_dir: None,
+    };
+    let spec = &cfg.dataset;
+    let train_set = data::open_dataset(spec, Split::Train, &data_cfg)?;
+    let valid_set = data::open_dataset(spec, Split::Valid, &data_cfg)?;
+    let test_set = data::open_dataset(spec, Split::Test, &data_cfg)?;
+    check_compatible(&cfg.model, train_set.as_ref())?;
+    for (split, set) in [("train", &train_set), ("valid", &valid_set), ("test", &test_set)] {
+        if set.is_empty() {
+            return Err(usage(anyhow::anyhow!(
+                "the {split} split of {spec} is empty: a run needs images in all three splits"
+            )));
+        }
+    }
+    Ok([train_set, valid_set, test_set])
 }
 
 /// The trainer a checkpoint holds, its epochs raised to `epochs` if given.
