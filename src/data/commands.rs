@@ -251,9 +251,11 @@ fn split_of(rel: &str, valid_frac: f64, test_frac: f64) -> Split {
     }
 }
 
-/// Import a folder of images, one class per subfolder, into a store.
-pub fn import(args: &ImportArgs) -> Result<()> {
-    args.check()?;
+/// An image file and its label (the index of its class folder).
+type LabelledFile = (PathBuf, usize);
+
+/// The class folders under `folder`, sorted, and the image files in each.
+fn class_files(folder: &Path) -> Result<(Vec<PathBuf>, Vec<LabelledFile>)> {
     let read = |d: &Path| -> Result<Vec<PathBuf>> {
         let mut v: Vec<PathBuf> = fs::read_dir(d)
             .with_context(|| format!("cannot read folder {}", d.display()))?
@@ -262,13 +264,13 @@ pub fn import(args: &ImportArgs) -> Result<()> {
         v.sort();
         Ok(v)
     };
-    let classes: Vec<PathBuf> = read(&args.folder)?.into_iter().filter(|p| p.is_dir()).collect();
+    let classes: Vec<PathBuf> = read(folder)?.into_iter().filter(|p| p.is_dir()).collect();
     ensure!(
         !classes.is_empty(),
         "{} has no subfolders: put each class's images in its own subfolder",
-        args.folder.display()
+        folder.display()
     );
-    let mut files = Vec::new(); // (path, label)
+    let mut files = Vec::new();
     for (label, dir) in classes.iter().enumerate() {
         for p in read(dir)? {
             let ext = p
@@ -284,12 +286,18 @@ pub fn import(args: &ImportArgs) -> Result<()> {
     ensure!(
         !files.is_empty(),
         "no PNG, JPEG or TIFF images under {}",
-        args.folder.display()
+        folder.display()
     );
-    // Headers only: the channel count and whether sizes agree.
+    Ok((classes, files))
+}
+
+/// Whether any of `files` has color, and the side the store's images get:
+/// `size` if given, else the files' common size (refused when they differ).
+/// Reads headers only.
+fn import_shape(files: &[LabelledFile], size: Option<usize>) -> Result<(bool, (usize, usize))> {
     let mut color = false;
     let mut sizes = Vec::new();
-    for (p, _) in &files {
+    for (p, _) in files {
         let dec = ImageReader::open(p)
             .and_then(|r| r.with_guessed_format())
             .map_err(anyhow::Error::from)
@@ -299,8 +307,7 @@ pub fn import(args: &ImportArgs) -> Result<()> {
         color |= dec.color_type().has_color();
         sizes.push(dec.dimensions());
     }
-    let channels = if color { 3 } else { 1 };
-    let size = match args.size {
+    let size = match size {
         Some(s) => (s, s),
         None => {
             if let Some(k) = sizes.iter().position(|&s| s != sizes[0]) {
@@ -317,6 +324,15 @@ pub fn import(args: &ImportArgs) -> Result<()> {
             (sizes[0].1 as usize, sizes[0].0 as usize)
         }
     };
+    Ok((color, size))
+}
+
+/// Import a folder of images, one class per subfolder, into a store.
+pub fn import(args: &ImportArgs) -> Result<()> {
+    args.check()?;
+    let (classes, files) = class_files(&args.folder)?;
+    let (color, size) = import_shape(&files, args.size)?;
+    let channels = if color { 3 } else { 1 };
     create_out(&args.out)?;
     fs::create_dir_all(args.out.join("images"))?;
     let bar = progress(files.len() as u64, "import");
