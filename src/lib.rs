@@ -15,7 +15,8 @@
 //! - [`nn`], [`optim`]: the parameter store, layers, Adam and clipping.
 //! - [`data`]: datasets, image stores and the loader (images implement
 //!   `ImageSource`); [`models`]: the saccade model and the baselines.
-//! - [`checkpoint`], [`train`], then [`predict`], [`viz`], [`bench`].
+//! - [`checkpoint`], [`train`], then [`predict`], [`viz`], [`bench`] and,
+//!   on top, [`cli`]: the `saccade` command line (`src/main.rs` only calls it).
 //!
 //! The tape in five lines: record ops on a [`Graph`], then ask for gradients.
 //!
@@ -35,6 +36,7 @@
 pub mod autograd;
 pub mod bench;
 pub mod checkpoint;
+pub mod cli;
 pub mod data;
 pub mod device;
 pub mod gradcheck;

@@ -275,6 +275,40 @@ pub struct StepOutput {
     pub grads: Gradients,
 }
 
+/// What one optimizer step measured on its batch.
+#[derive(Clone, Copy, Debug)]
+pub struct StepFigures {
+    pub loss: f64,
+    /// Batch means of the cross-entropy and of the KL term (0 without one).
+    pub ce: f64,
+    pub kl: f64,
+    /// Images of the batch classified right.
+    pub correct: usize,
+}
+
+/// An epoch's running sums of [`StepFigures`], for the progress line and
+/// the epoch's metrics.
+#[derive(Default)]
+struct EpochSums {
+    loss: f64,
+    ce: f64,
+    kl: f64,
+    correct: usize,
+    seen: usize,
+    steps: usize,
+}
+
+impl EpochSums {
+    fn add(&mut self, f: StepFigures, images: usize) {
+        self.steps += 1;
+        self.loss += f.loss;
+        self.ce += f.ce;
+        self.kl += f.kl;
+        self.correct += f.correct;
+        self.seen += images;
+    }
+}
+
 fn batch_mean(x: &Tensor) -> Result<f64> {
     let v = x.to_vec()?;
     Ok(v.iter().map(|&a| a as f64).sum::<f64>() / v.len().max(1) as f64)
@@ -530,8 +564,8 @@ impl<M: Model> Trainer<M> {
         })
     }
 
-    /// One optimizer step on one batch; returns (loss, ce, kl, correct).
-    pub fn step(&mut self, batch: &Batch) -> Result<(f64, f64, f64, usize)> {
+    /// One optimizer step on one batch.
+    pub fn step(&mut self, batch: &Batch) -> Result<StepFigures> {
         let mut rng = step_rng(self.cfg.seed, self.progress.epoch, self.progress.step);
         let StepOutput {
             loss,
@@ -561,7 +595,12 @@ impl<M: Model> Trainer<M> {
         let pred = argmax_rows(&logits)?;
         let correct = pred.iter().zip(&batch.labels).filter(|(p, l)| p == l).count();
         self.progress.step += 1;
-        Ok((loss, ce, kl, correct))
+        Ok(StepFigures {
+            loss,
+            ce,
+            kl,
+            correct,
+        })
     }
 
     /// Train for the configured epochs from the current progress. Writes
@@ -604,41 +643,26 @@ impl<M: Model> Trainer<M> {
             bar.set_position(self.progress.step as u64);
             self.device.reset_peak();
             let t0 = Instant::now();
-            let (mut loss_sum, mut ce_sum, mut kl_sum, mut correct, mut seen, mut nsteps) =
-                (0.0, 0.0, 0.0, 0, 0, 0);
+            let mut sums = EpochSums::default();
             for batch in loader.epoch_from(epoch, self.progress.step) {
                 let batch = batch?;
                 let done = epoch * steps + self.progress.step;
                 self.adam.config.lr = self.cfg.lr_schedule.rate(self.cfg.lr, done, total_steps);
                 self.model.set_progress((done * self.cfg.batch_size) as u64);
-                let (loss, ce, kl, ok) = match self.step(&batch) {
-                    Ok(v) => v,
+                let figures = match self.step(&batch) {
+                    Ok(f) => f,
                     Err(e) => {
                         bar.abandon();
-                        let last = if ck_path.exists() {
-                            format!("the last good checkpoint is {}", ck_path.display())
-                        } else {
-                            "no checkpoint was written yet".to_string()
-                        };
-                        bail!(
-                            "training stopped at epoch {} step {}: {e:#}; {last}. Try a lower --lr or a tighter --clip-value.",
-                            epoch + 1,
-                            self.progress.step
-                        );
+                        return Err(self.step_failed(e, &ck_path));
                     }
                 };
-                nsteps += 1;
-                loss_sum += loss;
-                ce_sum += ce;
-                kl_sum += kl;
-                correct += ok;
-                seen += batch.labels.len();
+                sums.add(figures, batch.labels.len());
                 let el = t0.elapsed().as_secs_f64();
                 let status = format!(
                     "loss {:.3} acc {:.1}% {:.0} samples/s",
-                    loss_sum / nsteps as f64,
-                    100.0 * correct as f64 / seen as f64,
-                    seen as f64 / el
+                    sums.loss / sums.steps as f64,
+                    100.0 * sums.correct as f64 / sums.seen as f64,
+                    sums.seen as f64 / el
                 );
                 // Without a terminal (nohup, a log file) the bar is hidden:
                 // print a line every tenth of the epoch instead.
@@ -668,18 +692,18 @@ impl<M: Model> Trainer<M> {
             }
             bar.finish_and_clear();
             let seconds = t0.elapsed().as_secs_f64();
-            let n = nsteps.max(1) as f64;
+            let n = sums.steps.max(1) as f64;
             let mut m = EpochMetrics {
                 epoch: epoch + 1,
-                train_loss: loss_sum / n,
-                train_ce: ce_sum / n,
-                train_kl: kl_sum / n,
-                train_accuracy: correct as f64 / seen.max(1) as f64,
+                train_loss: sums.loss / n,
+                train_ce: sums.ce / n,
+                train_kl: sums.kl / n,
+                train_accuracy: sums.correct as f64 / sums.seen.max(1) as f64,
                 valid_accuracy: f64::NAN,
                 valid_coverage: None,
                 seconds,
-                samples: seen,
-                samples_per_second: seen as f64 / seconds,
+                samples: sums.seen,
+                samples_per_second: sums.seen as f64 / seconds,
                 peak_bytes: self.device.memory().peak_bytes,
             };
             if report.out_of_time {
@@ -725,6 +749,21 @@ impl<M: Model> Trainer<M> {
             report.epochs.push(m);
         }
         Ok(report)
+    }
+
+    /// The error of a failed training step, saying where training stopped
+    /// and which checkpoint is the last good one.
+    fn step_failed(&self, e: anyhow::Error, ck_path: &Path) -> anyhow::Error {
+        let last = if ck_path.exists() {
+            format!("the last good checkpoint is {}", ck_path.display())
+        } else {
+            "no checkpoint was written yet".to_string()
+        };
+        anyhow::anyhow!(
+            "training stopped at epoch {} step {}: {e:#}; {last}. Try a lower --lr or a tighter --clip-value.",
+            self.progress.epoch + 1,
+            self.progress.step
+        )
     }
 
     /// Accuracy, per-class accuracy and the confusion matrix, using

@@ -1,5 +1,5 @@
 //! `saccade data generate|import|inspect`: plain functions taking argument
-//! structs, so `main.rs` only parses flags.
+//! structs, so the command line (`crate::cli`) only parses flags.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -34,6 +34,20 @@ pub struct GenerateArgs {
     pub mnist_dir: Option<PathBuf>,
 }
 
+impl GenerateArgs {
+    /// The checks that need no work done (the command line's usage errors):
+    /// a generated dataset's spec and an --out free to write.
+    pub fn check(&self) -> Result<()> {
+        if let Source::Store(dir) = &DatasetSpec::parse(&self.dataset)?.source {
+            bail!(
+                "{} is already a store; generate takes a generated dataset name",
+                dir.display()
+            );
+        }
+        check_out(&self.out)
+    }
+}
+
 fn progress(total: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
@@ -45,7 +59,7 @@ fn progress(total: u64, what: &str) -> ProgressBar {
 }
 
 /// Refuse to write into a folder that already holds data.
-fn fresh_out(out: &Path) -> Result<()> {
+fn check_out(out: &Path) -> Result<()> {
     if out.exists() {
         let used = fs::read_dir(out)
             .with_context(|| format!("--out {} exists and is not a readable folder", out.display()))?
@@ -57,6 +71,10 @@ fn fresh_out(out: &Path) -> Result<()> {
             out.display()
         );
     }
+    Ok(())
+}
+
+fn create_out(out: &Path) -> Result<()> {
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))
 }
 
@@ -75,14 +93,8 @@ fn to_u8(src: &dyn ImageSource) -> Result<(u32, u32, Vec<u8>)> {
 
 /// Write every split of a generated dataset to disk.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
-    let spec = DatasetSpec::parse(&args.dataset)?;
-    if let Source::Store(dir) = &spec.source {
-        bail!(
-            "{} is already a store; generate takes a generated dataset name",
-            dir.display()
-        );
-    }
-    fresh_out(&args.out)?;
+    args.check()?;
+    create_out(&args.out)?;
     let cfg = DataConfig {
         seed: args.seed,
         sizes: args.sizes,
@@ -163,6 +175,20 @@ pub struct ImportArgs {
     pub test_frac: f64,
 }
 
+impl ImportArgs {
+    /// The checks that need no image read (the command line's usage errors):
+    /// the split fractions and an --out free to write.
+    pub fn check(&self) -> Result<()> {
+        ensure!(
+            (0.0..1.0).contains(&(self.valid_frac + self.test_frac))
+                && self.valid_frac >= 0.0
+                && self.test_frac >= 0.0,
+            "--valid-frac and --test-frac must be non-negative and sum to less than 1"
+        );
+        check_out(&self.out)
+    }
+}
+
 const IMAGE_EXTS: [&str; 5] = ["png", "jpg", "jpeg", "tif", "tiff"];
 
 /// A decoded 8-bit image (HWC) as an image source, for writing to the store
@@ -225,14 +251,11 @@ fn split_of(rel: &str, valid_frac: f64, test_frac: f64) -> Split {
     }
 }
 
-/// Import a folder of images, one class per subfolder, into a store.
-pub fn import(args: &ImportArgs) -> Result<()> {
-    ensure!(
-        (0.0..1.0).contains(&(args.valid_frac + args.test_frac))
-            && args.valid_frac >= 0.0
-            && args.test_frac >= 0.0,
-        "--valid-frac and --test-frac must be non-negative and sum to less than 1"
-    );
+/// An image file and its label (the index of its class folder).
+type LabelledFile = (PathBuf, usize);
+
+/// The class folders under `folder`, sorted, and the image files in each.
+fn class_files(folder: &Path) -> Result<(Vec<PathBuf>, Vec<LabelledFile>)> {
     let read = |d: &Path| -> Result<Vec<PathBuf>> {
         let mut v: Vec<PathBuf> = fs::read_dir(d)
             .with_context(|| format!("cannot read folder {}", d.display()))?
@@ -241,13 +264,13 @@ pub fn import(args: &ImportArgs) -> Result<()> {
         v.sort();
         Ok(v)
     };
-    let classes: Vec<PathBuf> = read(&args.folder)?.into_iter().filter(|p| p.is_dir()).collect();
+    let classes: Vec<PathBuf> = read(folder)?.into_iter().filter(|p| p.is_dir()).collect();
     ensure!(
         !classes.is_empty(),
         "{} has no subfolders: put each class's images in its own subfolder",
-        args.folder.display()
+        folder.display()
     );
-    let mut files = Vec::new(); // (path, label)
+    let mut files = Vec::new();
     for (label, dir) in classes.iter().enumerate() {
         for p in read(dir)? {
             let ext = p
@@ -263,12 +286,18 @@ pub fn import(args: &ImportArgs) -> Result<()> {
     ensure!(
         !files.is_empty(),
         "no PNG, JPEG or TIFF images under {}",
-        args.folder.display()
+        folder.display()
     );
-    // Headers only: the channel count and whether sizes agree.
+    Ok((classes, files))
+}
+
+/// Whether any of `files` has color, and the side the store's images get:
+/// `size` if given, else the files' common size (refused when they differ).
+/// Reads headers only.
+fn import_shape(files: &[LabelledFile], size: Option<usize>) -> Result<(bool, (usize, usize))> {
     let mut color = false;
     let mut sizes = Vec::new();
-    for (p, _) in &files {
+    for (p, _) in files {
         let dec = ImageReader::open(p)
             .and_then(|r| r.with_guessed_format())
             .map_err(anyhow::Error::from)
@@ -278,8 +307,7 @@ pub fn import(args: &ImportArgs) -> Result<()> {
         color |= dec.color_type().has_color();
         sizes.push(dec.dimensions());
     }
-    let channels = if color { 3 } else { 1 };
-    let size = match args.size {
+    let size = match size {
         Some(s) => (s, s),
         None => {
             if let Some(k) = sizes.iter().position(|&s| s != sizes[0]) {
@@ -296,7 +324,16 @@ pub fn import(args: &ImportArgs) -> Result<()> {
             (sizes[0].1 as usize, sizes[0].0 as usize)
         }
     };
-    fresh_out(&args.out)?;
+    Ok((color, size))
+}
+
+/// Import a folder of images, one class per subfolder, into a store.
+pub fn import(args: &ImportArgs) -> Result<()> {
+    args.check()?;
+    let (classes, files) = class_files(&args.folder)?;
+    let (color, size) = import_shape(&files, args.size)?;
+    let channels = if color { 3 } else { 1 };
+    create_out(&args.out)?;
     fs::create_dir_all(args.out.join("images"))?;
     let bar = progress(files.len() as u64, "import");
     let entries: Vec<Entry> = files
@@ -369,13 +406,21 @@ pub struct InspectArgs {
     pub cell: u32,
 }
 
+impl InspectArgs {
+    /// The checks on the arguments alone (the command line's usage errors).
+    pub fn check(&self) -> Result<()> {
+        ensure!(
+            self.count > 0 && self.cell >= 16,
+            "--count must be positive and --cell at least 16"
+        );
+        Ok(())
+    }
+}
+
 /// A grid PNG: per sample, the image (downsampled to fit a cell), its proxy
 /// (nearest-neighbour upscaled), its label and its index.
 pub fn inspect(args: &InspectArgs) -> Result<()> {
-    ensure!(
-        args.count > 0 && args.cell >= 16,
-        "--count must be positive and --cell at least 16"
-    );
+    args.check()?;
     let cfg = DataConfig {
         seed: args.seed,
         sizes: SplitSizes {

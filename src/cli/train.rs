@@ -1,0 +1,408 @@
+//! `saccade train`: its flags, and a run from the configuration to the test
+//! evaluation: the output folder, resuming, Ctrl-C and the figures printed.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::config::{resume_config, train_config, ModelChoice, Preset};
+use super::eval::{check_compatible, coverage_line};
+use super::{handle_ctrlc, interrupted, select_device, usage, DeviceArgs, Failure, AFTER_TRAINING, STOP};
+use crate::data::{self, Split, SplitSizes};
+use crate::models::{GlimpsePool, ResNet18, Saccader, TiledResNet18};
+use crate::runs;
+use crate::train::{Baseline, Coverage, LrSchedule, Model, TrainConfig, Trainer};
+use crate::Device;
+
+#[derive(Args, Clone)]
+pub(super) struct TrainArgs {
+    // Flags with defaults are options, applied in `train_config`, so that a
+    // flag given with --resume can be told from one left out.
+    /// Dataset: a generated task (see `saccade data generate --help`) or a store folder
+    /// [default: cluttered-mnist].
+    #[arg(long)]
+    pub(super) dataset: Option<String>,
+    /// Model and training defaults that the other flags override [default: small].
+    #[arg(long, value_enum)]
+    pub(super) preset: Option<Preset>,
+    /// Which model to train [default: saccade].
+    #[arg(long, value_enum)]
+    pub(super) model: Option<ModelChoice>,
+    /// ResNet first-stage width for the baselines [default: 64, the standard ResNet18].
+    #[arg(long)]
+    pub(super) resnet_width: Option<usize>,
+    /// Tiled ResNet18: tile side in pixels [default: 224].
+    #[arg(long)]
+    pub(super) tile: Option<usize>,
+    /// Tiled ResNet18: tiles per trunk pass [default: 16].
+    #[arg(long)]
+    pub(super) tile_chunk: Option<usize>,
+    /// Tiled ResNet18: recompute each chunk of tiles in backward (gradient checkpointing).
+    #[arg(long)]
+    pub(super) checkpointing: bool,
+    #[command(flatten)]
+    pub(super) device: DeviceArgs,
+    /// Passes over the training set (with --resume: raise it to extend the run).
+    #[arg(long)]
+    pub(super) epochs: Option<usize>,
+    /// Wall-clock budget: stop training after this many minutes (mid-epoch if need be,
+    /// with a resumable checkpoint), then evaluate on the test split.
+    #[arg(long)]
+    pub(super) minutes: Option<f64>,
+    #[arg(long)]
+    pub(super) batch_size: Option<usize>,
+    /// Adam learning rate.
+    #[arg(long)]
+    pub(super) lr: Option<f32>,
+    /// Learning-rate schedule over the run.
+    #[arg(long, value_enum)]
+    pub(super) lr_schedule: Option<LrSchedule>,
+    /// Training images (generated datasets).
+    #[arg(long)]
+    pub(super) train_size: Option<usize>,
+    /// Validation images (generated datasets; at least 1: every epoch is validated).
+    #[arg(long)]
+    pub(super) valid_size: Option<usize>,
+    /// Test images (generated datasets; at least 1: a run ends with a test evaluation).
+    #[arg(long)]
+    pub(super) test_size: Option<usize>,
+    /// Glimpses per image (T).
+    #[arg(long)]
+    pub(super) glimpses: Option<usize>,
+    /// Crop side in pixels (L).
+    #[arg(long)]
+    pub(super) crop: Option<usize>,
+    /// Largest glimpse as a fraction of the image side.
+    #[arg(long)]
+    pub(super) max_scale: Option<f32>,
+    /// Weight of the VRNN terms (proxy NLL + KL) against the classification loss.
+    #[arg(long)]
+    pub(super) beta: Option<f32>,
+    /// Multiply the classification loss by the VRNN terms (the authors' code) instead of adding them (the paper).
+    #[arg(long)]
+    pub(super) multiplicative: bool,
+    /// Let later glimpses attend to proxy cells an earlier glimpse already covered (ablation of
+    /// the default hard mask, which excludes them).
+    #[arg(long)]
+    pub(super) no_mask: bool,
+    /// Training images during which the classification loss does not move the glimpses (then
+    /// ramped in over as many images): the classifier learns what matters before the glimpses
+    /// follow it. Default 40000 for the small preset, 0 (off) for paper.
+    #[arg(long)]
+    pub(super) policy_warmup: Option<usize>,
+    /// How the glimpses' features are pooled into one: mean (the paper, default) or max.
+    #[arg(long, value_enum)]
+    pub(super) glimpse_pool: Option<GlimpsePool>,
+    /// Fix the posterior variance to this value instead of learning it (paper ablation, e.g. 0.6).
+    #[arg(long)]
+    pub(super) fixed_variance: Option<f32>,
+    /// Proxy side in pixels (default 32; same as `,proxy=J` in the dataset spec).
+    #[arg(long)]
+    pub(super) proxy_size: Option<usize>,
+    /// Standard deviation of Gaussian noise added to the proxy, robustness ablation
+    /// (same as `,noise=S` in the dataset spec).
+    #[arg(long)]
+    pub(super) proxy_noise: Option<f32>,
+    /// Clip gradient values to [-c, c] (0: off).
+    #[arg(long)]
+    pub(super) clip_value: Option<f32>,
+    /// Seed of the data, the initialization and the training noise [default: 1].
+    #[arg(long)]
+    pub(super) seed: Option<u64>,
+    /// Output folder for the checkpoint, metrics.jsonl and saccades.png. Default: a new
+    /// folder runs/<YYYYMMDD-HHMMSS> (UTC), with runs/latest pointing at it; with --resume,
+    /// the checkpoint's folder. A folder that holds another run is refused (see --overwrite).
+    #[arg(long)]
+    pub(super) out: Option<PathBuf>,
+    /// Replace the run in --out instead of refusing the folder.
+    #[arg(long)]
+    pub(super) overwrite: bool,
+    /// Continue from a checkpoint written by an earlier run, in its folder. Flags that
+    /// would change its configuration are refused; --epochs may extend it.
+    #[arg(long)]
+    pub(super) resume: Option<PathBuf>,
+    /// Print one JSON object with the figures as the last line.
+    #[arg(long)]
+    pub(super) json: bool,
+}
+
+/// The saccade picture for the saccade model; nothing for the baselines.
+type Picture<M> = fn(&M, &Arc<dyn data::Dataset>, &Path) -> Result<Option<PathBuf>>;
+
+fn saccade_picture(m: &Saccader, test: &Arc<dyn data::Dataset>, out: &Path) -> Result<Option<PathBuf>> {
+    let viz = out.join("saccades.png");
+    crate::predict::save_saccade_picture(m, test, 8, &viz)?;
+    Ok(Some(viz))
+}
+
+fn no_picture<M>(_: &M, _: &Arc<dyn data::Dataset>, _: &Path) -> Result<Option<PathBuf>> {
+    Ok(None)
+}
+
+/// What one training run measured (the learning benchmark's row).
+#[derive(serde::Serialize)]
+pub(super) struct RunSummary {
+    pub(super) seed: u64,
+    pub(super) test_accuracy: f64,
+    pub(super) test_coverage: Option<Coverage>,
+    pub(super) samples: usize,
+    pub(super) train_seconds: f64,
+    pub(super) samples_per_second: f64,
+    pub(super) seconds: f64,
+}
+
+pub(super) fn run_train(a: TrainArgs) -> Result<RunSummary, Failure> {
+    check_train_flags(&a)?;
+    let cfg = match &a.resume {
+        Some(path) => resume_config(&a, path)?,
+        None => train_config(&a).map_err(usage)?,
+    };
+    match cfg.baseline {
+        None => train_model::<Saccader>(a, cfg, saccade_picture),
+        Some(Baseline::ResNet18(_)) => train_model::<ResNet18>(a, cfg, no_picture),
+        Some(Baseline::TiledResNet18(_)) => train_model::<TiledResNet18>(a, cfg, no_picture),
+    }
+}
+
+/// The checks on flags alone, before anything is read.
+pub(super) fn check_train_flags(a: &TrainArgs) -> Result<(), Failure> {
+    if a.minutes.is_some_and(|m| m.is_nan() || m <= 0.0) {
+        return Err(usage(anyhow::anyhow!("--minutes must be positive")));
+    }
+    for (flag, v) in [
+        ("--epochs", a.epochs),
+        ("--batch-size", a.batch_size),
+        ("--train-size", a.train_size),
+        ("--valid-size", a.valid_size),
+        ("--test-size", a.test_size),
+    ] {
+        if v == Some(0) {
+            return Err(usage(anyhow::anyhow!(
+                "{flag} must be at least 1: every run trains, validates each epoch and ends with a test evaluation"
+            )));
+        }
+    }
+    if a.overwrite && a.out.is_none() {
+        return Err(usage(anyhow::anyhow!(
+            "--overwrite needs --out: without --out every run gets a new folder"
+        )));
+    }
+    Ok(())
+}
+
+fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) -> Result<RunSummary, Failure> {
+    let device = select_device(&a.device)?;
+    let started = std::time::Instant::now();
+    let mut trainer = match &a.resume {
+        Some(path) => resumed::<M>(path, a.epochs, device.clone())?,
+        None => Trainer::<M>::new(cfg, device.clone())?,
+    };
+    let spec = trainer.cfg.dataset.clone();
+    let [train_set, valid_set, test_set] = open_splits(&trainer.cfg)?;
+    // The last check, as it makes the folder.
+    let out = prepare_out(&a)?;
+    if !a.json {
+        eprintln!(
+            "training on {spec}: {} train / {} valid / {} test images of {:?}, {} classes; {} parameters; device {device}; writing to {}",
+            train_set.len(),
+            valid_set.len(),
+            test_set.len(),
+            train_set.image_size(),
+            train_set.num_classes(),
+            trainer.model.params().num_trainable(),
+            out.display()
+        );
+    }
+    handle_ctrlc();
+    *AFTER_TRAINING.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    trainer.deadline = a
+        .minutes
+        .map(|m| started + std::time::Duration::from_secs_f64(60.0 * m));
+    let fit = trainer.fit(&train_set, Some(&valid_set), &out, !a.json, &STOP)?;
+    let ck = out.join(runs::CHECKPOINT);
+    // The checkpoint is in its run's folder, where --resume writes: no --out needed.
+    let resume = format!("saccade train --resume {}", ck.display());
+    if fit.interrupted {
+        eprintln!("stopped; continue with: {resume}");
+        return Err(interrupted());
+    }
+    if fit.out_of_time {
+        eprintln!("continue this run with: {resume}");
+    }
+    after_training(&ck, trainer.cfg.sizes[2])?;
+    let report = trainer.evaluate(&test_set, !a.json)?;
+    let viz = picture(&trainer.model, &test_set, &out)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let peak = fit.epochs.iter().map(|e| e.peak_bytes).max().unwrap_or(0);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "command": "train",
+                "dataset": spec,
+                "test_accuracy": report.accuracy,
+                "test_coverage": report.coverage,
+                "valid_accuracy": fit.epochs.last().map(|e| e.valid_accuracy),
+                "epochs": fit.epochs,
+                "out_of_time": fit.out_of_time,
+                "seconds": seconds,
+                "peak_bytes": peak,
+                "device": device.to_string(),
+                "checkpoint": fit.last_checkpoint,
+                "saccades_png": viz,
+            })
+        );
+    } else {
+        println!(
+            "test accuracy {:.2}% on {} images; {:.0}s; peak tensor memory {:.1} MiB; wrote {}{}",
+            100.0 * report.accuracy,
+            report.samples,
+            seconds,
+            peak as f64 / (1 << 20) as f64,
+            ck.display(),
+            viz.map(|v| format!(" and {}", v.display())).unwrap_or_default()
+        );
+        if let Some(c) = &report.coverage {
+            println!("{}", coverage_line(c));
+        }
+    }
+    let samples = fit.epochs.iter().map(|e| e.samples).sum();
+    let train_seconds: f64 = fit.epochs.iter().map(|e| e.seconds).sum();
+    Ok(RunSummary {
+        seed: trainer.cfg.seed,
+        test_accuracy: report.accuracy,
+        test_coverage: report.coverage,
+        samples,
+        train_seconds,
+        samples_per_second: samples as f64 / train_seconds.max(1e-9),
+        seconds,
+    })
+}
+
+/// Training is over and `ck` written: from here Ctrl-C ends the process
+/// at once, naming the eval command for the `test` images not yet evaluated.
+fn after_training(ck: &Path, test: usize) -> Result<(), Failure> {
+    let after = format!(
+        "interrupted during the test evaluation: training is complete and {} is written; \
+         evaluate it with: saccade eval --checkpoint {} --test-size {test}",
+        ck.display(),
+        ck.display()
+    );
+    *AFTER_TRAINING.lock().unwrap_or_else(|e| e.into_inner()) = Some(after.clone());
+    if STOP.load(Ordering::SeqCst) {
+        // Ctrl-C came after the last step, before the message above was set.
+        eprintln!("{after}");
+        return Err(interrupted());
+    }
+    Ok(())
+}
+
+/// The run's train, valid and test splits, checked against its model and
+/// refused when one is empty.
+fn open_splits(cfg: &TrainConfig) -> Result<[Arc<dyn data::Dataset>; 3], Failure> {
+    let [train, valid, test] = cfg.sizes;
+    let data_cfg = data::DataConfig {
+        seed: cfg.seed,
+        sizes: SplitSizes { train, valid, test },
+        mnist_dir: None,
+    };
+    let spec = &cfg.dataset;
+    let train_set = data::open_dataset(spec, Split::Train, &data_cfg)?;
+    let valid_set = data::open_dataset(spec, Split::Valid, &data_cfg)?;
+    let test_set = data::open_dataset(spec, Split::Test, &data_cfg)?;
+    check_compatible(&cfg.model, train_set.as_ref())?;
+    for (split, set) in [("train", &train_set), ("valid", &valid_set), ("test", &test_set)] {
+        if set.is_empty() {
+            return Err(usage(anyhow::anyhow!(
+                "the {split} split of {spec} is empty: a run needs images in all three splits"
+            )));
+        }
+    }
+    Ok([train_set, valid_set, test_set])
+}
+
+/// The trainer a checkpoint holds, its epochs raised to `epochs` if given.
+fn resumed<M: Model>(path: &Path, epochs: Option<usize>, device: Device) -> Result<Trainer<M>, Failure> {
+    let mut t = Trainer::<M>::from_checkpoint(path, device)?;
+    if let Some(e) = epochs {
+        let begun = t.progress.epoch + usize::from(t.progress.step > 0);
+        if e < begun {
+            return Err(usage(anyhow::anyhow!(
+                "--epochs {e} is fewer than the {begun} epochs {} has begun: give --epochs {begun} or more, or leave it out",
+                path.display()
+            )));
+        }
+        t.cfg.epochs = e;
+    }
+    eprintln!(
+        "resuming {} at epoch {} step {}",
+        path.display(),
+        t.progress.epoch + 1,
+        t.progress.step
+    );
+    Ok(t)
+}
+
+/// The folder a checkpoint lies in, read through a symlink such as
+/// runs/latest so that it names the run itself.
+fn checkpoint_dir(ck: &Path) -> PathBuf {
+    let dir = ck.parent().filter(|d| !d.as_os_str().is_empty());
+    runs::resolve_link(dir.unwrap_or(Path::new(".")))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
+}
+
+/// The run's folder, ready before any training: --resume continues in the
+/// checkpoint's folder when it is that folder's checkpoint.safetensors; a
+/// folder holding another run is refused unless --overwrite; without --out
+/// a new folder under runs/.
+fn prepare_out(a: &TrainArgs) -> Result<PathBuf, Failure> {
+    let own = a.resume.as_deref().map(checkpoint_dir);
+    let Some(out) = a.out.clone().or(own.clone()) else {
+        let dir = new_run_dir().map_err(usage)?;
+        runs::check_writable(&dir).map_err(usage)?;
+        return Ok(dir);
+    };
+    let continuing = a
+        .resume
+        .as_deref()
+        .is_some_and(|ck| same_file(ck, &out.join(runs::CHECKPOINT)));
+    if !continuing && runs::holds_run(&out) && !a.overwrite {
+        let d = out.display();
+        return Err(usage(anyhow::anyhow!(
+            "the output folder {d} already holds a run ({d}/{} or {d}/{}): continue it with --resume {d}/{}, \
+             replace it with --overwrite, or choose another --out",
+            runs::CHECKPOINT,
+            runs::METRICS,
+            runs::CHECKPOINT
+        )));
+    }
+    runs::check_writable(&out).map_err(usage)?;
+    if continuing {
+        return Ok(own.unwrap_or(out));
+    }
+    if a.overwrite {
+        runs::clear_run(&out)?;
+    }
+    Ok(out)
+}
+
+/// A new folder runs/<UTC time> for a run given no --out, with runs/latest
+/// pointing at it.
+pub(super) fn new_run_dir() -> Result<PathBuf> {
+    let root = Path::new("runs");
+    let dir = runs::fresh_dir(root, &runs::stamp(std::time::SystemTime::now()))?;
+    if !runs::point_latest(root, &dir)? {
+        eprintln!(
+            "note: runs/latest is a folder from an earlier version (or this system has no symlinks) \
+             and stays as it is; this run writes to {}",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
