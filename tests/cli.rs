@@ -187,7 +187,7 @@ fn resume_refuses_conflicting_flags_and_continues_in_the_checkpoints_folder() {
     let e = stderr(&o);
     for needle in [
         "--lr (lr 0.01, the checkpoint's 0.001)",
-        "--crop (model.crop 48, the checkpoint's 32)",
+        "--crop (model.crop 48, the checkpoint's 24)",
         "mnist-sum, the checkpoint's cluttered-mnist-1",
     ] {
         assert!(e.contains(needle), "{needle}: {e}");
