@@ -86,24 +86,23 @@ impl Tensor {
         }
     }
 
-    pub fn scalar(value: f32, device: &Device) -> Tensor {
-        Tensor::full(&[1], value, device)
-    }
-
-    /// Standard normal values times `std`.
+    /// Standard normal values times `std`. Panics (as [`Tensor::full`] does)
+    /// when the values cannot be placed on `device`, naming the cause.
     pub fn randn(shape: &[usize], std: f32, rng: &mut impl Rng, device: &Device) -> Tensor {
         let n: usize = shape.iter().product();
         let data = (0..n)
             .map(|_| std * Distribution::<f32>::sample(&StandardNormal, rng))
             .collect::<Vec<f32>>();
-        Tensor::from_vec(data, shape, device).expect("length matches shape")
+        Tensor::from_vec(data, shape, device)
+            .unwrap_or_else(|e| panic!("Tensor::randn {}: {e:#}", fmt_shape(shape)))
     }
 
-    /// Uniform values in `[lo, hi)`.
+    /// Uniform values in `[lo, hi)`; panics like [`Tensor::randn`].
     pub fn uniform(shape: &[usize], lo: f32, hi: f32, rng: &mut impl Rng, device: &Device) -> Tensor {
         let n: usize = shape.iter().product();
         let data = (0..n).map(|_| rng.random_range(lo..hi)).collect::<Vec<f32>>();
-        Tensor::from_vec(data, shape, device).expect("length matches shape")
+        Tensor::from_vec(data, shape, device)
+            .unwrap_or_else(|e| panic!("Tensor::uniform {}: {e:#}", fmt_shape(shape)))
     }
 
     pub fn shape(&self) -> &[usize] {

@@ -85,10 +85,6 @@ impl Device {
         CudaDevice::new(ordinal).map(Device::Cuda)
     }
 
-    pub fn is_cpu(&self) -> bool {
-        matches!(self, Device::Cpu(_))
-    }
-
     pub fn memory(&self) -> MemStats {
         self.counter().stats()
     }
