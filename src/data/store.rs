@@ -25,6 +25,7 @@
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -108,19 +109,44 @@ fn quantize(v: f32) -> u8 {
 /// bands of one tile row, so memory stays at a few bands whatever the size.
 /// Returns the file size in bytes.
 pub fn write_tiled(path: &Path, src: &dyn ImageSource) -> Result<u64> {
+    let tmp = path.with_extension("tiles.tmp");
+    let written = write_tiled_to(&tmp, src);
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    let total = written?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    Ok(total)
+}
+
+/// Give `file` its `len` bytes by writing zeros: with `set_len` the blocks
+/// would be allocated only when the map is written, and a full disk would
+/// then kill the process with SIGBUS instead of returning an error.
+fn reserve(file: &mut File, len: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        file.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    file.flush()
+}
+
+/// [`write_tiled`]'s work, into the temporary file `tmp`.
+fn write_tiled_to(tmp: &Path, src: &dyn ImageSource) -> Result<u64> {
     let c = src.channels();
     let (h, w) = src.size();
     let (levels, header_len, total) = layout(c, h, w);
-    let tmp = path.with_extension("tiles.tmp");
-    let file = OpenOptions::new()
+    let mut file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
-        .open(&tmp)
+        .open(tmp)
         .with_context(|| format!("cannot create {}", tmp.display()))?;
-    file.set_len(total as u64)
-        .with_context(|| format!("cannot size {} to {total} bytes (disk full?)", tmp.display()))?;
+    reserve(&mut file, total as u64)
+        .with_context(|| format!("cannot write {} ({total} bytes; disk full?)", tmp.display()))?;
     // SAFETY: the file was just created by us and is not shared while mapped.
     let mut map =
         unsafe { MmapMut::map_mut(&file) }.with_context(|| format!("cannot map {}", tmp.display()))?;
@@ -185,8 +211,6 @@ pub fn write_tiled(path: &Path, src: &dyn ImageSource) -> Result<u64> {
     map[..header_len].copy_from_slice(&head);
     map.flush()
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    drop(map);
-    fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
     Ok(total as u64)
 }
 
@@ -622,6 +646,37 @@ mod tests {
     use crate::data::mnist::{tests::mnist, MnistSplit};
     use crate::data::source::InMemoryImage;
     use crate::ops::sampler::choose_level;
+
+    /// On a full disk the store's writer returns an error naming the cause
+    /// (before, the mapped writes died with SIGBUS) and leaves no temporary
+    /// file. Needs a 200 KB tmpfs, so root; skipped with the reason otherwise.
+    #[test]
+    fn a_full_disk_is_an_error_and_leaves_no_temporary_file() {
+        use std::process::Command;
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=200k", "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !mounted {
+            println!("skipped: cannot mount a small tmpfs here (needs root)");
+            return;
+        }
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg(&self.0).output();
+            }
+        }
+        let _unmount = Unmount(dir.path().to_path_buf());
+        // 1 MB of pixels (1.3 MB with the pyramid) for 200 KB of disk.
+        let img = InMemoryImage::new(vec![0.5; 1024 * 1024], 1, 1024, 1024, 1).unwrap();
+        let e = write_tiled(&dir.path().join("big.tiles"), &img).unwrap_err();
+        assert!(format!("{e:#}").contains("disk full"), "{e:#}");
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
 
     fn full(src: &dyn ImageSource, level: usize) -> Vec<f32> {
         let (h, w) = src.level_size(level);
