@@ -413,8 +413,35 @@ impl InspectArgs {
             self.count > 0 && self.cell >= 16,
             "--count must be positive and --cell at least 16"
         );
+        let (w, h) = grid_size(self.count, self.cell);
+        ensure!(
+            w.saturating_mul(h) <= MAX_GRID_PIXELS,
+            "--count {} with --cell {} makes a {w}x{h} picture, over {} M pixels: ask for fewer images or smaller cells",
+            self.count,
+            self.cell,
+            MAX_GRID_PIXELS >> 20
+        );
         Ok(())
     }
+}
+
+/// `inspect`'s gaps and text scale, in pixels.
+const GAP: u32 = 6;
+const TEXT: u32 = 2;
+/// The largest picture `inspect` draws: 128 M pixels (384 MB of RGB).
+const MAX_GRID_PIXELS: u64 = 1 << 27;
+
+/// Width of `inspect`'s grid of `n` samples in cells of `cell` pixels (the
+/// title may widen it) and its height; in u64, so that the check before
+/// allocating cannot overflow.
+fn grid_size(n: usize, cell: u32) -> (u64, u64) {
+    let (n, cell, gap, text) = (n as u64, u64::from(cell), u64::from(GAP), u64::from(TEXT));
+    let cols = n.clamp(1, 4);
+    let band = 5 * text + 2 * gap;
+    (
+        cols * (2 * cell + 3 * gap),
+        band + n.div_ceil(cols) * (cell + band + gap),
+    )
 }
 
 /// A grid PNG: per sample, the image (downsampled to fit a cell), its proxy
@@ -434,15 +461,16 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     let n = args.count.min(ds.len());
     ensure!(n > 0, "{} has no samples", ds.describe());
     let names = ds.class_names();
-    let (cell, gap, text) = (args.cell, 6u32, 2u32);
+    let (cell, gap, text) = (args.cell, GAP, TEXT);
     let band = 5 * text + 2 * gap;
     let cols = 4u32.min(n as u32);
-    let rows = (n as u32).div_ceil(cols);
     let pair_w = 2 * cell + 3 * gap;
     let title = format!("{} - image, proxy, label", ds.describe());
-    let top = 5 * text + 2 * gap;
-    let width = (cols * pair_w).max(text_width(&title, text) + 2 * gap);
-    let mut grid = RgbImage::from_pixel(width, top + rows * (cell + band + gap), Rgb([24, 24, 32]));
+    let top = band;
+    // check() bounded this size, so it fits in u32.
+    let (grid_w, grid_h) = grid_size(n, cell);
+    let width = (grid_w as u32).max(text_width(&title, text) + 2 * gap);
+    let mut grid = RgbImage::from_pixel(width, grid_h as u32, Rgb([24, 24, 32]));
     draw_text(&mut grid, gap, gap, &title, text, Rgb([220, 220, 220]));
     for i in 0..n {
         let s = ds.get(i)?;
@@ -513,6 +541,26 @@ fn paste(grid: &mut RgbImage, x: u32, y: u32, chw: &[f32], c: usize, h: usize, w
 
 #[cfg(test)]
 mod tests {
+    /// Grids too large to allocate are refused before any work, overflow
+    /// included (`--cell 4294967295` and `--count 10000000` aborted with
+    /// "memory allocation failed").
+    #[test]
+    fn inspect_refuses_pictures_too_large_to_allocate() {
+        let args = |count, cell| super::InspectArgs {
+            dataset: "cluttered-mnist".into(),
+            out: "x.png".into(),
+            count,
+            split: super::Split::Test,
+            seed: 1,
+            cell,
+        };
+        assert!(args(16, 128).check().is_ok());
+        for (count, cell) in [(10_000_000, 128), (4, u32::MAX), (1, 100_000)] {
+            let e = args(count, cell).check().unwrap_err().to_string();
+            assert!(e.contains("fewer images or smaller cells"), "{count} {cell}: {e}");
+        }
+    }
+
     use super::*;
     use crate::data::store::StoreDataset;
 
