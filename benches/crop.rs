@@ -58,12 +58,13 @@ fn bench_crop(c: &mut Criterion) {
 
     // A crop 0.3 of the side wide (the paper's default), read with a one-pixel
     // margin at the level matching a 32×32 output, at a different place each time.
-    let extent = 0.3 * size as f64;
+    const SCALE: f32 = 0.3;
+    let extent = f64::from(SCALE) * size as f64;
     let mut k = 0u64;
     let mut out = Vec::new();
     let mut crop = |img: &TiledImage| {
         k += 1;
-        let level = choose_level(img, 0.3, 32);
+        let level = choose_level(img, SCALE, 32);
         let s = img.level_size(level).0 as f64 / size as f64;
         let side = (extent * s).ceil() as usize + 2;
         let (fy, fx) = ((k * 37 % 70) as f64 / 100.0, (k * 53 % 70) as f64 / 100.0);

@@ -3,6 +3,9 @@
 //! refused up front, --resume refuses flags that would change the run, and
 //! every hint printed is a command that continues the same run.
 
+mod common;
+use common::metric_epochs;
+
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -38,19 +41,6 @@ fn train(dir: &Path, extra: &[&str]) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// The epochs listed in a metrics.jsonl, in order.
-fn metric_epochs(path: &Path) -> Vec<u64> {
-    fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect()
 }
 
 #[test]

@@ -5,7 +5,7 @@ use rand::SeedableRng;
 use saccade::data::{open_dataset, Batch, DataConfig, Loader, LoaderConfig, Split, SplitSizes};
 use saccade::models::{Images, SaccadeConfig, Saccader};
 use saccade::optim::{Adam, AdamConfig};
-use saccade::{Device, Graph};
+use saccade::{Device, Gradients, Graph};
 
 /// The first `n` training images of `spec` (data seed `seed`) as one batch.
 fn first_batch(spec: &str, seed: u64, n: usize, dev: &Device) -> Batch {
@@ -26,6 +26,19 @@ fn first_batch(spec: &str, seed: u64, n: usize, dev: &Device) -> Batch {
     let loader = Loader::new(ds, config, dev).unwrap();
     let first = loader.epoch(0).next();
     first.unwrap().unwrap()
+}
+
+/// One training step on `batch` with posterior noise from seed 9: the loss
+/// and the gradients.
+fn noisy_step(m: &Saccader, batch: &Batch) -> (Vec<f32>, Gradients) {
+    let images = Images::Resident(batch.images.as_ref().unwrap());
+    let mut g = Graph::new();
+    let mut rng = StdRng::seed_from_u64(9);
+    let out = m
+        .forward(&mut g, &images, &batch.proxies, &batch.labels, Some(&mut rng))
+        .unwrap();
+    let grads = g.backward(out.loss).unwrap();
+    (g.value(out.loss).to_vec().unwrap(), grads)
 }
 
 /// Every part of the model learns together: with posterior means (no
@@ -112,22 +125,16 @@ fn glimpses_move_toward_a_planted_target() {
 fn repeated_steps_give_identical_gradients() {
     let dev = Device::cpu();
     let batch = first_batch("cluttered-mnist", 4, 8, &dev);
-    let images = Images::Resident(batch.images.as_ref().unwrap());
     let m = Saccader::new(SaccadeConfig::small(1, 55), &mut StdRng::seed_from_u64(1), &dev);
     let run = || {
-        let mut g = Graph::new();
-        let mut rng = StdRng::seed_from_u64(9);
-        let out = m
-            .forward(&mut g, &images, &batch.proxies, &batch.labels, Some(&mut rng))
-            .unwrap();
-        let grads = g.backward(out.loss).unwrap();
+        let (loss, grads) = noisy_step(&m, &batch);
         let mut all: Vec<(String, Vec<f32>)> = m
             .params
             .iter()
             .filter_map(|(id, p)| grads.param(id).map(|t| (p.name.clone(), t.to_vec().unwrap())))
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
-        (g.value(out.loss).to_vec().unwrap(), all)
+        (loss, all)
     };
     let first = run();
     for _ in 0..2 {
@@ -147,19 +154,13 @@ fn repeated_steps_give_identical_gradients() {
 fn policy_warmup_keeps_the_classification_loss_off_the_glimpses() {
     let dev = Device::cpu();
     let batch = first_batch("cluttered-mnist", 4, 8, &dev);
-    let images = Images::Resident(batch.images.as_ref().unwrap());
     let mut cfg = SaccadeConfig::small(1, 55);
     cfg.beta = 0.0;
     cfg.policy_warmup = 1000;
     let mut m = Saccader::new(cfg, &mut StdRng::seed_from_u64(1), &dev);
     let mut run = |seen: u64| {
         m.set_progress(seen);
-        let mut g = Graph::new();
-        let mut rng = StdRng::seed_from_u64(9);
-        let out = m
-            .forward(&mut g, &images, &batch.proxies, &batch.labels, Some(&mut rng))
-            .unwrap();
-        let grads = g.backward(out.loss).unwrap();
+        let (loss, grads) = noisy_step(&m, &batch);
         let norm = |prefix: &str| -> f32 {
             m.params
                 .iter()
@@ -170,8 +171,7 @@ fn policy_warmup_keeps_the_classification_loss_off_the_glimpses() {
                 .sum::<f32>()
                 .sqrt()
         };
-        let loss = g.value(out.loss).item().unwrap();
-        (loss, norm("vrnn.posterior"), norm("classifier"))
+        (loss[0], norm("vrnn.posterior"), norm("classifier"))
     };
     let (off, mid, on) = (run(500), run(1500), run(3000));
     assert_eq!(off.1, 0.0, "glimpse gradient during warmup");

@@ -1,6 +1,9 @@
 //! Training end to end on the CPU: a tiny run learns, and a run interrupted
 //! and resumed from its checkpoint ends exactly where an uninterrupted one does.
 
+mod common;
+use common::metric_epochs;
+
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -81,18 +84,6 @@ fn resume_equals_an_uninterrupted_run() {
 
     assert_eq!(resumed.adam.step, whole.adam.step);
     assert!(params(&resumed) == params(&whole), "resumed parameters differ");
-}
-
-fn metric_epochs(path: &std::path::Path) -> Vec<u64> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect()
 }
 
 /// metrics.jsonl used to be appended before the checkpoint was written, so
