@@ -11,7 +11,7 @@ use super::{usage, Failure};
 #[command(args_conflicts_with_subcommands = true)]
 pub(super) struct BenchArgs {
     #[command(subcommand)]
-    what: Option<BenchCommand>,
+    pub(super) what: Option<BenchCommand>,
     /// Image side; 2528 compares with the tiled ResNet18, 100 with ResNet18 (default: both).
     #[arg(long)]
     size: Option<usize>,
@@ -42,14 +42,14 @@ pub(super) struct BenchArgs {
     no_gpu: bool,
     /// CPU threads (default: all cores).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(super) threads: Option<usize>,
     /// Print the figures as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Subcommand)]
-enum BenchCommand {
+pub(super) enum BenchCommand {
     /// Train a configuration with several seeds and report test accuracy, glimpse coverage,
     /// samples seen and samples/s per seed and as median/min/max.
     #[command(
@@ -61,20 +61,17 @@ enum BenchCommand {
 }
 
 #[derive(Args)]
-struct LearningArgs {
+pub(super) struct LearningArgs {
     /// How many seeds, counting up from --seed.
     #[arg(long, default_value_t = 3)]
     seeds: u64,
     #[command(flatten)]
-    train: TrainArgs,
+    pub(super) train: TrainArgs,
 }
 
 pub(super) fn run_bench(a: BenchArgs) -> Result<(), Failure> {
     if let Some(BenchCommand::Learning(l)) = a.what {
         return run_learning(l);
-    }
-    if let Some(n) = a.threads {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     }
     let batch_size = a.batch_size.unwrap_or(if a.profile { 32 } else { 2 });
     if batch_size == 0 || a.steps == 0 || a.tile_chunk == 0 {

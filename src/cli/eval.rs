@@ -22,7 +22,7 @@ pub(super) struct EvalArgs {
     #[arg(long)]
     test_size: Option<usize>,
     #[command(flatten)]
-    device: DeviceArgs,
+    pub(super) device: DeviceArgs,
     #[arg(long)]
     json: bool,
 }
@@ -51,7 +51,7 @@ pub(super) struct PredictArgs {
     #[arg(long, default_value_t = 3)]
     top: usize,
     #[command(flatten)]
-    device: DeviceArgs,
+    pub(super) device: DeviceArgs,
     #[arg(long)]
     json: bool,
 }

@@ -118,10 +118,6 @@ impl From<anyhow::Error> for Failure {
 }
 
 fn select_device(args: &DeviceArgs) -> Result<Device, Failure> {
-    if let Some(n) = args.threads {
-        // Only fails when a pool already exists, which is harmless.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
-    }
     match args.device {
         DeviceChoice::Cpu => Ok(Device::cpu()),
         DeviceChoice::Auto => {
@@ -196,7 +192,28 @@ fn run_kernels(command: KernelsCommand) -> Result<(), Failure> {
 /// Run the command `cli` names, print its error if it fails, and say how
 /// the process should exit (see [`Failure`]).
 pub fn run(cli: Cli) -> ExitCode {
-    let result = match cli.command {
+    if let Some(n) = cli.command.threads() {
+        // Only fails when a pool already exists, which is harmless.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    // The command runs on a worker of rayon's pool, so that the ops' parallel
+    // loops split their work from inside the pool instead of waking it from
+    // the main thread and sleeping until it is done (a futex round trip per
+    // op; BENCHMARKS.md has the step times).
+    let result = rayon::scope(|_| dispatch(cli.command));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if f.code != 130 {
+                eprintln!("error: {:#}", f.error);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<(), Failure> {
+    match command {
         Command::Train(a) => train::run_train(a).map(|_| ()),
         Command::Eval(a) => eval::run_eval(a),
         Command::Predict(a) => eval::run_predict(a),
@@ -205,14 +222,21 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Device => run_device(),
         Command::Bench(a) => bench::run_bench(a),
         Command::Kernels { command } => run_kernels(command),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(f) => {
-            if f.code != 130 {
-                eprintln!("error: {:#}", f.error);
-            }
-            ExitCode::from(f.code)
+    }
+}
+
+impl Command {
+    /// The --threads the command was given, which sizes rayon's pool.
+    fn threads(&self) -> Option<usize> {
+        match self {
+            Command::Train(a) => a.device.threads,
+            Command::Eval(a) => a.device.threads,
+            Command::Predict(a) => a.device.threads,
+            Command::Bench(a) => match &a.what {
+                Some(bench::BenchCommand::Learning(l)) => l.train.device.threads,
+                None => a.threads,
+            },
+            _ => None,
         }
     }
 }
