@@ -331,3 +331,61 @@ fn ctrl_c_during_the_test_evaluation_says_the_run_is_saved_and_exits_130() {
     assert!(!seen.contains("stopping: writing a checkpoint"), "{seen}");
     assert!(dir.path().join("I/checkpoint.safetensors").is_file());
 }
+
+#[test]
+#[cfg(unix)]
+fn a_killed_data_generate_leaves_no_store_and_the_rerun_succeeds() {
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    let generate = |train: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_saccade"));
+        c.current_dir(dir.path()).args([
+            "data",
+            "generate",
+            "--dataset",
+            "cluttered-mnist-1",
+            "--train",
+            train,
+            "--valid",
+            "4",
+            "--test",
+            "4",
+            "--out",
+            "S",
+        ]);
+        c
+    };
+    let mut child = generate("200000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let partial = dir.path().join(".S.partial/images");
+    let t0 = std::time::Instant::now();
+    // Kill it once it has written some of the store's files.
+    while fs::read_dir(&partial).map_or(0, |d| d.count()) < 20 {
+        assert!(t0.elapsed().as_secs() < 60, "no files written in a minute");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    child.wait().unwrap();
+    assert!(
+        !dir.path().join("S").exists(),
+        "a killed run left a store at --out"
+    );
+    let again = generate("8").output().unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("left by an interrupted run"),
+        "{}",
+        stderr(&again)
+    );
+    assert!(dir.path().join("S/manifest.tsv").is_file());
+    assert!(!dir.path().join(".S.partial").exists());
+}

@@ -74,8 +74,47 @@ fn check_out(out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn create_out(out: &Path) -> Result<()> {
-    fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))
+/// The folder a dataset is written into before it becomes `out`: a sibling
+/// `.<name>.partial`, renamed onto `out` only once every file is written, so
+/// an error, a kill or a full disk never leaves a half-written store at
+/// `out`. Dropped before [`Partial::finish`], it removes what it holds; a
+/// kill leaves it behind, and the next run into the same `out` clears it.
+struct Partial {
+    dir: PathBuf,
+    out: PathBuf,
+}
+
+impl Partial {
+    fn new(out: &Path) -> Result<Partial> {
+        let name = out
+            .file_name()
+            .with_context(|| format!("--out {} names no folder", out.display()))?;
+        let dir = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+        if dir.exists() {
+            eprintln!("removing {}, left by an interrupted run", dir.display());
+            fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Partial {
+            dir,
+            out: out.to_path_buf(),
+        })
+    }
+
+    /// Move the finished folder to `out` (an empty `out` is replaced).
+    fn finish(self) -> Result<()> {
+        if self.out.exists() {
+            fs::remove_dir(&self.out).with_context(|| format!("cannot replace {}", self.out.display()))?;
+        }
+        fs::rename(&self.dir, &self.out)
+            .with_context(|| format!("cannot move {} to {}", self.dir.display(), self.out.display()))
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Level 0 of an image as 8-bit pixels (HWC).
@@ -94,7 +133,8 @@ fn to_u8(src: &dyn ImageSource) -> Result<(u32, u32, Vec<u8>)> {
 /// Write every split of a generated dataset to disk.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
     args.check()?;
-    create_out(&args.out)?;
+    let partial = Partial::new(&args.out)?;
+    let dir = &partial.dir;
     let cfg = DataConfig {
         seed: args.seed,
         sizes: args.sizes,
@@ -115,7 +155,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     let bar = progress(total as u64, "generate");
     let mut entries = Vec::new();
     if args.format == OutputFormat::Store {
-        fs::create_dir_all(args.out.join("images"))?;
+        fs::create_dir_all(dir.join("images"))?;
     }
     for (split, ds) in &datasets {
         let made: Vec<Entry> = (0..ds.len())
@@ -125,12 +165,12 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                 let file = match args.format {
                     OutputFormat::Store => {
                         let file = format!("images/{}-{i:07}.tiles", split.name());
-                        write_tiled(&args.out.join(&file), s.image.as_ref())?;
+                        write_tiled(&dir.join(&file), s.image.as_ref())?;
                         file
                     }
                     OutputFormat::Png => {
                         let file = format!("{}/{}/{i:07}.png", split.name(), classes[s.label]);
-                        let path = args.out.join(&file);
+                        let path = dir.join(&file);
                         fs::create_dir_all(path.parent().unwrap())?;
                         let (w, h, px) = to_u8(s.image.as_ref())?;
                         let img = match s.image.channels() {
@@ -160,8 +200,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             classes,
             entries,
         }
-        .write(&args.out)?;
+        .write(dir)?;
     }
+    partial.finish()?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }
@@ -333,8 +374,8 @@ pub fn import(args: &ImportArgs) -> Result<()> {
     let (classes, files) = class_files(&args.folder)?;
     let (color, size) = import_shape(&files, args.size)?;
     let channels = if color { 3 } else { 1 };
-    create_out(&args.out)?;
-    fs::create_dir_all(args.out.join("images"))?;
+    let partial = Partial::new(&args.out)?;
+    fs::create_dir_all(partial.dir.join("images"))?;
     let bar = progress(files.len() as u64, "import");
     let entries: Vec<Entry> = files
         .par_iter()
@@ -358,7 +399,7 @@ pub fn import(args: &ImportArgs) -> Result<()> {
                 data,
             };
             let file = format!("images/{i:07}.tiles");
-            write_tiled(&args.out.join(&file), &src)?;
+            write_tiled(&partial.dir.join(&file), &src)?;
             bar.inc(1);
             let rel = p
                 .strip_prefix(&args.folder)
@@ -374,7 +415,7 @@ pub fn import(args: &ImportArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     bar.finish();
     let count = |s| entries.iter().filter(|e| e.split == s).count();
-    eprintln!(
+    let summary = format!(
         "imported {} images ({} train, {} valid, {} test) of {} classes into {}",
         entries.len(),
         count(Split::Train),
@@ -392,7 +433,10 @@ pub fn import(args: &ImportArgs) -> Result<()> {
             .collect(),
         entries,
     }
-    .write(&args.out)
+    .write(&partial.dir)?;
+    partial.finish()?;
+    eprintln!("{summary}");
+    Ok(())
 }
 
 pub struct InspectArgs {
@@ -692,5 +736,45 @@ mod tests {
         let err = import(&args(None)).err().unwrap().to_string();
         assert!(err.contains("--size"), "{err}");
         import(&args(Some(16))).unwrap();
+    }
+
+    #[test]
+    fn a_failed_import_leaves_no_store_and_a_rerun_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("imgs");
+        fs::create_dir_all(src.join("a")).unwrap();
+        for i in 0..6 {
+            GrayImage::new(10, 10)
+                .save(src.join(format!("a/{i}.png")))
+                .unwrap();
+        }
+        // A PNG cut short in its pixel data: its header reads, its pixels do
+        // not, so the import fails halfway through writing the store.
+        let noise = GrayImage::from_fn(64, 64, |x, y| {
+            image::Luma([(x * 37 + y * 101) as u8 ^ (x * y) as u8])
+        });
+        noise.save(src.join("a/bad.png")).unwrap();
+        let bytes = fs::read(src.join("a/bad.png")).unwrap();
+        fs::write(src.join("a/bad.png"), &bytes[..bytes.len() / 2]).unwrap();
+        let out = dir.path().join("store");
+        let partial = dir.path().join(".store.partial");
+        // What a killed run leaves behind is cleared by the next one.
+        fs::create_dir_all(partial.join("images")).unwrap();
+        fs::write(partial.join("images/0000000.tiles"), b"half").unwrap();
+        let args = ImportArgs {
+            folder: src.clone(),
+            out: out.clone(),
+            size: Some(8),
+            valid_frac: 0.0,
+            test_frac: 0.0,
+        };
+        let err = format!("{:#}", import(&args).err().unwrap());
+        assert!(err.contains("bad.png"), "{err}");
+        assert!(!out.exists() && !partial.exists(), "a failed import left files");
+        fs::remove_file(src.join("a/bad.png")).unwrap();
+        import(&args).unwrap();
+        assert!(!partial.exists());
+        let ds = StoreDataset::open(&out, Split::Train, 8, 0.0, 0).unwrap();
+        assert_eq!(ds.len(), 6);
     }
 }
