@@ -1,19 +1,23 @@
-//! Prediction with posterior means: batches, image files, and the saccade
-//! picture of a dataset's first images.
+//! Prediction with posterior means: batches, one image at a time (files,
+//! folders and stores, for `saccade predict`), and the saccade picture of a
+//! dataset's first images.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
+use image::RgbImage;
 
 use crate::autograd::Graph;
+use crate::data::decode::{has_image_ext, open_image_file, IMAGE_EXTS};
 use crate::data::proxy::{AreaProxy, ProxyMaker};
-use crate::data::{Batch, Dataset, ImageSource, InMemoryImage};
+use crate::data::store::{Manifest, TiledImage, MANIFEST};
+use crate::data::{Batch, Dataset, ImageSource, Split};
 use crate::models::Saccader;
 use crate::ops::loss::softmax;
 use crate::tensor::Tensor;
 use crate::train::{argmax_rows, images_of};
-use crate::viz::{save_saccades, SaccadeRow};
+use crate::viz::{render_row, save_saccades, SaccadeRow};
 
 /// Class probabilities `[B, K]`, glimpses per sample as `(s, tx, ty)` per
 /// step, and the crops `[T*B, C, L, L]`.
@@ -42,73 +46,179 @@ fn single_batch(model: &Saccader, source: Arc<dyn ImageSource>, proxy: Vec<f32>)
     })
 }
 
-/// Decode an image file to a CHW source with the model's channel count.
-fn open_image(path: &Path, channels: usize) -> Result<InMemoryImage> {
-    let img = image::open(path).with_context(|| {
-        format!(
-            "cannot read {} as an image (PNG, JPEG or TIFF expected)",
-            path.display()
-        )
-    })?;
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let data: Vec<f32> = if channels == 1 {
-        img.into_luma8()
-            .into_raw()
-            .iter()
-            .map(|&v| v as f32 / 255.0)
-            .collect()
-    } else {
-        ensure!(
-            channels == 3,
-            "models with {channels} channels cannot read image files"
-        );
-        let rgb = img.into_rgb8().into_raw();
-        (0..3)
-            .flat_map(|ch| (0..h * w).map(move |i| (ch, i)))
-            .map(|(ch, i)| rgb[i * 3 + ch] as f32 / 255.0)
-            .collect()
-    };
-    InMemoryImage::new(data, channels, h, w, 32)
+/// One image to predict: a file, or an image of a store with its class.
+pub struct Input {
+    pub path: PathBuf,
+    /// The true class name (images of a store).
+    pub truth: Option<String>,
 }
 
-/// Predict each image file; with `viz`, draw them with their saccades.
-/// Returns class probabilities per file.
-pub fn predict_files(model: &Saccader, paths: &[PathBuf], viz: Option<&Path>) -> Result<Vec<Vec<f32>>> {
+/// Every image the arguments name, in order: files as given, folders walked
+/// recursively (sorted; files with an image extension, see
+/// [`IMAGE_EXTS`]), store folders (those holding a manifest, at the top or
+/// inside a walked folder) image by image with their classes, only `split`'s
+/// when given. An argument that yields nothing, or a store that cannot be
+/// read or has other than `channels` channels, is an `Err` item naming it.
+/// Also returns the number of files skipped in folders for their extension.
+#[allow(clippy::type_complexity)]
+pub fn collect_inputs(
+    args: &[PathBuf],
+    split: Option<Split>,
+    channels: usize,
+) -> (Vec<Result<Input, (PathBuf, anyhow::Error)>>, usize) {
+    let mut out = Vec::new();
+    let mut skipped = 0;
+    for arg in args {
+        if !arg.is_dir() {
+            out.push(Ok(Input {
+                path: arg.clone(),
+                truth: None,
+            }));
+            continue;
+        }
+        let before = out.len();
+        walk(arg, split, channels, &mut out, &mut skipped);
+        if out.len() == before {
+            out.push(Err((
+                arg.clone(),
+                anyhow::anyhow!(
+                    "no PNG, JPEG or TIFF files (.{}) or stores in this folder or below",
+                    IMAGE_EXTS.join(", .")
+                ),
+            )));
+        }
+    }
+    (out, skipped)
+}
+
+#[allow(clippy::type_complexity)]
+fn walk(
+    dir: &Path,
+    split: Option<Split>,
+    channels: usize,
+    out: &mut Vec<Result<Input, (PathBuf, anyhow::Error)>>,
+    skipped: &mut usize,
+) {
+    if dir.join(MANIFEST).exists() {
+        match store_inputs(dir, split, channels) {
+            Ok(v) => out.extend(v.into_iter().map(Ok)),
+            Err(e) => out.push(Err((dir.to_path_buf(), e))),
+        }
+        return;
+    }
+    let entries = std::fs::read_dir(dir).and_then(|rd| {
+        rd.map(|e| e.and_then(|e| Ok((e.path(), e.file_type()?))))
+            .collect::<std::io::Result<Vec<_>>>()
+    });
+    let mut entries = match entries {
+        Ok(v) => v,
+        Err(e) => {
+            out.push(Err((
+                dir.to_path_buf(),
+                anyhow::Error::from(e).context("cannot list the folder"),
+            )));
+            return;
+        }
+    };
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    for (path, kind) in entries {
+        // Links to folders are not followed (no cycles); links to files are.
+        if kind.is_dir() {
+            walk(&path, split, channels, out, skipped);
+        } else if has_image_ext(&path) && path.is_file() {
+            out.push(Ok(Input { path, truth: None }));
+        } else {
+            *skipped += 1;
+        }
+    }
+}
+
+/// The images of the store at `dir` (those of `split` when given).
+fn store_inputs(dir: &Path, split: Option<Split>, channels: usize) -> Result<Vec<Input>> {
+    let m = Manifest::read(dir)?;
+    ensure!(
+        m.channels == channels,
+        "a store of {}-channel images, but the model reads {channels} channels",
+        m.channels
+    );
+    let v: Vec<Input> = m
+        .entries
+        .iter()
+        .filter(|e| split.is_none_or(|s| e.split == s))
+        .map(|e| Input {
+            path: dir.join(&e.file),
+            truth: Some(m.classes[e.label].clone()),
+        })
+        .collect();
+    ensure!(
+        !v.is_empty(),
+        "the store has no images{}",
+        split
+            .map(|s| format!(" in its {} split", s.name()))
+            .unwrap_or_default()
+    );
+    Ok(v)
+}
+
+/// What the model made of one image.
+pub struct Prediction {
+    pub source: Arc<dyn ImageSource>,
+    /// Class probabilities.
+    pub probs: Vec<f32>,
+    pub proxy: Vec<f32>,
+    /// `(s, tx, ty)` per glimpse.
+    pub glimpses: Vec<[f32; 3]>,
+    /// The crops, `[T, C, L, L]`.
+    pub crops: Vec<f32>,
+}
+
+/// Read `input` (a file within the decoder's budget, see
+/// [`crate::data::decode`], or a store's tiled image) and predict it.
+pub fn predict_input(model: &Saccader, input: &Input) -> Result<Prediction> {
     let c = &model.cfg;
-    let proxy_maker = AreaProxy {
+    let source: Arc<dyn ImageSource> = if input.truth.is_some() {
+        Arc::new(TiledImage::open(&input.path)?)
+    } else {
+        open_image_file(&input.path, c.channels)?
+    };
+    let proxy = AreaProxy {
         channels: c.channels,
         size: c.proxy_size,
         noise: 0.0,
         seed: 0,
-    };
-    let mut kept = Vec::new();
-    let mut out = Vec::new();
-    for path in paths {
-        let source: Arc<dyn ImageSource> = Arc::new(open_image(path, c.channels)?);
-        let proxy = proxy_maker.make(0, source.as_ref())?;
-        let batch = single_batch(model, source, proxy.clone())?;
-        let (probs, glimpses, crops) = predict_batch(model, &batch)?;
-        let p = probs.to_vec()?;
-        if viz.is_some() {
-            let best = argmax_rows(&probs)?[0];
-            kept.push((
-                batch.sources[0].clone(),
-                proxy,
-                crops.to_vec()?,
-                glimpses[0].clone(),
-                best,
-            ));
-        }
-        out.push(p);
     }
-    if let Some(path) = viz {
-        let rows: Vec<SaccadeRow> = kept
-            .iter()
-            .map(|(src, proxy, crops, gl, _)| row(model, src.as_ref(), proxy, crops, 1, 0, gl, true))
-            .collect();
-        save_saccades(&rows, path)?;
-    }
-    Ok(out)
+    .make(0, source.as_ref())?;
+    let batch = single_batch(model, source.clone(), proxy.clone())?;
+    let (probs, glimpses, crops) = predict_batch(model, &batch)?;
+    Ok(Prediction {
+        source,
+        probs: probs.to_vec()?,
+        proxy,
+        glimpses: glimpses.into_iter().next().unwrap_or_default(),
+        crops: crops.to_vec()?,
+    })
+}
+
+/// The picture of one prediction (see [`crate::viz`]): `caption` beside it,
+/// the bar coloured by `verdict`.
+pub fn render_prediction(
+    model: &Saccader,
+    p: &Prediction,
+    caption: Vec<String>,
+    verdict: Option<bool>,
+) -> Result<RgbImage> {
+    let mut r = row(
+        model,
+        p.source.as_ref(),
+        &p.proxy,
+        &p.crops,
+        1,
+        0,
+        &p.glimpses,
+        verdict,
+    );
+    r.caption = caption;
+    render_row(&r)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -120,7 +230,7 @@ fn row<'a>(
     batch: usize,
     i: usize,
     glimpses: &[[f32; 3]],
-    correct: bool,
+    verdict: Option<bool>,
 ) -> SaccadeRow<'a> {
     let c = &model.cfg;
     let per = c.channels * c.crop * c.crop;
@@ -132,7 +242,8 @@ fn row<'a>(
             .collect(),
         crop: c.crop,
         glimpses: glimpses.to_vec(),
-        correct,
+        verdict,
+        caption: Vec::new(),
     }
 }
 
@@ -155,12 +266,16 @@ pub fn save_saccade_picture(model: &Saccader, data: &Arc<dyn Dataset>, n: usize,
     };
     let (probs, glimpses, crops) = predict_batch(model, &batch)?;
     let pred = argmax_rows(&probs)?;
+    let probs = probs.to_vec()?;
+    let k = probs.len() / n.max(1);
+    let names = data.class_names();
+    let name = |c: usize| names.get(c).cloned().unwrap_or_else(|| c.to_string());
     let crops = crops.to_vec()?;
     let rows: Vec<SaccadeRow> = samples
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            row(
+            let mut r = row(
                 model,
                 s.image.as_ref(),
                 &s.proxy,
@@ -168,8 +283,17 @@ pub fn save_saccade_picture(model: &Saccader, data: &Arc<dyn Dataset>, n: usize,
                 n,
                 i,
                 &glimpses[i],
-                pred[i] == s.label,
-            )
+                Some(pred[i] == s.label),
+            );
+            r.caption = vec![
+                format!(
+                    "predicted {} {:.1}%",
+                    name(pred[i]),
+                    100.0 * probs[i * k + pred[i]]
+                ),
+                format!("true {}", name(s.label)),
+            ];
+            r
         })
         .collect();
     save_saccades(&rows, path)

@@ -1,12 +1,18 @@
 //! Saccade pictures (paper Figure 3): per test image one row with the image
-//! and its numbered glimpse boxes, the proxy, and the T crops the classifier
-//! saw; a bar under the image is green when the prediction is right.
+//! and its numbered glimpse boxes, the proxy, the T crops the classifier
+//! saw, and a caption (file name, predicted class and probability, true
+//! class). A bar under the image is green when the prediction is right, red
+//! when wrong, gray when the true class is unknown.
+//!
+//! A row is drawn from the image's coarsest pyramid level no larger than
+//! the panel, so its memory does not depend on the image size.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use image::{Rgb, RgbImage};
 
+use crate::data::font::draw_text;
 use crate::data::ImageSource;
 
 /// Glimpse colours, one per step (cycled).
@@ -29,7 +35,11 @@ pub struct SaccadeRow<'a> {
     pub crop: usize,
     /// Glimpses as `(s, tx, ty)` in normalized coordinates.
     pub glimpses: Vec<[f32; 3]>,
-    pub correct: bool,
+    /// Whether the prediction is right; `None` when the true class is unknown.
+    pub verdict: Option<bool>,
+    /// Lines of text drawn beside the image (3×5 font, upper case; a line
+    /// too long to fit keeps its end, after `...`).
+    pub caption: Vec<String>,
 }
 
 /// Side of the image panel in pixels.
@@ -139,61 +149,140 @@ fn panel_image(source: &dyn ImageSource) -> Result<(usize, usize, usize, Vec<f32
     Ok((c, h, w, data))
 }
 
+/// Width and height of a row with `t` crops.
+fn row_size(t: u32) -> (u32, u32) {
+    let small = PANEL / 2;
+    (GAP + (PANEL + GAP) + (small + GAP) * (1 + t), PANEL + 3 * GAP)
+}
+
+/// Scale of the caption font (each font pixel `CAPTION_SCALE`² pixels).
+const CAPTION_SCALE: u32 = 2;
+
+/// `line` cut to `max` characters, keeping its end after `...`.
+fn fit(line: &str, max: usize) -> String {
+    let n = line.chars().count();
+    if n <= max {
+        return line.to_string();
+    }
+    let keep = max.saturating_sub(3);
+    format!("...{}", line.chars().skip(n - keep).collect::<String>())
+}
+
+/// Draw one row (image with glimpse boxes, verdict bar, proxy, crops,
+/// caption) as a picture of its own.
+pub fn render_row(row: &SaccadeRow) -> Result<RgbImage> {
+    let (width, height) = row_size(row.crops.len() as u32);
+    let mut canvas = RgbImage::from_pixel(width, height, Rgb([40, 40, 40]));
+    draw_row(&mut canvas, row, GAP)?;
+    Ok(canvas)
+}
+
+fn draw_row(canvas: &mut RgbImage, row: &SaccadeRow, y0: u32) -> Result<()> {
+    let small = PANEL / 2;
+    let (c, h, w, data) = panel_image(row.source)?;
+    blit(canvas, (GAP, y0), PANEL, (c, h, w), &data);
+    for (t, g) in row.glimpses.iter().enumerate() {
+        let [s, tx, ty] = *g;
+        let to_px = |v: f32, o: u32| o as f32 + (v + 1.0) / 2.0 * PANEL as f32;
+        let (x0, x1) = (to_px(tx - s, GAP), to_px(tx + s, GAP));
+        let (ya, yb) = (to_px(ty - s, y0), to_px(ty + s, y0));
+        let color = COLORS[t % COLORS.len()];
+        rect(
+            canvas,
+            (x0 as i64, ya as i64, x1 as i64, yb as i64),
+            color,
+            (GAP, y0, PANEL),
+        );
+        let lx = (x0.max(GAP as f32) as u32 + 3).min(GAP + PANEL - 9);
+        let ly = (ya.max(y0 as f32) as u32 + 3).min(y0 + PANEL - 13);
+        digit(canvas, (lx, ly), t + 1, color);
+    }
+    let bar = match row.verdict {
+        Some(true) => [40, 200, 40],
+        Some(false) => [220, 40, 40],
+        None => [128, 128, 128],
+    };
+    for x in GAP..GAP + PANEL {
+        for y in y0 + PANEL + 2..y0 + PANEL + 2 + GAP {
+            canvas.put_pixel(x, y, Rgb(bar));
+        }
+    }
+    let px0 = GAP + PANEL + GAP;
+    let (pc, pj, pdata) = row.proxy;
+    blit(canvas, (px0, y0), small, (pc, pj, pj), pdata);
+    for (t, crop) in row.crops.iter().enumerate() {
+        let cx = px0 + (small + GAP) * (t as u32 + 1);
+        blit(canvas, (cx, y0), small, (pc, row.crop, row.crop), crop);
+        let color = COLORS[t % COLORS.len()];
+        rect(
+            canvas,
+            (
+                cx as i64,
+                y0 as i64,
+                (cx + small - 1) as i64,
+                (y0 + small - 1) as i64,
+            ),
+            color,
+            (cx, y0, small),
+        );
+        digit(canvas, (cx + 3, y0 + 3), t + 1, color);
+    }
+    let max_chars = (canvas.width().saturating_sub(px0 + GAP) / (4 * CAPTION_SCALE)) as usize;
+    let line_h = 7 * CAPTION_SCALE;
+    for (k, line) in row.caption.iter().enumerate() {
+        let y = y0 + small + 2 * GAP + k as u32 * line_h;
+        if y + 5 * CAPTION_SCALE > y0 + PANEL {
+            break;
+        }
+        draw_text(
+            canvas,
+            px0,
+            y,
+            &fit(line, max_chars),
+            CAPTION_SCALE,
+            Rgb([230, 230, 230]),
+        );
+    }
+    Ok(())
+}
+
 /// Render the rows to a PNG at `path`.
 pub fn save_saccades(rows: &[SaccadeRow], path: &Path) -> Result<()> {
     let t_max = rows.iter().map(|r| r.crops.len()).max().unwrap_or(0) as u32;
-    let small = PANEL / 2;
-    let width = GAP + (PANEL + GAP) + (small + GAP) * (1 + t_max);
-    let row_h = PANEL + 3 * GAP;
+    let (width, row_h) = row_size(t_max);
     let mut canvas = RgbImage::from_pixel(width, GAP + row_h * rows.len() as u32, Rgb([40, 40, 40]));
     for (i, row) in rows.iter().enumerate() {
-        let y0 = GAP + i as u32 * row_h;
-        let (c, h, w, data) = panel_image(row.source)?;
-        blit(&mut canvas, (GAP, y0), PANEL, (c, h, w), &data);
-        for (t, g) in row.glimpses.iter().enumerate() {
-            let [s, tx, ty] = *g;
-            let to_px = |v: f32, o: u32| o as f32 + (v + 1.0) / 2.0 * PANEL as f32;
-            let (x0, x1) = (to_px(tx - s, GAP), to_px(tx + s, GAP));
-            let (ya, yb) = (to_px(ty - s, y0), to_px(ty + s, y0));
-            let color = COLORS[t % COLORS.len()];
-            rect(
-                &mut canvas,
-                (x0 as i64, ya as i64, x1 as i64, yb as i64),
-                color,
-                (GAP, y0, PANEL),
-            );
-            let lx = (x0.max(GAP as f32) as u32 + 3).min(GAP + PANEL - 9);
-            let ly = (ya.max(y0 as f32) as u32 + 3).min(y0 + PANEL - 13);
-            digit(&mut canvas, (lx, ly), t + 1, color);
-        }
-        let bar = if row.correct { [40, 200, 40] } else { [220, 40, 40] };
-        for x in GAP..GAP + PANEL {
-            for y in y0 + PANEL + 2..y0 + PANEL + 2 + GAP {
-                canvas.put_pixel(x, y, Rgb(bar));
-            }
-        }
-        let px0 = GAP + PANEL + GAP;
-        let (pc, pj, pdata) = row.proxy;
-        blit(&mut canvas, (px0, y0), small, (pc, pj, pj), pdata);
-        for (t, crop) in row.crops.iter().enumerate() {
-            let cx = px0 + (small + GAP) * (t as u32 + 1);
-            blit(&mut canvas, (cx, y0), small, (pc, row.crop, row.crop), crop);
-            let color = COLORS[t % COLORS.len()];
-            rect(
-                &mut canvas,
-                (
-                    cx as i64,
-                    y0 as i64,
-                    (cx + small - 1) as i64,
-                    (y0 + small - 1) as i64,
-                ),
-                color,
-                (cx, y0, small),
-            );
-            digit(&mut canvas, (cx + 3, y0 + 3), t + 1, color);
-        }
+        draw_row(&mut canvas, row, GAP + i as u32 * row_h)?;
     }
-    canvas
-        .save(path)
+    save_png(&canvas, path)
+}
+
+/// Stack pictures of rows made by [`render_row`] into one PNG at `path`.
+pub fn save_stacked(rows: &[RgbImage], path: &Path) -> Result<()> {
+    let width = rows.iter().map(|r| r.width()).max().unwrap_or(1);
+    let height = GAP + rows.iter().map(|r| r.height()).sum::<u32>();
+    let mut canvas = RgbImage::from_pixel(width, height, Rgb([40, 40, 40]));
+    let mut y = 0;
+    for r in rows {
+        image::imageops::replace(&mut canvas, r, 0, y as i64);
+        y += r.height();
+    }
+    save_png(&canvas, path)
+}
+
+/// Write `img` as a PNG, the error naming the file.
+pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
+    img.save_with_format(path, image::ImageFormat::Png)
         .with_context(|| format!("writing {} (is the folder writable?)", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_caption_lines_keep_their_end() {
+        assert_eq!(fit("short", 10), "short");
+        assert_eq!(fit("a/long/path/name.png", 11), "...name.png");
+    }
 }

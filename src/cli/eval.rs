@@ -1,11 +1,12 @@
 //! `saccade eval`, `export` and `predict`: what a trained checkpoint does.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::config::probe;
+use super::data::SplitArg;
 use super::{select_device, usage, DeviceArgs, Failure};
 use crate::data::{self, Split, SplitSizes};
 use crate::models::{ResNet18, SaccadeConfig, Saccader, TiledResNet18};
@@ -14,15 +15,20 @@ use crate::Device;
 
 #[derive(Args)]
 pub(super) struct EvalArgs {
+    /// Checkpoint written by `saccade train` or `saccade export`.
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Dataset to evaluate on (default: the checkpoint's, test split).
+    /// Dataset to evaluate on, test split: a generated dataset spec or a store folder
+    /// (default: the checkpoint's).
     #[arg(long)]
     dataset: Option<String>,
+    /// Test images of a generated dataset to evaluate [default: 2000]; a store's test
+    /// split is used whole.
     #[arg(long)]
     test_size: Option<usize>,
     #[command(flatten)]
     pub(super) device: DeviceArgs,
+    /// Print one JSON object (the report) instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -39,21 +45,140 @@ pub(super) struct ExportArgs {
 
 #[derive(Args)]
 pub(super) struct PredictArgs {
+    /// Checkpoint written by `saccade train` or `saccade export` (a saccade model).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// PNG, JPEG or TIFF files, or a store folder.
-    #[arg(required = true)]
+    /// Image files (PNG, JPEG or TIFF), folders (walked recursively for .png, .jpg,
+    /// .jpeg, .tif, .tiff files, in sorted order) or store folders (`saccade data
+    /// generate|import`; their true classes are shown).
+    #[arg(required = true, value_name = "INPUT")]
     images: Vec<PathBuf>,
-    /// Write the images with their saccades drawn to this PNG.
-    #[arg(long)]
+    /// Only this split of store inputs [default: every image of a store].
+    #[arg(long, value_enum)]
+    split: Option<SplitArg>,
+    /// Draw each image with its glimpses, file name, predicted class and probability, and
+    /// true class when known: a path ending in .png gets one picture with a row for each
+    /// of the first 50 images; any other path is a folder (new or empty) that gets one
+    /// PNG per image, written as it goes. Refuses to replace an existing file.
+    #[arg(long, value_name = "OUT.png|DIR")]
     viz: Option<PathBuf>,
-    /// Classes to list per image.
+    /// Classes to list per image, most probable first.
     #[arg(long, default_value_t = 3)]
     top: usize,
     #[command(flatten)]
     pub(super) device: DeviceArgs,
+    /// Print one JSON object instead of text: a record per input, with "top" or "error".
     #[arg(long)]
     json: bool,
+}
+
+/// Rows of the `--viz OUT.png` picture: images after these are not drawn
+/// (and the run says so), which bounds its memory at about 30 MB.
+const VIZ_MAX_ROWS: usize = 50;
+
+/// Where `--viz` goes: one picture of rows, or a folder of pictures.
+enum Viz {
+    Picture {
+        path: PathBuf,
+        rows: Vec<image::RgbImage>,
+        left_out: usize,
+    },
+    Folder(PathBuf),
+}
+
+impl Viz {
+    /// The checks before any work (usage errors): nothing is replaced.
+    fn new(path: &Path) -> Result<Viz> {
+        let is_png = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        if is_png {
+            if path.exists() {
+                bail!("--viz {} exists; choose a new file", path.display());
+            }
+            return Ok(Viz::Picture {
+                path: path.to_path_buf(),
+                rows: Vec::new(),
+                left_out: 0,
+            });
+        }
+        if path.exists() {
+            let used = std::fs::read_dir(path)
+                .with_context(|| format!("--viz {} exists and is not a folder", path.display()))?
+                .next()
+                .is_some();
+            if used {
+                bail!(
+                    "--viz {} is a folder that is not empty; choose a new or empty folder",
+                    path.display()
+                );
+            }
+        }
+        Ok(Viz::Folder(path.to_path_buf()))
+    }
+
+    /// Add the picture of input `k` (0-based) from `file`.
+    fn add(&mut self, k: usize, file: &Path, picture: image::RgbImage) -> Result<()> {
+        match self {
+            Viz::Picture { rows, left_out, .. } => {
+                if rows.len() < VIZ_MAX_ROWS {
+                    rows.push(picture);
+                } else {
+                    *left_out += 1;
+                }
+                Ok(())
+            }
+            Viz::Folder(dir) => {
+                let stem: String = file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default()
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || "-_.+".contains(c) {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                std::fs::create_dir_all(&*dir)
+                    .with_context(|| format!("cannot create --viz {}", dir.display()))?;
+                crate::viz::save_png(&picture, &dir.join(format!("{:06}-{stem}.png", k + 1)))
+            }
+        }
+    }
+
+    /// Write the picture (one-picture mode); says what was left out.
+    fn finish(self, json: bool) -> Result<()> {
+        match self {
+            Viz::Picture { path, rows, left_out } => {
+                if rows.is_empty() {
+                    eprintln!("no picture written to {}: no image was predicted", path.display());
+                    return Ok(());
+                }
+                crate::viz::save_stacked(&rows, &path)?;
+                if left_out > 0 {
+                    eprintln!(
+                        "{} shows the first {} predicted images; {left_out} more were not drawn \
+                         (give --viz a folder for one picture per image)",
+                        path.display(),
+                        rows.len()
+                    );
+                }
+                if !json {
+                    println!("wrote {}", path.display());
+                }
+            }
+            Viz::Folder(dir) => {
+                if !json {
+                    println!("wrote one picture per image into {}", dir.display());
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The checkpoint's class names, or (older checkpoints) its dataset's.
@@ -176,38 +301,111 @@ fn export_model<M: Model>(a: ExportArgs) -> Result<(), Failure> {
 }
 
 pub(super) fn run_predict(a: PredictArgs) -> Result<(), Failure> {
+    if a.top == 0 {
+        return Err(usage(anyhow::anyhow!("--top must be at least 1")));
+    }
+    let mut viz = a.viz.as_deref().map(Viz::new).transpose().map_err(usage)?;
     let device = select_device(&a.device)?;
     let t = Trainer::<Saccader>::from_checkpoint(&a.checkpoint, device)?;
     let names = class_names(&t.cfg)?;
-    let results = crate::predict::predict_files(&t.model, &a.images, a.viz.as_deref())?;
+    let split = a.split.map(|s| match s {
+        SplitArg::Train => Split::Train,
+        SplitArg::Valid => Split::Valid,
+        SplitArg::Test => Split::Test,
+    });
+    let (inputs, skipped) = crate::predict::collect_inputs(&a.images, split, t.model.cfg.channels);
+    if skipped > 0 {
+        eprintln!(
+            "skipped {skipped} files in the folders given that are not PNG, JPEG or TIFF by their extension"
+        );
+    }
     let mut rows = Vec::new();
-    for (path, probs) in a.images.iter().zip(&results) {
-        let mut order: Vec<usize> = (0..probs.len()).collect();
-        order.sort_by(|&i, &j| probs[j].total_cmp(&probs[i]));
-        let top: Vec<(String, f32)> = order
-            .iter()
-            .take(a.top)
-            .map(|&i| (names[i].clone(), probs[i]))
-            .collect();
+    let (mut failed, mut known, mut right) = (0, 0, 0);
+    for (k, item) in inputs.iter().enumerate() {
+        let outcome = match item {
+            Ok(input) => crate::predict::predict_input(&t.model, input)
+                .map(|p| (input, p))
+                .map_err(|e| (input.path.as_path(), format!("{e:#}"))),
+            Err((path, e)) => Err((path.as_path(), format!("{e:#}"))),
+        };
+        let (input, p) = match outcome {
+            Ok(v) => v,
+            Err((path, msg)) => {
+                eprintln!("error: {}: {msg}", path.display());
+                rows.push(serde_json::json!({"image": path, "error": msg}));
+                failed += 1;
+                continue;
+            }
+        };
+        let mut order: Vec<usize> = (0..p.probs.len()).collect();
+        order.sort_by(|&i, &j| p.probs[j].total_cmp(&p.probs[i]));
+        let name = |i: usize| names.get(i).cloned().unwrap_or_else(|| i.to_string());
+        let top: Vec<(String, f32)> = order.iter().take(a.top).map(|&i| (name(i), p.probs[i])).collect();
+        let best = name(order[0]);
+        let verdict = input.truth.as_ref().map(|truth| *truth == best);
+        if let Some(v) = verdict {
+            known += 1;
+            right += v as usize;
+        }
         if !a.json {
             let s: Vec<String> = top
                 .iter()
                 .map(|(n, p)| format!("{n} {:.1}%", 100.0 * p))
                 .collect();
-            println!("{}: {}", path.display(), s.join(", "));
+            let truth = input
+                .truth
+                .as_ref()
+                .map(|t| format!(" (true {t})"))
+                .unwrap_or_default();
+            println!("{}: {}{truth}", input.path.display(), s.join(", "));
         }
-        rows.push(serde_json::json!({"image": path, "top": top}));
+        let mut row = serde_json::json!({"image": input.path, "top": top});
+        if let Some(truth) = &input.truth {
+            row["truth"] = serde_json::json!(truth);
+            row["correct"] = serde_json::json!(verdict == Some(true));
+        }
+        rows.push(row);
+        if let Some(v) = viz.as_mut() {
+            let mut caption = vec![
+                input.path.display().to_string(),
+                format!("predicted {best} {:.1}%", 100.0 * p.probs[order[0]]),
+            ];
+            caption.push(match (&input.truth, verdict) {
+                (Some(truth), Some(true)) => format!("true {truth}: right"),
+                (Some(truth), _) => format!("true {truth}: wrong"),
+                (None, _) => "true class unknown".to_string(),
+            });
+            let picture = crate::predict::render_prediction(&t.model, &p, caption, verdict)?;
+            v.add(k, &input.path, picture)?;
+        }
     }
-    if let Some(v) = &a.viz {
-        if !a.json {
-            println!("wrote {}", v.display());
-        }
+    if let Some(v) = viz {
+        v.finish(a.json)?;
+    }
+    if known > 0 && !a.json {
+        println!(
+            "{right} of {known} images with a known class predicted right ({:.2}%)",
+            100.0 * right as f64 / known as f64
+        );
     }
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"command": "predict", "predictions": rows, "viz": a.viz})
+            serde_json::json!({
+                "command": "predict",
+                "predictions": rows,
+                "failed": failed,
+                "viz": a.viz,
+            })
         );
+    }
+    if failed > 0 {
+        return Err(anyhow::anyhow!(
+            "{failed} of {} inputs could not be predicted (each named above); the other {} were",
+            inputs.len(),
+            inputs.len() - failed
+        )
+        .into());
     }
     Ok(())
 }

@@ -42,8 +42,15 @@ enum Command {
     /// Train a model (defaults: cluttered-mnist, 100x100, auto device).
     Train(TrainArgs),
     /// Evaluate a checkpoint: accuracy, per-class accuracy, confusions.
+    #[command(
+        after_help = "Example:\n  saccade eval --checkpoint pretrained/cluttered-mnist/model.safetensors --test-size 500"
+    )]
     Eval(EvalArgs),
-    /// Classify image files with a checkpoint and draw where it looked.
+    /// Classify image files, folders and stores with a checkpoint and draw where it looked.
+    #[command(
+        after_help = "Example:\n  saccade predict --checkpoint pretrained/cluttered-mnist/model.safetensors photos/ --viz seen/",
+        after_long_help = PREDICT_HELP
+    )]
     Predict(PredictArgs),
     /// Write a checkpoint's weights, configuration and class names without the optimizer
     /// state: a third of the size, for sharing (eval and predict read it; training cannot
@@ -69,6 +76,24 @@ enum Command {
     },
 }
 
+const PREDICT_HELP: &str = "\
+Each input is predicted on its own, in order: a file that cannot be read is named on stderr \
+(`error: FILE: reason`) and the others are still predicted; the exit status is then 1, after \
+every result is printed (with --json, such inputs are records with an \"error\" field). \
+Exit 2: refused before any work (a bad flag, a --viz that would replace a file).
+
+Memory: an image file is decoded whole, with the decoder's allocations capped at 2 GiB \
+(a 16384x16384 RGB PNG, JPEG or TIFF needs 0.8 GB); a file over the cap is an error for that \
+file. Images over 16 M values are then read through a temporary tiled file in the system's \
+temporary folder, freed as soon as they are predicted; store images are read tile by tile, \
+whatever their size. --viz draws from a 192-pixel overview, so its memory does not grow \
+with the image size; a folder gets each picture as soon as its image is predicted.
+
+Examples:
+  saccade predict --checkpoint pretrained/cluttered-mnist/model.safetensors a.png b.jpg
+  saccade predict --checkpoint model.safetensors photos/ --viz seen/      (one PNG per image)
+  saccade predict --checkpoint model.safetensors mystore --split test --viz test.png --json";
+
 #[derive(Subcommand)]
 enum KernelsCommand {
     /// Compile every kernels/*.cu with NVRTC for each architecture (no GPU needed).
@@ -83,7 +108,9 @@ enum KernelsCommand {
 enum DeviceChoice {
     /// A GPU if one is usable, else the CPU (says why).
     Auto,
+    /// The CPU, with --threads threads.
     Cpu,
+    /// The first CUDA GPU; refused (exit 2) when none is usable.
     Cuda,
 }
 

@@ -6,6 +6,7 @@
 //! - [`cluttered`]: the generated tasks (cluttered two-digit identification,
 //!   two-digit sum, one-digit cluttered) at 100² and as procedural large images.
 //! - [`store`]: the tiled pyramid store on disk, read through memmap2.
+//! - [`decode`]: PNG/JPEG/TIFF files as image sources, within a memory budget.
 //! - [`proxy`]: the small proxy images the saccade model looks at.
 //! - [`loader`]: shuffled, prefetched batches.
 //! - [`spec`]: dataset names (`cluttered-mnist@2528:native`, a store path)
@@ -14,6 +15,7 @@
 
 pub mod cluttered;
 pub mod commands;
+pub mod decode;
 pub mod font;
 pub mod loader;
 pub mod mnist;
