@@ -282,7 +282,7 @@ struct Gpu {
 }
 
 enum Backend {
-    Gpu(Gpu),
+    Gpu(Box<Gpu>),
     /// Host memory, and launches handed to the maker's [`Launcher`].
     Emulated(Box<Launcher>),
 }
@@ -323,7 +323,7 @@ impl CudaDevice {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
         };
-        Ok(CudaDevice::with(Backend::Gpu(gpu), poison))
+        Ok(CudaDevice::with(Backend::Gpu(Box::new(gpu)), poison))
     }
 
     /// A device whose memory is host memory, NaN when allocated (as

@@ -7,8 +7,6 @@
 //! compiled as C++, so the real launchers (grids, argument order, chunking)
 //! are tested without a GPU.
 
-use std::ops::Range;
-
 use anyhow::Result;
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
@@ -27,11 +25,11 @@ pub enum ViewMut<'a> {
 }
 
 impl<'a> View<'a> {
-    /// Elements `range` of the view.
-    pub fn slice(&self, range: Range<usize>) -> View<'a> {
+    /// The same elements (a view is a shared borrow).
+    fn copy(&self) -> View<'a> {
         match self {
-            View::Gpu(v) => View::Gpu(v.slice(range)),
-            View::Host(v) => View::Host(&v[range]),
+            View::Gpu(v) => View::Gpu(v.slice(..)),
+            View::Host(v) => View::Host(v),
         }
     }
 }
@@ -76,9 +74,13 @@ unsafe impl KernelValue for f32 {
 
 /// One kernel argument, in the kernel's parameter order.
 pub enum KernelArg<'a> {
+    /// A buffer the kernel reads (`const float*`).
     In(View<'a>),
+    /// A buffer of [`Ints`] the kernel reads (`const int*`).
     InInt(View<'a>),
+    /// A buffer the kernel writes (`float*`).
     Out(ViewMut<'a>),
+    /// A [`KernelValue`]: its C type and its bytes.
     Value { c_type: &'static str, bytes: &'a [u8] },
 }
 
@@ -99,7 +101,7 @@ impl<'a> IntoKernelArg<'a> for View<'a> {
 
 impl<'a> IntoKernelArg<'a> for &View<'a> {
     fn into_kernel_arg(self) -> KernelArg<'a> {
-        KernelArg::In(self.slice(0..self.len()))
+        KernelArg::In(self.copy())
     }
 }
 
@@ -130,18 +132,5 @@ impl<'a, T: KernelValue> IntoKernelArg<'a> for &'a T {
             c_type: T::C_TYPE,
             bytes,
         }
-    }
-}
-
-impl View<'_> {
-    pub fn len(&self) -> usize {
-        match self {
-            View::Gpu(v) => cudarc::driver::DeviceSlice::len(v),
-            View::Host(v) => v.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
