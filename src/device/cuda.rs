@@ -5,16 +5,19 @@
 //! the same [`MemCounter`] as the CPU backend's.
 
 use std::collections::HashMap;
+use std::ffi::c_void;
 use std::fmt;
+use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use cudarc::nvrtc::{self, CompileError, CompileOptions, Ptx};
 use md5::{Digest, Md5};
 
+pub use super::launch::{Ints, KernelArg, KernelValue, Launcher, View, ViewMut};
 use super::MemCounter;
 
 /// Helpers every kernel file sees, prepended at compile time.
@@ -264,7 +267,9 @@ fn size_class(n: usize) -> usize {
     n.div_ceil(quarter) * quarter
 }
 
-struct Inner {
+/// A GPU through the driver: context, stream, compiled kernels and the
+/// caching allocator.
+struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: CudaInfo,
@@ -274,11 +279,24 @@ struct Inner {
     reserved: Mutex<usize>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
-    /// Fill every new buffer with NaN so a kernel that skips an output shows.
-    poison: AtomicBool,
 }
 
-/// One GPU. Cloning shares the context, stream, kernels, pool and counter.
+enum Backend {
+    Gpu(Box<Gpu>),
+    /// Host memory, and launches handed to the maker's [`Launcher`].
+    Emulated(Box<Launcher>),
+}
+
+struct Inner {
+    backend: Backend,
+    /// Fill every new buffer with NaN so a kernel that skips an output shows.
+    poison: AtomicBool,
+    /// Scratch floats a chunked launcher (conv's) aims for per chunk.
+    scratch_budget: AtomicUsize,
+}
+
+/// One GPU, or its emulation. Cloning shares the context, stream, kernels,
+/// pool and counter.
 #[derive(Clone)]
 pub struct CudaDevice {
     pub(crate) mem: Arc<MemCounter>,
@@ -296,23 +314,46 @@ impl CudaDevice {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let poison = std::env::var("SACCADE_CUDA_POISON").is_ok_and(|v| v == "1");
-        Ok(CudaDevice {
-            mem: Arc::new(MemCounter::default()),
-            inner: Arc::new(Inner {
-                ctx,
-                stream,
-                info,
-                pool: Mutex::new(HashMap::new()),
-                reserved: Mutex::new(0),
-                modules: Mutex::new(HashMap::new()),
-                functions: Mutex::new(HashMap::new()),
-                poison: AtomicBool::new(poison),
-            }),
-        })
+        let gpu = Gpu {
+            ctx,
+            stream,
+            info,
+            pool: Mutex::new(HashMap::new()),
+            reserved: Mutex::new(0),
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        };
+        Ok(CudaDevice::with(Backend::Gpu(Box::new(gpu)), poison))
     }
 
-    pub fn info(&self) -> &CudaInfo {
-        &self.inner.info
+    /// A device whose memory is host memory, NaN when allocated (as
+    /// unwritten GPU memory is garbage), and whose kernels `launcher` runs:
+    /// the launchers' code runs unchanged, without a GPU.
+    pub fn emulated(launcher: Box<Launcher>) -> CudaDevice {
+        CudaDevice::with(Backend::Emulated(launcher), false)
+    }
+
+    fn with(backend: Backend, poison: bool) -> CudaDevice {
+        CudaDevice {
+            mem: Arc::new(MemCounter::default()),
+            inner: Arc::new(Inner {
+                backend,
+                poison: AtomicBool::new(poison),
+                scratch_budget: AtomicUsize::new(1 << 22),
+            }),
+        }
+    }
+
+    /// What the probe found; None on an emulated device.
+    pub fn info(&self) -> Option<&CudaInfo> {
+        self.gpu().map(|g| &g.info)
+    }
+
+    fn gpu(&self) -> Option<&Gpu> {
+        match &self.inner.backend {
+            Backend::Gpu(g) => Some(g),
+            Backend::Emulated(_) => None,
+        }
     }
 
     /// Fill every new buffer with NaN from now on (or stop).
@@ -320,60 +361,58 @@ impl CudaDevice {
         self.inner.poison.store(on, Ordering::Relaxed);
     }
 
-    /// Bytes this device holds from the driver: live tensors plus cached free buffers.
+    /// Scratch floats a chunked launcher aims for per chunk (16 MiB; one
+    /// image always fits).
+    pub fn scratch_budget(&self) -> usize {
+        self.inner.scratch_budget.load(Ordering::Relaxed)
+    }
+
+    /// Change the scratch budget: a tiny one makes small batches split into
+    /// chunks, so that tests reach every chunking path on small shapes.
+    pub fn set_scratch_budget(&self, floats: usize) {
+        self.inner.scratch_budget.store(floats, Ordering::Relaxed);
+    }
+
+    /// Bytes this device holds: live tensors plus cached free buffers.
     pub fn reserved_bytes(&self) -> usize {
-        *self.inner.reserved.lock().unwrap()
+        match self.gpu() {
+            Some(g) => *g.reserved.lock().unwrap(),
+            None => self.mem.stats().live_bytes,
+        }
     }
 
     /// The driver's (free, total) bytes of the GPU.
     pub fn mem_get_info(&self) -> Result<(usize, usize)> {
-        self.inner
-            .ctx
-            .mem_get_info()
-            .map_err(|e| anyhow!("cuMemGetInfo: {e}"))
+        let g = self
+            .gpu()
+            .ok_or_else(|| anyhow!("an emulated device has no driver memory"))?;
+        g.ctx.mem_get_info().map_err(|e| anyhow!("cuMemGetInfo: {e}"))
     }
 
     /// Hand every cached free buffer back to the driver.
     pub fn empty_cache(&self) {
-        let freed: Vec<CudaSlice<f32>> = self
-            .inner
-            .pool
-            .lock()
-            .unwrap()
-            .drain()
-            .flat_map(|(_, v)| v)
-            .collect();
-        *self.inner.reserved.lock().unwrap() -= freed.iter().map(|s| s.len() * 4).sum::<usize>();
+        let Some(g) = self.gpu() else { return };
+        let freed: Vec<CudaSlice<f32>> = g.pool.lock().unwrap().drain().flat_map(|(_, v)| v).collect();
+        *g.reserved.lock().unwrap() -= freed.iter().map(|s| s.len() * 4).sum::<usize>();
     }
 
     /// Wait for all queued work; surfaces asynchronous kernel errors.
     pub fn synchronize(&self) -> Result<()> {
-        self.inner
-            .stream
-            .synchronize()
-            .map_err(|e| anyhow!("CUDA stream: {e}"))
-    }
-
-    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
-        &self.inner.stream
+        match self.gpu() {
+            Some(g) => g.stream.synchronize().map_err(|e| anyhow!("CUDA stream: {e}")),
+            None => Ok(()),
+        }
     }
 
     /// A buffer of at least `n` floats: from the pool when its class has one,
     /// else from the driver (emptying the pool and retrying once on failure).
-    fn raw_alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
+    fn raw_alloc(&self, g: &Gpu, n: usize) -> Result<CudaSlice<f32>> {
         let class = size_class(n);
-        if let Some(s) = self
-            .inner
-            .pool
-            .lock()
-            .unwrap()
-            .get_mut(&class)
-            .and_then(|v| v.pop())
-        {
+        if let Some(s) = g.pool.lock().unwrap().get_mut(&class).and_then(|v| v.pop()) {
             return Ok(s);
         }
         // SAFETY: f32 has no invalid bit patterns; kernels write before reading.
-        let fresh = || unsafe { self.inner.stream.alloc::<f32>(class) };
+        let fresh = || unsafe { g.stream.alloc::<f32>(class) };
         let slice = match fresh() {
             Ok(s) => s,
             Err(_) => {
@@ -390,14 +429,18 @@ impl CudaDevice {
                 })?
             }
         };
-        *self.inner.reserved.lock().unwrap() += class * 4;
+        *g.reserved.lock().unwrap() += class * 4;
         Ok(slice)
     }
 
     /// Storage for `n` floats whose contents the caller's kernel will write
     /// (NaN when poisoning is on).
     pub(crate) fn alloc(&self, n: usize) -> Result<CudaStorage> {
-        let mut s = CudaStorage::new(self.raw_alloc(n)?, n, self.clone());
+        let buf = match self.gpu() {
+            Some(g) => Buf::Gpu(self.raw_alloc(g, n)?),
+            None => Buf::Host(vec![f32::NAN; n]),
+        };
+        let mut s = CudaStorage::new(buf, n, self.clone());
         if self.inner.poison.load(Ordering::Relaxed) {
             s.fill(f32::NAN)?;
         }
@@ -406,29 +449,90 @@ impl CudaDevice {
 
     /// Copy host values into new storage.
     pub(crate) fn upload(&self, data: &[f32]) -> Result<CudaStorage> {
-        let mut slice = self.raw_alloc(data.len())?;
-        if !data.is_empty() {
-            let mut view = slice.slice_mut(0..data.len());
-            self.inner
-                .stream
-                .memcpy_htod(data, &mut view)
-                .map_err(|e| anyhow!("copying {} values to the GPU: {e}", data.len()))?;
-        }
-        Ok(CudaStorage::new(slice, data.len(), self.clone()))
+        let buf = match self.gpu() {
+            None => Buf::Host(data.to_vec()),
+            Some(g) => {
+                let mut slice = self.raw_alloc(g, data.len())?;
+                if !data.is_empty() {
+                    let mut view = slice.slice_mut(0..data.len());
+                    g.stream
+                        .memcpy_htod(data, &mut view)
+                        .map_err(|e| anyhow!("copying {} values to the GPU: {e}", data.len()))?;
+                }
+                Buf::Gpu(slice)
+            }
+        };
+        Ok(CudaStorage::new(buf, data.len(), self.clone()))
     }
 
+    /// Queue `kernel` of `kernels/<module>.cu` over `cfg` with `args` (in
+    /// the kernel's parameter order), or hand it to the emulation.
+    pub(crate) fn launch(
+        &self,
+        module: &'static str,
+        kernel: &'static str,
+        cfg: LaunchConfig,
+        args: &mut [KernelArg],
+    ) -> Result<()> {
+        let g = match &self.inner.backend {
+            Backend::Emulated(launcher) => return launcher(module, kernel, cfg, args),
+            Backend::Gpu(g) => g,
+        };
+        let f = g.function(module, kernel)?;
+        // cuLaunchKernel takes a pointer to each argument's value; a
+        // buffer's value is its device address.
+        let addresses: Vec<u64> = args
+            .iter()
+            .map(|a| match a {
+                KernelArg::In(View::Gpu(v)) | KernelArg::InInt(View::Gpu(v)) => Ok(v.device_ptr(&g.stream).0),
+                KernelArg::Out(ViewMut::Gpu(v)) => Ok(v.device_ptr(&g.stream).0),
+                KernelArg::Value { .. } => Ok(0),
+                _ => Err(anyhow!("internal: {module}::{kernel} given an emulated buffer")),
+            })
+            .collect::<Result<_>>()?;
+        let mut params: Vec<*mut c_void> = args
+            .iter()
+            .zip(&addresses)
+            .map(|(a, address)| match a {
+                KernelArg::Value { bytes, .. } => bytes.as_ptr() as *mut c_void,
+                _ => address as *const u64 as *mut c_void,
+            })
+            .collect();
+        let err = |e| anyhow!("CUDA kernel {module}::{kernel}: {e}");
+        g.ctx.bind_to_thread().map_err(err)?;
+        // SAFETY: the arguments match the kernel's parameters in number,
+        // order and type, and every buffer holds what the kernel indexes:
+        // tests/kernel_emulation.rs runs every launcher through this same
+        // argument list on an emulated device, which checks each launch
+        // against the kernel's signature and each access against its buffer.
+        // `params` and the values it points at outlive the call (the driver
+        // copies them when queueing).
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                cfg.grid_dim,
+                cfg.block_dim,
+                cfg.shared_mem_bytes,
+                g.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(err)
+    }
+}
+
+impl Gpu {
     /// The kernel `function` of `kernels/<module>.cu`, compiling and loading
     /// the module at first use.
-    pub(crate) fn function(&self, module: &'static str, function: &'static str) -> Result<CudaFunction> {
-        if let Some(f) = self.inner.functions.lock().unwrap().get(&(module, function)) {
+    fn function(&self, module: &'static str, function: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().unwrap().get(&(module, function)) {
             return Ok(f.clone());
         }
         let m = self.module(module)?;
         let f = m
             .load_function(function)
             .map_err(|e| anyhow!("kernel {function} not found in kernels/{module}.cu: {e}"))?;
-        self.inner
-            .functions
+        self.functions
             .lock()
             .unwrap()
             .insert((module, function), f.clone());
@@ -436,7 +540,7 @@ impl CudaDevice {
     }
 
     fn module(&self, name: &'static str) -> Result<Arc<CudaModule>> {
-        let mut modules = self.inner.modules.lock().unwrap();
+        let mut modules = self.modules.lock().unwrap();
         if let Some(m) = modules.get(name) {
             return Ok(m.clone());
         }
@@ -444,33 +548,48 @@ impl CudaDevice {
             .iter()
             .find(|(n, _)| *n == name)
             .ok_or_else(|| anyhow!("internal: no kernel file kernels/{name}.cu"))?;
-        let ptx = cached_compile(name, source, &self.inner.info)?;
+        let ptx = cached_compile(name, source, &self.info)?;
         let m = self
-            .inner
             .ctx
             .load_module(Ptx::from_src(ptx))
-            .map_err(|e| anyhow!("loading kernels/{name}.cu on {}: {e}", self.inner.info.name))?;
+            .map_err(|e| anyhow!("loading kernels/{name}.cu on {}: {e}", self.info.name))?;
         modules.insert(name, m.clone());
         Ok(m)
     }
 }
 
-impl fmt::Debug for CudaDevice {
+impl fmt::Display for CudaDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.inner.info)
+        match self.info() {
+            Some(info) => write!(f, "{info}"),
+            None => write!(f, "cuda (emulated)"),
+        }
     }
 }
 
-/// Device storage of one tensor: `len` floats at the start of a pooled
-/// buffer, which goes back to the pool when the storage drops.
+impl fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A buffer of device storage.
+enum Buf {
+    Gpu(CudaSlice<f32>),
+    /// An emulated device's memory.
+    Host(Vec<f32>),
+}
+
+/// Device storage of one tensor: `len` floats at the start of a buffer; a
+/// GPU buffer goes back to the pool when the storage drops.
 pub struct CudaStorage {
-    buf: Option<CudaSlice<f32>>,
+    buf: Option<Buf>,
     len: usize,
     dev: CudaDevice,
 }
 
 impl CudaStorage {
-    fn new(buf: CudaSlice<f32>, len: usize, dev: CudaDevice) -> Self {
+    fn new(buf: Buf, len: usize, dev: CudaDevice) -> Self {
         dev.mem.alloc(len * 4);
         CudaStorage {
             buf: Some(buf),
@@ -487,13 +606,36 @@ impl CudaStorage {
         self.len == 0
     }
 
-    /// The buffer (possibly longer than `len`) for kernel arguments.
-    pub(crate) fn slice(&self) -> &CudaSlice<f32> {
+    fn buf(&self) -> &Buf {
         self.buf.as_ref().expect("buffer present until drop")
     }
 
-    pub(crate) fn slice_mut(&mut self) -> &mut CudaSlice<f32> {
-        self.buf.as_mut().expect("buffer present until drop")
+    /// The values, as a kernel argument the kernel reads.
+    pub(crate) fn slice(&self) -> View<'_> {
+        self.view(0..self.len)
+    }
+
+    /// The values, as a kernel argument the kernel writes.
+    pub(crate) fn slice_mut(&mut self) -> ViewMut<'_> {
+        self.view_mut(0..self.len)
+    }
+
+    /// Elements `range` (one chunk of a batch), for reading.
+    pub(crate) fn view(&self, range: Range<usize>) -> View<'_> {
+        assert!(range.end <= self.len, "view {range:?} of {} elements", self.len);
+        match self.buf() {
+            Buf::Gpu(s) => View::Gpu(s.slice(range)),
+            Buf::Host(v) => View::Host(&v[range]),
+        }
+    }
+
+    /// Elements `range` (one chunk of a batch), for writing.
+    pub(crate) fn view_mut(&mut self, range: Range<usize>) -> ViewMut<'_> {
+        assert!(range.end <= self.len, "view {range:?} of {} elements", self.len);
+        match self.buf.as_mut().expect("buffer present until drop") {
+            Buf::Gpu(s) => ViewMut::Gpu(s.slice_mut(range)),
+            Buf::Host(v) => ViewMut::Host(&mut v[range]),
+        }
     }
 
     pub(crate) fn device(&self) -> CudaDevice {
@@ -509,23 +651,27 @@ impl CudaStorage {
         if self.len == 0 {
             return Ok(Vec::new());
         }
-        let mut out = vec![0.0f32; self.len];
-        self.dev
-            .stream()
-            .memcpy_dtoh(&self.slice().slice(0..self.len), &mut out)
-            .with_context(|| format!("copying {} values from the GPU", self.len))?;
-        Ok(out)
+        match (self.buf(), self.dev.gpu()) {
+            (Buf::Gpu(s), Some(g)) => {
+                let mut out = vec![0.0f32; self.len];
+                g.stream
+                    .memcpy_dtoh(&s.slice(0..self.len), &mut out)
+                    .with_context(|| format!("copying {} values from the GPU", self.len))?;
+                Ok(out)
+            }
+            (Buf::Host(v), _) => Ok(v.clone()),
+            (Buf::Gpu(_), None) => bail!("internal: GPU storage on an emulated device"),
+        }
     }
 }
 
 impl Drop for CudaStorage {
     fn drop(&mut self) {
         self.dev.mem.free(self.len * 4);
-        if let Some(buf) = self.buf.take() {
+        if let (Some(Buf::Gpu(buf)), Some(g)) = (self.buf.take(), self.dev.gpu()) {
             // Later kernels on the same stream run after every earlier use,
             // so the buffer can be handed out again at once.
-            let mut pool = self.dev.inner.pool.lock().unwrap();
-            pool.entry(buf.len()).or_default().push(buf);
+            g.pool.lock().unwrap().entry(buf.len()).or_default().push(buf);
         }
     }
 }
@@ -545,7 +691,9 @@ pub struct Dims {
 pub const MAX_RANK: usize = 8;
 
 // SAFETY: plain `repr(C)` integers, laid out as the kernels' `struct Dims`.
-unsafe impl cudarc::driver::DeviceRepr for Dims {}
+unsafe impl KernelValue for Dims {
+    const C_TYPE: &'static str = "Dims";
+}
 
 impl Dims {
     /// Output `shape` with the element strides `sa`, `sb` of two inputs.
@@ -580,19 +728,16 @@ pub fn grid(n: usize) -> Result<LaunchConfig> {
     })
 }
 
-/// `launch!(dev, "module", "kernel", cfg, arg, ...)`: look the kernel up
-/// (compiling its file at first use) and queue it on the device's stream.
-/// Arguments are references (`&slice`, `&mut slice`, `&(n as i32)`); they
-/// live until the end of the one statement that launches.
+/// `launch!(dev, "module", "kernel", cfg, arg, ...)`: launch `kernel` of
+/// `kernels/<module>.cu` through [`CudaDevice::launch`]. Arguments are what
+/// [`IntoKernelArg`] takes: views (`x.slice()`, `y.slice_mut()`, `&view`,
+/// [`Ints`]) and references to values (`&(n as i32)`, `&dims`); they live
+/// until the end of the one statement that launches.
 macro_rules! launch {
     ($dev:expr, $module:literal, $kernel:literal, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        use $crate::device::launch::IntoKernelArg as _;
         let dev: &$crate::device::cuda::CudaDevice = $dev;
-        let f = dev.function($module, $kernel)?;
-        use cudarc::driver::PushKernelArg as _;
-        // SAFETY: each kernel's parameter list matches the arguments its one
-        // launcher passes, and every buffer holds the element counts passed.
-        unsafe { dev.stream().launch_builder(&f)$(.arg($arg))+.launch($cfg) }
-            .map_err(|e| anyhow::anyhow!("CUDA kernel {}::{}: {e}", $module, $kernel))?;
+        dev.launch($module, $kernel, $cfg, &mut [$(($arg).into_kernel_arg()),+])?;
     }};
 }
 pub(crate) use launch;

@@ -5,6 +5,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod launch;
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -167,7 +168,7 @@ impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Device::Cpu(_) => write!(f, "cpu ({} threads)", rayon::current_num_threads()),
-            Device::Cuda(d) => write!(f, "{}", d.info()),
+            Device::Cuda(d) => write!(f, "{d}"),
         }
     }
 }

@@ -575,14 +575,11 @@ pub fn conv_transpose2d_backward(
 /// the scratch (column matrices, per-image weight gradients) near a budget.
 mod cuda {
     use anyhow::Result;
-    use cudarc::driver::{CudaView, DeviceRepr, LaunchConfig};
+    use cudarc::driver::LaunchConfig;
 
     use super::Geom;
-    use crate::device::cuda::{grid, launch, CudaDevice, CudaStorage, BLOCK};
+    use crate::device::cuda::{grid, launch, CudaDevice, CudaStorage, KernelValue, View, BLOCK};
     use crate::ops::linear::cuda::sgemm_view;
-
-    /// Scratch floats a chunk of images aims for (16 MiB); one image always fits.
-    const BUDGET: usize = 1 << 22;
 
     /// [`Geom`] as the kernels' `struct ConvDims`.
     #[repr(C)]
@@ -590,15 +587,20 @@ mod cuda {
     struct ConvDims([i32; 9]);
 
     // SAFETY: plain `repr(C)` integers, laid out as the kernels' `struct ConvDims`.
-    unsafe impl DeviceRepr for ConvDims {}
+    unsafe impl KernelValue for ConvDims {
+        const C_TYPE: &'static str = "ConvDims";
+    }
 
     fn dims(g: &Geom) -> ConvDims {
         ConvDims([g.c, g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.ho, g.wo].map(|d| d as i32))
     }
 
-    /// Images per chunk of a batch of `n` when each needs `per_image` scratch floats.
-    fn chunk_size(n: usize, per_image: usize) -> usize {
-        (BUDGET / per_image.max(1)).clamp(1, 65_535).min(n.max(1))
+    /// Images per chunk of a batch of `n` when each needs `per_image` scratch
+    /// floats, within the device's scratch budget.
+    fn chunk_size(dev: &CudaDevice, n: usize, per_image: usize) -> usize {
+        (dev.scratch_budget() / per_image.max(1))
+            .clamp(1, 65_535)
+            .min(n.max(1))
     }
 
     /// Scratch for the column matrices of `gs` images; none for a pointwise conv.
@@ -613,10 +615,10 @@ mod cuda {
     fn chunk_cols<'a>(
         dev: &CudaDevice,
         g: &Geom,
-        x: CudaView<'a, f32>,
+        x: View<'a>,
         cols: &'a mut Option<CudaStorage>,
         nz: usize,
-    ) -> Result<CudaView<'a, f32>> {
+    ) -> Result<View<'a>> {
         let Some(c) = cols else { return Ok(x) };
         let cfg = grid(nz * g.ck() * g.hw())?;
         launch!(
@@ -629,7 +631,7 @@ mod cuda {
             &dims(g),
             &(nz as i32)
         );
-        Ok(c.slice().as_view())
+        Ok(c.slice())
     }
 
     /// `colside[n] = W · cols(img[n])` with `W [o, ck]`: `[n, o, hw]`.
@@ -638,14 +640,14 @@ mod cuda {
         let (ck, hw, il) = (g.ck(), g.hw(), g.img_len());
         let n = imgs.len() / il;
         let mut out = dev.alloc(n * o * hw)?;
-        let gs = chunk_size(n, ck * hw);
+        let gs = chunk_size(&dev, n, ck * hw);
         let mut cols = col_scratch(&dev, g, gs)?;
         for n0 in (0..n).step_by(gs) {
             let nz = gs.min(n - n0);
-            let x = imgs.slice().slice(n0 * il..(n0 + nz) * il);
+            let x = imgs.view(n0 * il..(n0 + nz) * il);
             let b = chunk_cols(&dev, g, x, &mut cols, nz)?;
-            let mut y = out.slice_mut().slice_mut(n0 * o * hw..(n0 + nz) * o * hw);
-            let a = (&w.slice().as_view(), false, 0);
+            let mut y = out.view_mut(n0 * o * hw..(n0 + nz) * o * hw);
+            let a = (&w.slice(), false, 0);
             sgemm_view(&dev, nz, (o, hw, ck), a, (&b, false, ck * hw), &mut y, false)?;
         }
         Ok(out)
@@ -657,26 +659,18 @@ mod cuda {
         let (ck, hw, il) = (g.ck(), g.hw(), g.img_len());
         let n = colside.len() / (o * hw);
         let mut out = dev.alloc(n * il)?;
-        let gs = chunk_size(n, ck * hw);
+        let gs = chunk_size(&dev, n, ck * hw);
         let mut cols = col_scratch(&dev, g, gs)?;
         for n0 in (0..n).step_by(gs) {
             let nz = gs.min(n - n0);
-            let dy = colside.slice().slice(n0 * o * hw..(n0 + nz) * o * hw);
-            let mut dx = out.slice_mut().slice_mut(n0 * il..(n0 + nz) * il);
-            let (a, b) = ((&w.slice().as_view(), true, 0), (&dy, false, o * hw));
+            let dy = colside.view(n0 * o * hw..(n0 + nz) * o * hw);
+            let mut dx = out.view_mut(n0 * il..(n0 + nz) * il);
+            let (a, b) = ((&w.slice(), true, 0), (&dy, false, o * hw));
             match &mut cols {
                 // A pointwise conv's column matrices are the images.
                 None => sgemm_view(&dev, nz, (ck, hw, o), a, b, &mut dx, false)?,
                 Some(c) => {
-                    sgemm_view(
-                        &dev,
-                        nz,
-                        (ck, hw, o),
-                        a,
-                        b,
-                        &mut c.slice_mut().as_view_mut(),
-                        false,
-                    )?;
+                    sgemm_view(&dev, nz, (ck, hw, o), a, b, &mut c.slice_mut(), false)?;
                     let cfg = grid(nz * il)?;
                     launch!(
                         &dev,
@@ -706,28 +700,20 @@ mod cuda {
         let dev = imgs.device();
         let (ck, hw, il) = (g.ck(), g.hw(), g.img_len());
         let n = imgs.len() / il;
-        let gs = chunk_size(n, o * ck + if g.pointwise() { 0 } else { ck * hw });
+        let gs = chunk_size(&dev, n, o * ck + if g.pointwise() { 0 } else { ck * hw });
         let mut cols = col_scratch(&dev, g, gs)?;
         let mut part = (gs > 1).then(|| dev.alloc(gs * o * ck)).transpose()?;
         let mut dw = dev.alloc(o * ck)?;
         dw.fill(0.0)?;
         for n0 in (0..n).step_by(gs) {
             let nz = gs.min(n - n0);
-            let x = imgs.slice().slice(n0 * il..(n0 + nz) * il);
+            let x = imgs.view(n0 * il..(n0 + nz) * il);
             let b = chunk_cols(&dev, g, x, &mut cols, nz)?;
-            let dy = colside.slice().slice(n0 * o * hw..(n0 + nz) * o * hw);
+            let dy = colside.view(n0 * o * hw..(n0 + nz) * o * hw);
             let (a, b) = ((&dy, false, o * hw), (&b, true, ck * hw));
             match &mut part {
                 Some(p) if nz > 1 => {
-                    sgemm_view(
-                        &dev,
-                        nz,
-                        (o, ck, hw),
-                        a,
-                        b,
-                        &mut p.slice_mut().as_view_mut(),
-                        false,
-                    )?;
+                    sgemm_view(&dev, nz, (o, ck, hw), a, b, &mut p.slice_mut(), false)?;
                     let len = o * ck;
                     let cfg = grid(len)?;
                     launch!(
@@ -741,15 +727,7 @@ mod cuda {
                         &(len as i32)
                     );
                 }
-                _ => sgemm_view(
-                    &dev,
-                    1,
-                    (o, ck, hw),
-                    a,
-                    b,
-                    &mut dw.slice_mut().as_view_mut(),
-                    true,
-                )?,
+                _ => sgemm_view(&dev, 1, (o, ck, hw), a, b, &mut dw.slice_mut(), true)?,
             }
         }
         Ok(dw)

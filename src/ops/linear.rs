@@ -258,9 +258,9 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Te
 /// Launchers of kernels/matmul.cu.
 pub(crate) mod cuda {
     use anyhow::{ensure, Result};
-    use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
+    use cudarc::driver::LaunchConfig;
 
-    use crate::device::cuda::{launch, CudaDevice, CudaStorage, BLOCK};
+    use crate::device::cuda::{launch, CudaDevice, CudaStorage, View, ViewMut, BLOCK};
 
     /// Tile of C one block computes (TM = TN in kernels/matmul.cu).
     const TILE: usize = 64;
@@ -280,9 +280,9 @@ pub(crate) mod cuda {
             &a.device(),
             batch,
             dims,
-            (&a.slice().as_view(), ta, sa),
-            (&b.slice().as_view(), tb, sb),
-            &mut c.slice_mut().as_view_mut(),
+            (&a.slice(), ta, sa),
+            (&b.slice(), tb, sb),
+            &mut c.slice_mut(),
             accumulate,
         )
     }
@@ -293,9 +293,9 @@ pub(crate) mod cuda {
         dev: &CudaDevice,
         batch: usize,
         (m, n, k): (usize, usize, usize),
-        (a, ta, sa): (&CudaView<f32>, bool, usize),
-        (b, tb, sb): (&CudaView<f32>, bool, usize),
-        c: &mut CudaViewMut<f32>,
+        (a, ta, sa): (&View, bool, usize),
+        (b, tb, sb): (&View, bool, usize),
+        c: &mut ViewMut,
         accumulate: bool,
     ) -> Result<()> {
         if batch * m * n == 0 {

@@ -255,7 +255,9 @@ mod cuda {
     }
 
     // SAFETY: plain `repr(C)` integers, laid out as the kernels' `struct Window`.
-    unsafe impl cudarc::driver::DeviceRepr for Window {}
+    unsafe impl crate::device::cuda::KernelValue for Window {
+        const C_TYPE: &'static str = "Window";
+    }
 
     impl Window {
         pub(super) fn new(

@@ -657,7 +657,7 @@ mod cuda {
     use cudarc::driver::LaunchConfig;
 
     use super::Region;
-    use crate::device::cuda::{grid, launch, CudaDevice, CudaStorage, BLOCK};
+    use crate::device::cuda::{grid, launch, CudaDevice, CudaStorage, Ints, BLOCK};
     use crate::tensor::Tensor;
 
     /// Sizes as the kernels take them.
@@ -808,7 +808,7 @@ mod cuda {
             "localized_crop",
             grid(n * c * oh * ow)?,
             windows.slice(),
-            table.slice(),
+            Ints(table.slice()),
             gs.slice(),
             out.slice_mut(),
             &n32,
@@ -836,7 +836,7 @@ mod cuda {
             "localized_crop_backward",
             grid(n * oh * ow)?,
             windows.slice(),
-            table.slice(),
+            Ints(table.slice()),
             gs.slice(),
             go.slice(),
             ggrid.slice_mut(),

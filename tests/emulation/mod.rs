@@ -4,71 +4,53 @@
 //! as fibers switching at barriers), into one shared library per file, cached
 //! under `target/tmp/kernel-emulation/` by a hash of everything that goes in.
 //!
-//! [`Emu::launch`] then works like `launch!` in src/device/cuda.rs: file and
-//! kernel by name, a `LaunchConfig`, and the arguments in order. On top of
-//! what a GPU would do it checks that the argument types match the kernel's
+//! [`Emu::device`] makes an emulated `CudaDevice` whose launches (every
+//! `launch!` of the engine's launchers, with its grid and argument list) go
+//! to [`Emu::run`], which runs the kernel by file and name. On top of what a
+//! GPU would do it checks that the argument types match the kernel's
 //! parameters (`int` vs `long long`, `const float*` for `slice()` and
 //! `float*` for `slice_mut()`), that the launch fits the hardware limits, that
 //! no kernel writes outside its buffers (each is copied between NaN guard
 //! zones; a read outside gives NaN), and that every barrier is reached by
-//! every thread of its block or warp.
+//! every thread of its block or warp. [`Emu::launch`] runs a kernel by hand
+//! (the emulator's own tests).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::LaunchConfig;
 use libloading::Library;
-use saccade::device::cuda::{Dims, COMMON, KERNEL_FILES};
+use saccade::device::cuda::{CudaDevice, COMMON, KERNEL_FILES};
+use saccade::device::launch::{IntoKernelArg, KernelArg, KernelValue, View, ViewMut};
+use saccade::Device;
 
-use Arg::*;
-
-/// One kernel argument, in the launcher's order.
-pub enum Arg<'a> {
-    /// A buffer the kernel reads (`x.slice()`; parameter `const float*`).
-    In(&'a [f32]),
-    /// A buffer of i32 bit patterns in f32 storage that the kernel reads as
-    /// `const int*` (`table.slice()` of the localized crop).
-    InInt(&'a [f32]),
-    /// A buffer the kernel writes (`x.slice_mut()`; parameter `float*`).
-    Out(&'a mut [f32]),
-    I32(i32),
-    I64(i64),
-    F32(f32),
-    Dims(Dims),
-    /// `struct ConvDims` of kernels/conv.cu: c, h, w, kh, kw, stride, pad, ho, wo.
-    ConvDims([i32; 9]),
-    /// A pooling geometry `[h, w, ho, wo, k, s, p]` by value (`struct Window`
-    /// in kernels/pool.cu, `pool::cuda::Window` in the launchers).
-    Window([i32; 7]),
+/// The parameter type of `arg` as g++ names it.
+fn c_type(arg: &KernelArg) -> &'static str {
+    match arg {
+        KernelArg::In(_) => "float const*",
+        KernelArg::InInt(_) => "int const*",
+        KernelArg::Out(_) => "float*",
+        KernelArg::Value { c_type, .. } => c_type,
+    }
 }
 
-impl Arg<'_> {
-    /// The parameter type as g++ names it.
-    fn c_type(&self) -> &'static str {
-        match self {
-            In(_) => "float const*",
-            InInt(_) => "int const*",
-            Out(_) => "float*",
-            I32(_) => "int",
-            I64(_) => "long long",
-            F32(_) => "float",
-            Dims(_) => "Dims",
-            ConvDims(_) => "ConvDims",
-            Window(_) => "Window",
-        }
-    }
+/// A buffer read (`x`) or written (`y`) by a kernel launched by hand, as the
+/// emulator's own tests do.
+pub fn read(x: &[f32]) -> KernelArg<'_> {
+    KernelArg::In(View::Host(x))
+}
 
-    fn buffer(&self) -> Option<&[f32]> {
-        match self {
-            In(b) | InInt(b) => Some(b),
-            Out(b) => Some(b),
-            _ => None,
-        }
-    }
+pub fn write(y: &mut [f32]) -> KernelArg<'_> {
+    KernelArg::Out(ViewMut::Host(y))
+}
+
+/// A value passed by copy (`&(n as i32)`, `&1.5f32`).
+pub fn value<T: KernelValue>(v: &T) -> KernelArg<'_> {
+    v.into_kernel_arg()
 }
 
 /// NaN guard zone around every buffer, in floats; a NaN payload of our own
@@ -241,44 +223,69 @@ impl Emu {
         Ok(emu)
     }
 
-    /// Run `kernel` of `kernels/<file>.cu` like `launch!(dev, file, kernel,
-    /// cfg, args...)`, then copy every `Out` buffer back. Panics with the
-    /// reason when the launch is wrong.
+    /// A GPU whose kernels run here: the engine's own launchers (`mod cuda`
+    /// in src/ops/*.rs) launch them through [`Emu::run`]. Every launch is
+    /// recorded in `launched` as `"file::kernel"`.
+    pub fn device(&'static self) -> (Device, Arc<Mutex<BTreeSet<String>>>) {
+        let launched = Arc::new(Mutex::new(BTreeSet::new()));
+        let log = launched.clone();
+        let dev = CudaDevice::emulated(Box::new(move |file, kernel, cfg, args| {
+            log.lock().unwrap().insert(format!("{file}::{kernel}"));
+            self.run(file, kernel, cfg, args).map_err(|e| anyhow::anyhow!(e))
+        }));
+        (Device::Cuda(dev), launched)
+    }
+
+    /// [`Emu::run`], panicking with the reason when the launch is wrong.
     #[track_caller]
-    pub fn launch(&self, file: &str, kernel: &str, cfg: LaunchConfig, args: &mut [Arg]) {
+    pub fn launch(&self, file: &str, kernel: &str, cfg: LaunchConfig, args: &mut [KernelArg]) {
+        if let Err(e) = self.run(file, kernel, cfg, args) {
+            panic!("{e}");
+        }
+    }
+
+    /// Run `kernel` of `kernels/<file>.cu` as a GPU would run `launch!(dev,
+    /// file, kernel, cfg, args...)`, then copy every written buffer back; an
+    /// error says why the launch is wrong.
+    pub fn run(
+        &self,
+        file: &str,
+        kernel: &str,
+        cfg: LaunchConfig,
+        args: &mut [KernelArg],
+    ) -> Result<(), String> {
         let k = self
             .kernels
             .get(&(file.to_string(), kernel.to_string()))
-            .unwrap_or_else(|| panic!("no kernel {kernel} in kernels/{file}.cu"));
-        let passed: Vec<&str> = args.iter().map(Arg::c_type).collect();
-        assert!(
-            passed.join(", ") == k.signature,
-            "{file}::{kernel} takes ({}) but is launched with ({})",
-            k.signature,
-            passed.join(", ")
-        );
+            .ok_or_else(|| format!("no kernel {kernel} in kernels/{file}.cu"))?;
+        let passed: Vec<&str> = args.iter().map(c_type).collect();
+        if passed.join(", ") != k.signature {
+            return Err(format!(
+                "{file}::{kernel} takes ({}) but is launched with ({})",
+                k.signature,
+                passed.join(", ")
+            ));
+        }
         // Each buffer between guard zones; the kernel sees the middle.
-        let mut copies: Vec<Vec<f32>> = args
-            .iter()
-            .filter_map(Arg::buffer)
-            .map(|b| {
-                let guard = vec![f32::from_bits(GUARD_BITS); GUARD];
-                [&guard[..], b, &guard[..]].concat()
-            })
-            .collect();
+        let mut copies = Vec::new();
+        for a in args.iter() {
+            let b: &[f32] = match a {
+                KernelArg::In(View::Host(b)) | KernelArg::InInt(View::Host(b)) => b,
+                KernelArg::Out(ViewMut::Host(b)) => b,
+                KernelArg::Value { .. } => continue,
+                _ => return Err(format!("{file}::{kernel} given a buffer of a real GPU")),
+            };
+            let guard = vec![f32::from_bits(GUARD_BITS); GUARD];
+            copies.push([&guard[..], b, &guard[..]].concat());
+        }
         let pointers: Vec<*mut f32> = copies.iter_mut().map(|c| c[GUARD..].as_mut_ptr()).collect();
         let mut next = pointers.iter();
         // Like cuLaunchKernel's kernelParams: a pointer to each value.
         let params: Vec<*mut c_void> = args
             .iter()
             .map(|a| match a {
-                In(_) | InInt(_) | Out(_) => next.next().unwrap() as *const *mut f32 as *mut c_void,
-                I32(v) => v as *const i32 as *mut c_void,
-                I64(v) => v as *const i64 as *mut c_void,
-                F32(v) => v as *const f32 as *mut c_void,
-                Dims(v) => v as *const Dims as *mut c_void,
-                ConvDims(v) => v as *const [i32; 9] as *mut c_void,
-                Window(v) => v as *const [i32; 7] as *mut c_void,
+                KernelArg::Value { bytes, .. } => bytes.as_ptr() as *mut c_void,
+                _ => next.next().unwrap() as *const *mut f32 as *mut c_void,
             })
             .collect();
         let launch = Launch {
@@ -293,7 +300,7 @@ impl Emu {
         if rc != 0 {
             // SAFETY: the runner wrote a NUL-terminated message.
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
-            panic!("{file}::{kernel}: {msg}");
+            return Err(format!("{file}::{kernel}: {msg}"));
         }
         for (i, c) in copies.iter().enumerate() {
             let len = c.len() - 2 * GUARD;
@@ -302,22 +309,18 @@ impl Emu {
                 .chain((0..GUARD).map(|j| (GUARD + len + j, (len + j) as isize)))
                 .find(|&(j, _)| c[j].to_bits() != GUARD_BITS);
             if let Some((_, at)) = clobbered {
-                panic!("{file}::{kernel} wrote outside buffer argument {i} (length {len}) at index {at}");
+                return Err(format!(
+                    "{file}::{kernel} wrote outside buffer argument {i} (length {len}) at index {at}"
+                ));
             }
         }
-        let mut copies = copies.iter();
-        for a in args.iter_mut() {
-            match a {
-                In(_) | InInt(_) => {
-                    copies.next();
-                }
-                Out(b) => {
-                    let c = copies.next().unwrap();
-                    b.copy_from_slice(&c[GUARD..GUARD + b.len()]);
-                }
-                _ => {}
+        let buffers = args.iter_mut().filter(|a| !matches!(a, KernelArg::Value { .. }));
+        for (a, c) in buffers.zip(&copies) {
+            if let KernelArg::Out(ViewMut::Host(b)) = a {
+                b.copy_from_slice(&c[GUARD..GUARD + b.len()]);
             }
         }
+        Ok(())
     }
 }
 
