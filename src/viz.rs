@@ -270,9 +270,14 @@ pub fn save_stacked(rows: &[RgbImage], path: &Path) -> Result<()> {
     save_png(&canvas, path)
 }
 
-/// Write `img` as a PNG, the error naming the file.
+/// Write `img` as a PNG whole or not at all (encoded in memory, then
+/// [`write_atomic`](crate::checkpoint::write_atomic)): a full disk or a kill
+/// never leaves a truncated picture. The error names the file.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
-    img.save_with_format(path, image::ImageFormat::Png)
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .context("encoding a PNG")?;
+    crate::checkpoint::write_atomic(path, &png)
         .with_context(|| format!("writing {} (is the folder writable?)", path.display()))
 }
 

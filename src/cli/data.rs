@@ -28,6 +28,8 @@ pub(super) enum SplitArg {
 #[derive(Subcommand)]
 pub(super) enum DataCommand {
     /// Write a generated dataset (all three splits) to disk.
+    ///
+    /// Example: saccade data generate --dataset cluttered-mnist@2528 --train 1000 --valid 100 --test 100 --out stores/c2528
     #[command(after_help = SPEC_HELP)]
     Generate {
         /// Dataset spec (see below).
@@ -36,18 +38,26 @@ pub(super) enum DataCommand {
         /// Output folder (must be new or empty).
         #[arg(long)]
         out: PathBuf,
+        /// Seed of the generator: the same seed writes the same images.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Images in the train split.
         #[arg(long, default_value_t = 100_000)]
         train: usize,
+        /// Images in the valid split.
         #[arg(long, default_value_t = 10_000)]
         valid: usize,
+        /// Images in the test split.
         #[arg(long, default_value_t = 10_000)]
         test: usize,
+        /// What to write.
         #[arg(long, value_enum, default_value = "store")]
         format: Format,
     },
     /// Import PNG/JPEG/TIFF images, one class per subfolder, into a tiled store.
+    ///
+    /// Example: saccade data import --folder ~/slides --out stores/slides --size 4096
+    /// (then: saccade train --dataset stores/slides)
     Import {
         /// Folder with one subfolder of images per class.
         #[arg(long)]
@@ -66,16 +76,23 @@ pub(super) enum DataCommand {
         test_frac: f64,
     },
     /// Draw a grid of images with their proxies and labels to a PNG.
+    ///
+    /// Example: saccade data inspect stores/slides --count 8 --seed 3 --out slides.png
     #[command(after_help = SPEC_HELP)]
     Inspect {
         /// A store folder or a dataset spec (see below).
         dataset: String,
+        /// PNG file to write.
         #[arg(long, default_value = "grid.png")]
         out: PathBuf,
+        /// Images to draw.
         #[arg(long, default_value_t = 12)]
         count: usize,
+        /// Which split to draw from.
         #[arg(long, value_enum, default_value = "train")]
         split: SplitArg,
+        /// Seed: of the generator for a generated dataset, of the choice of
+        /// images for a store.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Side of each picture in pixels.

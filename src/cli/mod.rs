@@ -40,6 +40,11 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model (defaults: cluttered-mnist, 100x100, auto device).
+    #[command(after_help = "Examples:\n  \
+        saccade train                                   # the default run, ~10 min on a 2-core CPU\n  \
+        saccade train --dataset cluttered-mnist-1 --train-size 50000 --epochs 4 --minutes 5\n  \
+        saccade train --dataset ./stores/slides --preset paper --out runs/slides\n  \
+        saccade train --resume runs/latest/checkpoint.safetensors --epochs 8   # extend a run")]
     Train(TrainArgs),
     /// Evaluate a checkpoint: accuracy, per-class accuracy, confusions.
     #[command(
@@ -68,6 +73,10 @@ enum Command {
     Device,
     /// Time one training step and peak memory: saccade against the tiled
     /// ResNet18 at 2528² and against ResNet18 at 100² (the paper's Table 1).
+    #[command(after_help = "Examples:\n  \
+        saccade bench --size 100 --steps 4           # the Table 1 comparison at 100x100\n  \
+        saccade bench --profile --steps 20           # where a training step of the small preset goes\n  \
+        saccade bench learning --seeds 3 --minutes 15")]
     Bench(BenchArgs),
     /// CUDA kernel tools.
     Kernels {

@@ -52,6 +52,7 @@ pub(super) struct TrainArgs {
     /// with a resumable checkpoint), then evaluate on the test split.
     #[arg(long)]
     pub(super) minutes: Option<f64>,
+    /// Images per training step (default: the preset's, 32 for small, 100 for paper).
     #[arg(long)]
     pub(super) batch_size: Option<usize>,
     /// Adam learning rate.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, ensure, Context, Result};
 use image::{imageops, DynamicImage, GrayImage, ImageReader, Rgb, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
 use rayon::prelude::*;
 
 use super::font::{draw_text, text_width};
@@ -504,6 +505,15 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     let ds = open_dataset(&args.dataset, args.split, &cfg)?;
     let n = args.count.min(ds.len());
     ensure!(n > 0, "{} has no samples", ds.describe());
+    // Which samples: a generated dataset renders its first `n` from the
+    // seed; a store's are a seeded choice among all of its split's.
+    let mut picks: Vec<usize> = if ds.len() > n {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(mix_seed(&[args.seed, 0x1a5ec7]));
+        rand::seq::index::sample(&mut rng, ds.len(), n).into_vec()
+    } else {
+        (0..n).collect()
+    };
+    picks.sort_unstable();
     let names = ds.class_names();
     let (cell, gap, text) = (args.cell, GAP, TEXT);
     let band = 5 * text + 2 * gap;
@@ -516,8 +526,8 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     let width = (grid_w as u32).max(text_width(&title, text) + 2 * gap);
     let mut grid = RgbImage::from_pixel(width, grid_h as u32, Rgb([24, 24, 32]));
     draw_text(&mut grid, gap, gap, &title, text, Rgb([220, 220, 220]));
-    for i in 0..n {
-        let s = ds.get(i)?;
+    for (i, &index) in picks.iter().enumerate() {
+        let s = ds.get(index)?;
         let (gx, gy) = (
             (i as u32 % cols) * pair_w + gap,
             top + (i as u32 / cols) * (cell + band + gap),
@@ -538,7 +548,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
             &mut grid,
             index_x,
             gy + cell + gap,
-            &format!("i={i}"),
+            &format!("i={index}"),
             text,
             Rgb([150, 150, 170]),
         );
@@ -552,8 +562,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
             Rgb([150, 150, 170]),
         );
     }
-    grid.save(&args.out)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    crate::viz::save_png(&grid, &args.out)?;
     eprintln!("wrote {} ({n} samples of {})", args.out.display(), ds.describe());
     Ok(())
 }
@@ -776,5 +785,40 @@ mod tests {
         assert!(!partial.exists());
         let ds = StoreDataset::open(&out, Split::Train, 8, 0.0, 0).unwrap();
         assert_eq!(ds.len(), 6);
+    }
+
+    #[test]
+    fn inspect_of_a_store_draws_a_seeded_choice_of_its_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("s");
+        generate(&GenerateArgs {
+            dataset: "cluttered-mnist-1".into(),
+            out: store.clone(),
+            seed: 1,
+            sizes: SplitSizes {
+                train: 12,
+                valid: 1,
+                test: 1,
+            },
+            format: OutputFormat::Store,
+            mnist_dir: None,
+        })
+        .unwrap();
+        let draw = |seed: u64, name: &str| {
+            let out = dir.path().join(name);
+            inspect(&InspectArgs {
+                dataset: store.display().to_string(),
+                out: out.clone(),
+                count: 2,
+                split: Split::Train,
+                seed,
+                cell: 32,
+            })
+            .unwrap();
+            fs::read(out).unwrap()
+        };
+        let (a, again, b) = (draw(1, "a.png"), draw(1, "a2.png"), draw(2, "b.png"));
+        assert_eq!(a, again, "the same seed draws the same images");
+        assert_ne!(a, b, "another seed draws other images");
     }
 }
