@@ -44,7 +44,12 @@ const FIXED_HEADER: usize = 40;
 const LEVEL_ENTRY: usize = 40;
 const DATA_ALIGN: usize = 4096;
 pub const MANIFEST: &str = "manifest.tsv";
-const MANIFEST_HEAD: &str = "saccade-store\t1";
+/// The first line of a manifest: `saccade-store<TAB>2<TAB>crc32=XXXXXXXX`,
+/// the CRC-32 of every byte after that line, so a truncated or altered
+/// manifest is an error rather than a store with other images or labels.
+/// Version 1 (no CRC) is still read.
+const MANIFEST_HEAD: &str = "saccade-store\t2\tcrc32=";
+const MANIFEST_HEAD_V1: &str = "saccade-store\t1";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Level {
@@ -458,7 +463,7 @@ pub struct Manifest {
 impl Manifest {
     pub fn write(&self, dir: &Path) -> Result<()> {
         let mut s = format!(
-            "{MANIFEST_HEAD}\nchannels\t{}\nsize\t{}\t{}\n",
+            "channels\t{}\nsize\t{}\t{}\n",
             self.channels, self.size.0, self.size.1
         );
         for c in &self.classes {
@@ -467,10 +472,8 @@ impl Manifest {
         for e in &self.entries {
             writeln!(s, "image\t{}\t{}\t{}", e.split.name(), e.label, e.file)?;
         }
-        let path = dir.join(MANIFEST);
-        let tmp = dir.join(format!("{MANIFEST}.tmp"));
-        fs::write(&tmp, s).with_context(|| format!("cannot write {}", tmp.display()))?;
-        fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
+        let s = format!("{MANIFEST_HEAD}{:08x}\n{s}", crc32fast::hash(s.as_bytes()));
+        crate::checkpoint::write_atomic(&dir.join(MANIFEST), s.as_bytes())
     }
 
     pub fn read(dir: &Path) -> Result<Manifest> {
@@ -482,13 +485,26 @@ impl Manifest {
                 path.display()
             )
         })?;
-        let mut lines = text.lines().enumerate();
-        ensure!(
-            lines.next().map(|(_, l)| l) == Some(MANIFEST_HEAD),
-            "{}: first line must be `{}`",
-            path.display(),
-            MANIFEST_HEAD.replace('\t', "<TAB>")
-        );
+        let (head, body) = text.split_once('\n').unwrap_or((&text, ""));
+        if head != MANIFEST_HEAD_V1 {
+            let crc = head
+                .strip_prefix(MANIFEST_HEAD)
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                .with_context(|| {
+                    format!(
+                        "{}: first line must be `{}XXXXXXXX`, is `{}`",
+                        path.display(),
+                        MANIFEST_HEAD.replace('\t', "<TAB>"),
+                        head.replace('\t', "<TAB>")
+                    )
+                })?;
+            ensure!(
+                crc32fast::hash(body.as_bytes()) == crc,
+                "{}: checksum mismatch: the manifest is truncated or corrupt; write the store again",
+                path.display()
+            );
+        }
+        let lines = body.lines().enumerate().map(|(i, l)| (i + 1, l));
         let mut m = Manifest {
             channels: 0,
             size: (0, 0),
@@ -792,6 +808,94 @@ mod tests {
             .contains("img.tiles"));
     }
 
+    /// Random truncations and byte flips of a tile file and of a manifest:
+    /// every one is a clean error or reads back exactly the original, never
+    /// a panic or other pixels, labels or files.
+    #[test]
+    fn damaged_tile_files_and_manifests_fail_cleanly_or_read_identically() {
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.tiles");
+        // Two levels of several tiles each, and edge tiles.
+        write_tiled(&path, &random_image(2, 300, 520, 5)).unwrap();
+        let good = fs::read(&path).unwrap();
+        let pixels = |img: &TiledImage| -> Result<Vec<Vec<f32>>> {
+            (0..img.levels())
+                .map(|l| {
+                    let (h, w) = img.level_size(l);
+                    let mut out = vec![0.0; 2 * h * w];
+                    img.read_region(l, 0, 0, h, w, &mut out).map(|()| out)
+                })
+                .collect()
+        };
+        let want = pixels(&TiledImage::open(&path).unwrap()).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let bad = dir.path().join("bad.tiles");
+        // The header and CRC table end at the last non-zero byte before the
+        // padding that aligns the tile data.
+        let header = good[..DATA_ALIGN].iter().rposition(|&b| b != 0).unwrap() + 1;
+        for case in 0..90 {
+            let mut bytes = good.clone();
+            let must_fail = match case % 3 {
+                0 => {
+                    bytes.truncate(rng.random_range(0..good.len()));
+                    true
+                }
+                1 => {
+                    bytes[rng.random_range(0..header)] ^= rng.random_range(1..=255u8);
+                    true
+                }
+                // Anywhere, padding included, where a flip may be immaterial.
+                _ => {
+                    bytes[rng.random_range(0..good.len())] ^= rng.random_range(1..=255u8);
+                    false
+                }
+            };
+            fs::write(&bad, &bytes).unwrap();
+            let read = std::panic::catch_unwind(|| TiledImage::open(&bad).and_then(|img| pixels(&img)));
+            match read {
+                Err(_) => panic!("case {case}: reading panicked"),
+                Ok(Err(_)) => {}
+                Ok(Ok(got)) => {
+                    assert!(
+                        !must_fail,
+                        "case {case}: a truncated file or damaged header was read"
+                    );
+                    assert!(got == want, "case {case}: read other pixels");
+                }
+            }
+        }
+
+        let m = Manifest {
+            channels: 1,
+            size: (64, 64),
+            classes: (0..12).map(|c| format!("class {c}")).collect(),
+            entries: (0..40)
+                .map(|i| Entry {
+                    split: [Split::Train, Split::Valid, Split::Test][i % 3],
+                    label: i % 12,
+                    file: format!("images/{i:07}.tiles"),
+                })
+                .collect(),
+        };
+        m.write(dir.path()).unwrap();
+        let good = fs::read(dir.path().join(MANIFEST)).unwrap();
+        for case in 0..80 {
+            let mut bytes = good.clone();
+            if case % 2 == 0 {
+                bytes.truncate(rng.random_range(0..good.len()));
+            } else {
+                bytes[rng.random_range(0..good.len())] ^= rng.random_range(1..=255u8);
+            }
+            fs::write(dir.path().join(MANIFEST), &bytes).unwrap();
+            match std::panic::catch_unwind(|| Manifest::read(dir.path())) {
+                Err(_) => panic!("case {case}: reading the manifest panicked"),
+                Ok(Err(_)) => {}
+                Ok(Ok(got)) => panic!("case {case}: a damaged manifest was read: {got:?}"),
+            }
+        }
+    }
+
     /// The paper's claim behind the store: reading a crop costs the same
     /// whatever the image size, because it is read at the pyramid level that
     /// matches the crop's output resolution and so touches at most 2×2 tiles.
@@ -876,7 +980,11 @@ mod tests {
         fs::remove_file(dir.path().join("images/1.tiles")).unwrap();
         let err = format!("{:#}", ds.get(1).err().unwrap());
         assert!(err.contains("images/1.tiles"), "{err}");
-        fs::write(dir.path().join(MANIFEST), "saccade-store\t1\nchannels\tx\n").unwrap();
+        fs::write(
+            dir.path().join(MANIFEST),
+            format!("{MANIFEST_HEAD_V1}\nchannels\tx\n"),
+        )
+        .unwrap();
         let err = StoreDataset::open(dir.path(), Split::Train, 8, 0.0, 0)
             .err()
             .unwrap()
