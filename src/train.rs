@@ -168,6 +168,24 @@ pub struct EpochMetrics {
     pub peak_bytes: usize,
 }
 
+impl EpochMetrics {
+    /// The line printed after the epoch.
+    pub fn summary(&self) -> String {
+        format!(
+            "epoch {}: loss {:.3}, train acc {:.1}%, valid acc {:.1}%{}, {:.0}s, {:.0} samples/s",
+            self.epoch,
+            self.train_loss,
+            100.0 * self.train_accuracy,
+            100.0 * self.valid_accuracy,
+            self.valid_coverage
+                .map(|c| format!(" (all objects in a glimpse: {:.1}%)", 100.0 * c))
+                .unwrap_or_default(),
+            self.seconds,
+            self.samples_per_second
+        )
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct EvalReport {
     pub accuracy: f64,
@@ -307,6 +325,46 @@ impl EpochSums {
         self.correct += f.correct;
         self.seen += images;
     }
+
+    /// The progress bar's line after `seconds` of the epoch.
+    fn status(&self, seconds: f64) -> String {
+        format!(
+            "loss {:.3} acc {:.1}% {:.0} samples/s",
+            self.loss / self.steps.max(1) as f64,
+            100.0 * self.correct as f64 / self.seen.max(1) as f64,
+            self.seen as f64 / seconds
+        )
+    }
+
+    /// The epoch's metrics, validation not yet filled in.
+    fn metrics(&self, epoch: usize, seconds: f64, peak_bytes: usize) -> EpochMetrics {
+        let n = self.steps.max(1) as f64;
+        EpochMetrics {
+            epoch,
+            train_loss: self.loss / n,
+            train_ce: self.ce / n,
+            train_kl: self.kl / n,
+            train_accuracy: self.correct as f64 / self.seen.max(1) as f64,
+            valid_accuracy: f64::NAN,
+            valid_coverage: None,
+            seconds,
+            samples: self.seen,
+            samples_per_second: self.seen as f64 / seconds,
+            peak_bytes,
+        }
+    }
+}
+
+/// How an epoch's loop over its batches ended.
+#[derive(PartialEq, Eq)]
+enum EpochEnd {
+    Complete,
+    /// Ctrl-C: `stop` was raised.
+    Interrupted,
+    /// The wall-clock budget ran out mid-epoch, of this many steps.
+    OutOfTime {
+        steps: usize,
+    },
 }
 
 fn batch_mean(x: &Tensor) -> Result<f64> {
@@ -625,100 +683,35 @@ impl<M: Model> Trainer<M> {
             out_of_time: false,
             last_checkpoint: None,
         };
-        let bs = self.cfg.batch_size;
         while self.progress.epoch < self.cfg.epochs {
             let epoch = self.progress.epoch;
-            let loader = Loader::new(
-                train.clone(),
-                loader_config(bs, Some(self.cfg.seed)),
-                &self.device,
-            )?;
-            let steps = loader.num_batches();
-            let total_steps = steps * self.cfg.epochs;
-            let bar = progress_bar(
-                show_progress,
-                steps as u64,
-                &format!("epoch {}/{}", epoch + 1, self.cfg.epochs),
-            );
-            bar.set_position(self.progress.step as u64);
             self.device.reset_peak();
             let t0 = Instant::now();
-            let mut sums = EpochSums::default();
-            for batch in loader.epoch_from(epoch, self.progress.step) {
-                let batch = batch?;
-                let done = epoch * steps + self.progress.step;
-                self.adam.config.lr = self.cfg.lr_schedule.rate(self.cfg.lr, done, total_steps);
-                self.model.set_progress((done * self.cfg.batch_size) as u64);
-                let figures = match self.step(&batch) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        bar.abandon();
-                        return Err(self.step_failed(e, &ck_path));
-                    }
-                };
-                sums.add(figures, batch.labels.len());
-                let el = t0.elapsed().as_secs_f64();
-                let status = format!(
-                    "loss {:.3} acc {:.1}% {:.0} samples/s",
-                    sums.loss / sums.steps as f64,
-                    100.0 * sums.correct as f64 / sums.seen as f64,
-                    sums.seen as f64 / el
-                );
-                // Without a terminal (nohup, a log file) the bar is hidden:
-                // print a line every tenth of the epoch instead.
-                let step = self.progress.step;
-                if show_progress
-                    && !std::io::stderr().is_terminal()
-                    && step.is_multiple_of(steps.div_ceil(10).max(1))
-                {
-                    eprintln!(
-                        "epoch {}/{} step {step}/{steps}: {status}",
-                        epoch + 1,
-                        self.cfg.epochs
-                    );
-                }
-                bar.set_message(status);
-                bar.inc(1);
-                if stop.load(Ordering::SeqCst) {
-                    bar.abandon_with_message("interrupted");
+            let (sums, end) = self.run_epoch(train, show_progress, stop, &ck_path)?;
+            let seconds = t0.elapsed().as_secs_f64();
+            let mut m = sums.metrics(epoch + 1, seconds, self.device.memory().peak_bytes);
+            match end {
+                EpochEnd::Interrupted => {
                     report.last_checkpoint = Some(self.save_run(out)?);
                     report.interrupted = true;
                     return Ok(report);
                 }
-                if self.progress.step < steps && self.deadline.is_some_and(|d| Instant::now() >= d) {
+                EpochEnd::OutOfTime { steps } => {
+                    // A partial epoch: checkpoint where it stands (resumable),
+                    // report its figures, leave metrics.jsonl to whole epochs.
+                    report.last_checkpoint = Some(self.save_run(out)?);
                     report.out_of_time = true;
-                    break;
+                    if show_progress {
+                        eprintln!(
+                            "time budget reached at epoch {} step {}/{steps}",
+                            epoch + 1,
+                            self.progress.step
+                        );
+                    }
+                    report.epochs.push(m);
+                    return Ok(report);
                 }
-            }
-            bar.finish_and_clear();
-            let seconds = t0.elapsed().as_secs_f64();
-            let n = sums.steps.max(1) as f64;
-            let mut m = EpochMetrics {
-                epoch: epoch + 1,
-                train_loss: sums.loss / n,
-                train_ce: sums.ce / n,
-                train_kl: sums.kl / n,
-                train_accuracy: sums.correct as f64 / sums.seen.max(1) as f64,
-                valid_accuracy: f64::NAN,
-                valid_coverage: None,
-                seconds,
-                samples: sums.seen,
-                samples_per_second: sums.seen as f64 / seconds,
-                peak_bytes: self.device.memory().peak_bytes,
-            };
-            if report.out_of_time {
-                // A partial epoch: checkpoint where it stands (resumable), report
-                // its figures, leave metrics.jsonl to whole epochs.
-                report.last_checkpoint = Some(self.save_run(out)?);
-                if show_progress {
-                    eprintln!(
-                        "time budget reached at epoch {} step {}/{steps}",
-                        epoch + 1,
-                        self.progress.step
-                    );
-                }
-                report.epochs.push(m);
-                return Ok(report);
+                EpochEnd::Complete => {}
             }
             if let Some(v) = valid {
                 let r = self.evaluate(v, show_progress)?;
@@ -733,22 +726,67 @@ impl<M: Model> Trainer<M> {
             self.history.push(serde_json::to_value(&m)?);
             report.last_checkpoint = Some(self.save_run(out)?);
             if show_progress {
-                eprintln!(
-                    "epoch {}: loss {:.3}, train acc {:.1}%, valid acc {:.1}%{}, {:.0}s, {:.0} samples/s",
-                    m.epoch,
-                    m.train_loss,
-                    100.0 * m.train_accuracy,
-                    100.0 * m.valid_accuracy,
-                    m.valid_coverage
-                        .map(|c| format!(" (all objects in a glimpse: {:.1}%)", 100.0 * c))
-                        .unwrap_or_default(),
-                    m.seconds,
-                    m.samples_per_second
-                );
+                eprintln!("{}", m.summary());
             }
             report.epochs.push(m);
         }
         Ok(report)
+    }
+
+    /// The batches of the current epoch from the current step: one
+    /// optimizer step each, with the progress bar (or, without a terminal,
+    /// a line every tenth of the epoch), until the epoch ends, `stop` is
+    /// raised or the time budget runs out.
+    fn run_epoch(
+        &mut self,
+        train: &Arc<dyn Dataset>,
+        show_progress: bool,
+        stop: &AtomicBool,
+        ck_path: &Path,
+    ) -> Result<(EpochSums, EpochEnd)> {
+        let (epoch, epochs, bs) = (self.progress.epoch, self.cfg.epochs, self.cfg.batch_size);
+        let loader = Loader::new(
+            train.clone(),
+            loader_config(bs, Some(self.cfg.seed)),
+            &self.device,
+        )?;
+        let steps = loader.num_batches();
+        let label = format!("epoch {}/{epochs}", epoch + 1);
+        let bar = progress_bar(show_progress, steps as u64, &label);
+        bar.set_position(self.progress.step as u64);
+        let t0 = Instant::now();
+        let mut sums = EpochSums::default();
+        for batch in loader.epoch_from(epoch, self.progress.step) {
+            let batch = batch?;
+            let done = epoch * steps + self.progress.step;
+            self.adam.config.lr = self.cfg.lr_schedule.rate(self.cfg.lr, done, steps * epochs);
+            self.model.set_progress((done * bs) as u64);
+            let figures = self.step(&batch).map_err(|e| {
+                bar.abandon();
+                self.step_failed(e, ck_path)
+            })?;
+            sums.add(figures, batch.labels.len());
+            let status = sums.status(t0.elapsed().as_secs_f64());
+            let step = self.progress.step;
+            if show_progress
+                && !std::io::stderr().is_terminal()
+                && step.is_multiple_of(steps.div_ceil(10).max(1))
+            {
+                eprintln!("{label} step {step}/{steps}: {status}");
+            }
+            bar.set_message(status);
+            bar.inc(1);
+            if stop.load(Ordering::SeqCst) {
+                bar.abandon_with_message("interrupted");
+                return Ok((sums, EpochEnd::Interrupted));
+            }
+            if step < steps && self.deadline.is_some_and(|d| Instant::now() >= d) {
+                bar.finish_and_clear();
+                return Ok((sums, EpochEnd::OutOfTime { steps }));
+            }
+        }
+        bar.finish_and_clear();
+        Ok((sums, EpochEnd::Complete))
     }
 
     /// The error of a failed training step, saying where training stopped

@@ -10,6 +10,7 @@ use super::data::SplitArg;
 use super::{select_device, usage, DeviceArgs, Failure};
 use crate::data::{self, Split, SplitSizes};
 use crate::models::{ResNet18, SaccadeConfig, Saccader, TiledResNet18};
+use crate::predict::Input;
 use crate::train::{checkpoint_config, Baseline, Coverage, Model, TrainConfig, Trainer};
 use crate::Device;
 
@@ -300,6 +301,17 @@ fn export_model<M: Model>(a: ExportArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Every class with its probability, most probable first (the class's
+/// index when it has no name).
+fn ranked(probs: &[f32], names: &[String]) -> Vec<(String, f32)> {
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&i, &j| probs[j].total_cmp(&probs[i]));
+    order
+        .into_iter()
+        .map(|i| (names.get(i).cloned().unwrap_or_else(|| i.to_string()), probs[i]))
+        .collect()
+}
+
 pub(super) fn run_predict(a: PredictArgs) -> Result<(), Failure> {
     if a.top == 0 {
         return Err(usage(anyhow::anyhow!("--top must be at least 1")));
@@ -319,8 +331,7 @@ pub(super) fn run_predict(a: PredictArgs) -> Result<(), Failure> {
             "skipped {skipped} files in the folders given that are not PNG, JPEG or TIFF by their extension"
         );
     }
-    let mut rows = Vec::new();
-    let (mut failed, mut known, mut right) = (0, 0, 0);
+    let mut report = PredictReport::default();
     for (k, item) in inputs.iter().enumerate() {
         let outcome = match item {
             Ok(input) => crate::predict::predict_input(&t.model, input)
@@ -332,22 +343,55 @@ pub(super) fn run_predict(a: PredictArgs) -> Result<(), Failure> {
             Ok(v) => v,
             Err((path, msg)) => {
                 eprintln!("error: {}: {msg}", path.display());
-                rows.push(serde_json::json!({"image": path, "error": msg}));
-                failed += 1;
+                report.rows.push(serde_json::json!({"image": path, "error": msg}));
+                report.failed += 1;
                 continue;
             }
         };
-        let mut order: Vec<usize> = (0..p.probs.len()).collect();
-        order.sort_by(|&i, &j| p.probs[j].total_cmp(&p.probs[i]));
-        let name = |i: usize| names.get(i).cloned().unwrap_or_else(|| i.to_string());
-        let top: Vec<(String, f32)> = order.iter().take(a.top).map(|&i| (name(i), p.probs[i])).collect();
-        let best = name(order[0]);
-        let verdict = input.truth.as_ref().map(|truth| *truth == best);
-        if let Some(v) = verdict {
-            known += 1;
-            right += v as usize;
+        let mut top = ranked(&p.probs, &names);
+        let (best, best_p) = top[0].clone();
+        top.truncate(a.top);
+        let verdict = report.add(input, &top, &best, a.json);
+        if let Some(v) = viz.as_mut() {
+            let caption = vec![
+                input.path.display().to_string(),
+                format!("predicted {best} {:.1}%", 100.0 * best_p),
+                match (&input.truth, verdict) {
+                    (Some(truth), Some(true)) => format!("true {truth}: right"),
+                    (Some(truth), _) => format!("true {truth}: wrong"),
+                    (None, _) => "true class unknown".to_string(),
+                },
+            ];
+            let picture = crate::predict::render_prediction(&t.model, &p, caption, verdict)?;
+            v.add(k, &input.path, picture)?;
         }
-        if !a.json {
+    }
+    if let Some(v) = viz {
+        v.finish(a.json)?;
+    }
+    report.finish(&a, inputs.len())
+}
+
+/// What `predict` has printed and will print: one JSON row per input, and
+/// the counts of failed inputs and of right answers where the truth is known.
+#[derive(Default)]
+struct PredictReport {
+    rows: Vec<serde_json::Value>,
+    failed: usize,
+    known: usize,
+    right: usize,
+}
+
+impl PredictReport {
+    /// Record (and unless `json`, print) one prediction; returns whether it
+    /// is right, when the input's class is known.
+    fn add(&mut self, input: &Input, top: &[(String, f32)], best: &str, json: bool) -> Option<bool> {
+        let verdict = input.truth.as_ref().map(|truth| truth == best);
+        if let Some(v) = verdict {
+            self.known += 1;
+            self.right += v as usize;
+        }
+        if !json {
             let s: Vec<String> = top
                 .iter()
                 .map(|(n, p)| format!("{n} {:.1}%", 100.0 * p))
@@ -364,48 +408,39 @@ pub(super) fn run_predict(a: PredictArgs) -> Result<(), Failure> {
             row["truth"] = serde_json::json!(truth);
             row["correct"] = serde_json::json!(verdict == Some(true));
         }
-        rows.push(row);
-        if let Some(v) = viz.as_mut() {
-            let mut caption = vec![
-                input.path.display().to_string(),
-                format!("predicted {best} {:.1}%", 100.0 * p.probs[order[0]]),
-            ];
-            caption.push(match (&input.truth, verdict) {
-                (Some(truth), Some(true)) => format!("true {truth}: right"),
-                (Some(truth), _) => format!("true {truth}: wrong"),
-                (None, _) => "true class unknown".to_string(),
-            });
-            let picture = crate::predict::render_prediction(&t.model, &p, caption, verdict)?;
-            v.add(k, &input.path, picture)?;
+        self.rows.push(row);
+        verdict
+    }
+
+    /// The closing lines (or the JSON object), and exit 1 if any input failed.
+    fn finish(self, a: &PredictArgs, inputs: usize) -> Result<(), Failure> {
+        if self.known > 0 && !a.json {
+            println!(
+                "{} of {} images with a known class predicted right ({:.2}%)",
+                self.right,
+                self.known,
+                100.0 * self.right as f64 / self.known as f64
+            );
         }
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "command": "predict",
+                    "predictions": self.rows,
+                    "failed": self.failed,
+                    "viz": a.viz,
+                })
+            );
+        }
+        if self.failed > 0 {
+            return Err(anyhow::anyhow!(
+                "{} of {inputs} inputs could not be predicted (each named above); the other {} were",
+                self.failed,
+                inputs - self.failed
+            )
+            .into());
+        }
+        Ok(())
     }
-    if let Some(v) = viz {
-        v.finish(a.json)?;
-    }
-    if known > 0 && !a.json {
-        println!(
-            "{right} of {known} images with a known class predicted right ({:.2}%)",
-            100.0 * right as f64 / known as f64
-        );
-    }
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "command": "predict",
-                "predictions": rows,
-                "failed": failed,
-                "viz": a.viz,
-            })
-        );
-    }
-    if failed > 0 {
-        return Err(anyhow::anyhow!(
-            "{failed} of {} inputs could not be predicted (each named above); the other {} were",
-            inputs.len(),
-            inputs.len() - failed
-        )
-        .into());
-    }
-    Ok(())
 }

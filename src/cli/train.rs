@@ -194,6 +194,9 @@ pub(super) fn check_train_flags(a: &TrainArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+// Over 80 lines: the run's steps in their order (open, announce, fit, test,
+// report), each a call or a print of values gathered here; split, the
+// report would take ten of them as arguments.
 fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) -> Result<RunSummary, Failure> {
     let device = select_device(&a.device)?;
     let started = std::time::Instant::now();

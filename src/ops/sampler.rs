@@ -482,23 +482,11 @@ fn window_table(regions: &[Region], offsets: &[usize]) -> Result<Vec<f32>> {
         .collect()
 }
 
-/// Crops `[N, C, Ho, Wo]` of `sources[n]` at pyramid `level` through
-/// `theta[n]` (normalized coordinates relative to the whole image, so one
-/// theta addresses the same region at every level), reading only each crop's
-/// region plus a one-pixel margin. Equal to `grid_sample` of the whole level
-/// image at `affine_grid(theta)`, bit for bit. Samples are read and cropped
-/// in parallel.
-pub fn localized_crop_forward(
-    sources: &[&dyn ImageSource],
-    theta: &Tensor,
-    out_h: usize,
-    out_w: usize,
-    level: usize,
-) -> Result<(Tensor, LocalizedCrop)> {
-    let grid = affine_grid_forward(theta, out_h, out_w)?;
-    let n = theta.dim(0);
+/// One source per sample of `theta`, all with the same channels (returned)
+/// and a non-empty `level`.
+fn check_sources(sources: &[&dyn ImageSource], theta: &Tensor, level: usize) -> Result<usize> {
     ensure!(
-        sources.len() == n && n > 0,
+        sources.len() == theta.dim(0) && !sources.is_empty(),
         "localized_crop: {} image sources for theta {}; need one per sample, at least one",
         sources.len(),
         fmt_shape(theta.shape())
@@ -522,6 +510,53 @@ pub fn localized_crop_forward(
             "localized_crop: source {i} is empty at level {level}"
         );
     }
+    Ok(c)
+}
+
+/// Every sample's region of its source at `level`, read in parallel into
+/// one buffer, and where each starts in it.
+fn read_windows(
+    sources: &[&dyn ImageSource],
+    regions: &[Region],
+    c: usize,
+    level: usize,
+) -> Result<(Vec<f32>, Vec<usize>)> {
+    let mut offsets = Vec::with_capacity(regions.len());
+    let mut total = 0;
+    for r in regions {
+        offsets.push(total);
+        total += c * r.pixels();
+    }
+    let mut windows = vec![0.0; total];
+    let mut bufs = Vec::with_capacity(regions.len());
+    let mut rest = windows.as_mut_slice();
+    for r in regions {
+        let (buf, tail) = rest.split_at_mut(c * r.pixels());
+        bufs.push(buf);
+        rest = tail;
+    }
+    bufs.into_par_iter()
+        .zip(regions.par_iter().zip(sources.par_iter()))
+        .try_for_each(|(buf, (r, s))| s.read_region(level, r.y0, r.x0, r.h, r.w, buf))?;
+    Ok((windows, offsets))
+}
+
+/// Crops `[N, C, Ho, Wo]` of `sources[n]` at pyramid `level` through
+/// `theta[n]` (normalized coordinates relative to the whole image, so one
+/// theta addresses the same region at every level), reading only each crop's
+/// region plus a one-pixel margin. Equal to `grid_sample` of the whole level
+/// image at `affine_grid(theta)`, bit for bit. Samples are read and cropped
+/// in parallel.
+pub fn localized_crop_forward(
+    sources: &[&dyn ImageSource],
+    theta: &Tensor,
+    out_h: usize,
+    out_w: usize,
+    level: usize,
+) -> Result<(Tensor, LocalizedCrop)> {
+    let grid = affine_grid_forward(theta, out_h, out_w)?;
+    let n = theta.dim(0);
+    let c = check_sources(sources, theta, level)?;
     let ppts = out_h * out_w * 2;
     let regions: Vec<Region> = {
         // The regions come from the grid on the host. On the GPU that takes
@@ -546,23 +581,8 @@ pub fn localized_crop_forward(
             })
             .collect()
     };
-    let mut offsets = Vec::with_capacity(n);
-    let mut total = 0;
-    for r in &regions {
-        offsets.push(total);
-        total += c * r.pixels();
-    }
-    let mut windows = vec![0.0; total];
-    let mut bufs = Vec::with_capacity(n);
-    let mut rest = windows.as_mut_slice();
-    for r in &regions {
-        let (buf, tail) = rest.split_at_mut(c * r.pixels());
-        bufs.push(buf);
-        rest = tail;
-    }
-    bufs.into_par_iter()
-        .zip(regions.par_iter().zip(sources.par_iter()))
-        .try_for_each(|(buf, (r, s))| s.read_region(level, r.y0, r.x0, r.h, r.w, buf))?;
+    let (windows, offsets) = read_windows(sources, &regions, c, level)?;
+    let total = windows.len();
     let device = theta.device();
     let table = match &device {
         Device::Cuda(d) => Some(cuda::window_table(d, &regions, &offsets)?),
