@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rayon::prelude::*;
 
+use super::decode::{decode_file, has_image_ext, Pixels8};
 use super::font::{draw_text, text_width};
 use super::proxy::area_resize;
 use super::source::ImageSource;
@@ -231,52 +232,6 @@ impl ImportArgs {
     }
 }
 
-const IMAGE_EXTS: [&str; 5] = ["png", "jpg", "jpeg", "tif", "tiff"];
-
-/// A decoded 8-bit image (HWC) as an image source, for writing to the store
-/// without a float copy of a large image.
-struct DecodedImage {
-    c: usize,
-    h: usize,
-    w: usize,
-    data: Vec<u8>,
-}
-
-impl ImageSource for DecodedImage {
-    fn channels(&self) -> usize {
-        self.c
-    }
-
-    fn levels(&self) -> usize {
-        1
-    }
-
-    fn level_size(&self, _: usize) -> (usize, usize) {
-        (self.h, self.w)
-    }
-
-    fn read_region(&self, level: usize, y0: i64, x0: i64, h: usize, w: usize, out: &mut [f32]) -> Result<()> {
-        ensure!(
-            level == 0 && out.len() == self.c * h * w,
-            "decoded image: bad region request"
-        );
-        for ch in 0..self.c {
-            for i in 0..h {
-                for j in 0..w {
-                    let (y, x) = (y0 + i as i64, x0 + j as i64);
-                    let inside = y >= 0 && x >= 0 && (y as usize) < self.h && (x as usize) < self.w;
-                    out[(ch * h + i) * w + j] = if inside {
-                        self.data[(y as usize * self.w + x as usize) * self.c + ch] as f32 / 255.0
-                    } else {
-                        0.0
-                    };
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Split of an imported file: fixed by a hash of its path, so re-importing
 /// (or adding files) keeps every file in its split.
 fn split_of(rel: &str, valid_frac: f64, test_frac: f64) -> Split {
@@ -315,12 +270,7 @@ fn class_files(folder: &Path) -> Result<(Vec<PathBuf>, Vec<LabelledFile>)> {
     let mut files = Vec::new();
     for (label, dir) in classes.iter().enumerate() {
         for p in read(dir)? {
-            let ext = p
-                .extension()
-                .and_then(|e| e.to_str())
-                .unwrap_or("")
-                .to_ascii_lowercase();
-            if IMAGE_EXTS.contains(&ext.as_str()) {
+            if has_image_ext(&p) {
                 files.push((p, label));
             }
         }
@@ -382,7 +332,7 @@ pub fn import(args: &ImportArgs) -> Result<()> {
         .par_iter()
         .enumerate()
         .map(|(i, (p, label))| {
-            let img = image::open(p).with_context(|| format!("cannot decode image {}", p.display()))?;
+            let img = decode_file(p).with_context(|| format!("cannot decode image {}", p.display()))?;
             let img = if args.size.is_some() {
                 img.resize_exact(size.1 as u32, size.0 as u32, imageops::FilterType::Triangle)
             } else {
@@ -393,7 +343,7 @@ pub fn import(args: &ImportArgs) -> Result<()> {
             } else {
                 img.into_luma8().into_raw()
             };
-            let src = DecodedImage {
+            let src = Pixels8 {
                 c: channels,
                 h: size.0,
                 w: size.1,

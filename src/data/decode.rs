@@ -123,12 +123,13 @@ impl ImageSource for TempTiles {
     }
 }
 
-/// Decoded 8-bit pixels (HWC) as a one-level source, for [`write_tiled`].
-struct Pixels8 {
-    c: usize,
-    h: usize,
-    w: usize,
-    data: Vec<u8>,
+/// Decoded 8-bit pixels (HWC) as a one-level source, for [`write_tiled`]
+/// without a float copy of a large image.
+pub(crate) struct Pixels8 {
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) data: Vec<u8>,
 }
 
 impl ImageSource for Pixels8 {
