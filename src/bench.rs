@@ -33,7 +33,10 @@ pub struct BenchConfig {
     /// Tiled ResNet18: tiles per trunk pass, and gradient checkpointing.
     pub tile_chunk: usize,
     pub checkpointing: bool,
-    /// Also run on the GPU when one is usable.
+    /// Run on the CPU.
+    pub cpu: bool,
+    /// Run on the GPU: when `cpu` too, only if one is usable (else noted in
+    /// `skipped`); alone, a GPU that cannot be used is an error.
     pub gpu: bool,
 }
 
@@ -46,6 +49,7 @@ impl Default for BenchConfig {
             epoch_images: 100_000,
             tile_chunk: 16,
             checkpointing: false,
+            cpu: true,
             gpu: true,
         }
     }
@@ -276,18 +280,25 @@ type DeviceMaker = Box<dyn Fn() -> Result<Device>>;
 pub fn run(cfg: &BenchConfig, log: &dyn Fn(&str)) -> Result<BenchReport> {
     let mut comparisons = Vec::new();
     let mut skipped = Vec::new();
-    let mut devices: Vec<(&str, DeviceMaker)> = vec![("cpu", Box::new(|| Ok(Device::cpu())))];
+    let mut devices: Vec<(&str, DeviceMaker)> = Vec::new();
+    if cfg.cpu {
+        devices.push(("cpu", Box::new(|| Ok(Device::cpu()))));
+    }
     if cfg.gpu {
         match Device::cuda(0) {
             Ok(_) => devices.push(("cuda", Box::new(|| Device::cuda(0)))),
-            Err(e) => skipped.push(format!("gpu: {e:#}")),
+            Err(e) if cfg.cpu => skipped.push(format!("gpu: {e:#}")),
+            Err(e) => return Err(e.context("bench --device cuda")),
         }
     }
     for (name, fresh) in &devices {
         for &size in &cfg.sizes {
             log(&format!("measuring {size}² on {name}, batch {}", cfg.batch_size));
             let c = compare(cfg, size, fresh.as_ref())?;
-            log(&table(std::slice::from_ref(&c)));
+            log(&format!(
+                "{size}² on {name}: saccade {:.3} s a step, {} {:.3} s ({:.1}x)",
+                c.saccade.step_seconds, c.baseline.model, c.baseline.step_seconds, c.step_speedup
+            ));
             comparisons.push(c);
         }
     }

@@ -389,3 +389,24 @@ fn a_killed_data_generate_leaves_no_store_and_the_rerun_succeeds() {
     assert!(dir.path().join("S/manifest.tsv").is_file());
     assert!(!dir.path().join(".S.partial").exists());
 }
+
+#[test]
+fn bench_takes_device_like_the_other_commands_and_prints_one_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = saccade_in(
+        dir.path(),
+        &["bench", "--device", "cpu", "--size", "100", "--steps", "1"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.matches("| size |").count(), 1, "{out}");
+    assert!(!stderr(&o).contains("| size |"), "{}", stderr(&o));
+    if saccade::Device::cuda(0).is_err() {
+        let o = saccade_in(
+            dir.path(),
+            &["bench", "--device", "cuda", "--size", "100", "--steps", "1"],
+        );
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains("--device cuda"), "{}", stderr(&o));
+    }
+}

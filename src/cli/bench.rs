@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 
 use super::config::Preset;
 use super::train::{check_train_flags, new_run_dir, run_train, RunSummary, TrainArgs};
-use super::{usage, Failure};
+use super::{usage, DeviceArgs, DeviceChoice, Failure};
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -37,12 +37,13 @@ pub(super) struct BenchArgs {
     /// Tiled ResNet18 with gradient checkpointing per chunk of tiles.
     #[arg(long)]
     checkpointing: bool,
-    /// CPU only, even when a GPU is usable.
-    #[arg(long)]
+    /// Where to measure: auto = the CPU, then the GPU too when one is usable;
+    /// cpu; cuda = the GPU only.
+    #[command(flatten)]
+    pub(super) device: DeviceArgs,
+    /// The same as --device cpu (kept for older commands).
+    #[arg(long, hide = true)]
     no_gpu: bool,
-    /// CPU threads (default: all cores).
-    #[arg(long)]
-    pub(super) threads: Option<usize>,
     /// Print the figures as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -87,6 +88,10 @@ pub(super) fn run_bench(a: BenchArgs) -> Result<(), Failure> {
         );
         return Ok(());
     }
+    if a.device.device == DeviceChoice::Cuda && !a.no_gpu {
+        // A GPU asked for that this machine cannot use: a usage error.
+        super::select_device(&a.device)?;
+    }
     let cfg = crate::bench::BenchConfig {
         sizes: a.size.map(|s| vec![s]).unwrap_or_else(|| vec![2528, 100]),
         batch_size,
@@ -94,7 +99,8 @@ pub(super) fn run_bench(a: BenchArgs) -> Result<(), Failure> {
         epoch_images: a.epoch_images,
         tile_chunk: a.tile_chunk,
         checkpointing: a.checkpointing,
-        gpu: !a.no_gpu,
+        cpu: a.no_gpu || a.device.device != DeviceChoice::Cuda,
+        gpu: !a.no_gpu && a.device.device != DeviceChoice::Cpu,
     };
     let report = crate::bench::run(&cfg, &|line| eprintln!("{line}"))?;
     if a.json {

@@ -270,7 +270,7 @@ impl Command {
             Command::Predict(a) => a.device.threads,
             Command::Bench(a) => match &a.what {
                 Some(bench::BenchCommand::Learning(l)) => l.train.device.threads,
-                None => a.threads,
+                None => a.device.threads,
             },
             _ => None,
         }
