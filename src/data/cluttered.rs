@@ -878,7 +878,7 @@ mod tests {
             img.read_region(level, y0, x0, n, n, &mut drawn).unwrap();
             assert!(t.elapsed().as_secs_f64() < 0.1, "{:?}", t.elapsed());
             let mut exact = vec![0.0; n * n];
-            read_via_finer_level(img.as_ref(), level, y0 as i64, x0 as i64, n, n, &mut exact).unwrap();
+            read_via_finer_level(img.as_ref(), level, y0, x0, n, n, &mut exact).unwrap();
             let diffs: Vec<f32> = drawn.iter().zip(&exact).map(|(a, b)| (a - b).abs()).collect();
             let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
             let lit = exact.iter().filter(|&&v| v > 0.1).count();
