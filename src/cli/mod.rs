@@ -42,7 +42,7 @@ enum Command {
     /// Train a model (defaults: cluttered-mnist, 100x100, auto device).
     #[command(after_help = "Examples:\n  \
         saccade train                                   # the default run, ~10 min on a 2-core CPU\n  \
-        saccade train --dataset cluttered-mnist-1 --train-size 50000 --epochs 4 --minutes 5\n  \
+        saccade train --dataset cluttered-mnist-1 --train-size 50000 --epochs 5 --policy-warmup 10000 --glimpse-pool max\n  \
         saccade train --dataset ./stores/slides --preset paper --out runs/slides\n  \
         saccade train --resume runs/latest/checkpoint.safetensors --epochs 8   # extend a run")]
     Train(TrainArgs),
