@@ -4,7 +4,7 @@
 //! every hint printed is a command that continues the same run.
 
 mod common;
-use common::metric_epochs;
+use common::{metric_epochs, saccade_in};
 
 use std::fs;
 use std::path::Path;
@@ -23,14 +23,6 @@ const TINY: [&str; 10] = [
     "--device",
     "cpu",
 ];
-
-fn saccade_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_saccade"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("the saccade binary runs")
-}
 
 fn train(dir: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["train"];

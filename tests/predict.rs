@@ -4,20 +4,15 @@
 //! true classes, and `--viz` pictures are bounded whatever the image size and
 //! say right/wrong only when the truth is known.
 
+mod common;
+use common::saccade_in;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn checkpoint() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("pretrained/cluttered-mnist/model.safetensors")
-}
-
-fn saccade_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_saccade"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("the saccade binary runs")
 }
 
 /// `saccade predict --checkpoint <shipped> --device cpu ARGS...`.
