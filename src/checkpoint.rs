@@ -7,13 +7,13 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::device::Device;
+use crate::files::write_atomic;
 use crate::nn::ParamStore;
 use crate::optim::Adam;
 use crate::tensor::Tensor;
@@ -57,33 +57,6 @@ pub fn save(path: &Path, params: &ParamStore, adam: Option<&Adam>, meta: &serde_
     info.insert(CRC32.to_string(), format!("{sum:08x}"));
     let bytes = safetensors::tensor::serialize(views, Some(info))?;
     write_atomic(path, &bytes).context("writing the checkpoint")
-}
-
-/// Replace `path` with `bytes` whole or not at all: a temporary file in the
-/// same folder, flushed to disk before it is renamed over `path` (else a
-/// crash can leave the new name on an empty file); removed if anything fails.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut name = path.file_name().context("a file name")?.to_os_string();
-    name.push(".tmp");
-    let tmp = path.with_file_name(name);
-    let written = (|| -> Result<()> {
-        let mut f = fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        fs::rename(&tmp, path)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written?;
-    // The rename itself is durable once the folder is flushed (unix only).
-    #[cfg(unix)]
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        let _ = fs::File::open(dir).and_then(|d| d.sync_all());
-    }
-    Ok(())
 }
 
 /// The metadata key of the checksum.

@@ -3,7 +3,8 @@
 //!
 //! Layers, from the bottom; each uses only the ones above it in this list
 //! (no import cycles):
-//! - [`profile`]: the opt-in per-op timer.
+//! - [`profile`]: the opt-in per-op timer; [`files`]: files written whole
+//!   or not at all.
 //! - [`device`]: where storage lives (host memory or a CUDA device), its
 //!   allocators and live-byte counters, kernel compilation and launch.
 //! - [`tensor`]: a contiguous f32 NCHW tensor = shape + shared storage.
@@ -39,6 +40,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod files;
 pub mod gradcheck;
 pub mod models;
 pub mod nn;

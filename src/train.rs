@@ -603,7 +603,7 @@ impl<M: Model> Trainer<M> {
         let ck = out.join(runs::CHECKPOINT);
         self.save(&ck)?;
         let lines: String = self.history.iter().map(|m| format!("{m}\n")).collect();
-        checkpoint::write_atomic(&out.join(runs::METRICS), lines.as_bytes())?;
+        crate::files::write_atomic(&out.join(runs::METRICS), lines.as_bytes())?;
         Ok(ck)
     }
 

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use image::{Rgb, RgbImage};
 
 use crate::data::font::draw_text;
@@ -254,7 +254,7 @@ pub fn save_saccades(rows: &[SaccadeRow], path: &Path) -> Result<()> {
     for (i, row) in rows.iter().enumerate() {
         draw_row(&mut canvas, row, GAP + i as u32 * row_h)?;
     }
-    save_png(&canvas, path)
+    crate::files::save_png(&canvas, path)
 }
 
 /// Stack pictures of rows made by [`render_row`] into one PNG at `path`.
@@ -267,18 +267,7 @@ pub fn save_stacked(rows: &[RgbImage], path: &Path) -> Result<()> {
         image::imageops::replace(&mut canvas, r, 0, y as i64);
         y += r.height();
     }
-    save_png(&canvas, path)
-}
-
-/// Write `img` as a PNG whole or not at all (encoded in memory, then
-/// [`write_atomic`](crate::checkpoint::write_atomic)): a full disk or a kill
-/// never leaves a truncated picture. The error names the file.
-pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
-    let mut png = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .context("encoding a PNG")?;
-    crate::checkpoint::write_atomic(path, &png)
-        .with_context(|| format!("writing {} (is the folder writable?)", path.display()))
+    crate::files::save_png(&canvas, path)
 }
 
 #[cfg(test)]

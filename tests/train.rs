@@ -153,7 +153,7 @@ fn a_failed_atomic_write_removes_its_temporary_file() {
     let target = dir.path().join("metrics.jsonl");
     std::fs::create_dir(&target).unwrap();
     std::fs::write(target.join("keep"), b"x").unwrap();
-    assert!(saccade::checkpoint::write_atomic(&target, b"data").is_err());
+    assert!(saccade::files::write_atomic(&target, b"data").is_err());
     assert!(!dir.path().join("metrics.jsonl.tmp").exists());
     assert!(target.join("keep").is_file());
 }

@@ -146,7 +146,7 @@ impl Viz {
                     .collect();
                 std::fs::create_dir_all(&*dir)
                     .with_context(|| format!("cannot create --viz {}", dir.display()))?;
-                crate::viz::save_png(&picture, &dir.join(format!("{:06}-{stem}.png", k + 1)))
+                crate::files::save_png(&picture, &dir.join(format!("{:06}-{stem}.png", k + 1)))
             }
         }
     }

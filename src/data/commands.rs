@@ -512,7 +512,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
             Rgb([150, 150, 170]),
         );
     }
-    crate::viz::save_png(&grid, &args.out)?;
+    crate::files::save_png(&grid, &args.out)?;
     eprintln!("wrote {} ({n} samples of {})", args.out.display(), ds.describe());
     Ok(())
 }

@@ -473,7 +473,7 @@ impl Manifest {
             writeln!(s, "image\t{}\t{}\t{}", e.split.name(), e.label, e.file)?;
         }
         let s = format!("{MANIFEST_HEAD}{:08x}\n{s}", crc32fast::hash(s.as_bytes()));
-        crate::checkpoint::write_atomic(&dir.join(MANIFEST), s.as_bytes())
+        crate::files::write_atomic(&dir.join(MANIFEST), s.as_bytes())
     }
 
     pub fn read(dir: &Path) -> Result<Manifest> {
