@@ -402,3 +402,72 @@ fn bench_takes_device_like_the_other_commands_and_prints_one_table() {
         assert!(stderr(&o).contains("--device cuda"), "{}", stderr(&o));
     }
 }
+
+#[test]
+fn eval_refuses_a_store_whose_classes_differ_from_the_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let o = saccade_in(dir.path(), args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    };
+    let png = ["--dataset", "cluttered-mnist-1", "--valid", "1", "--test", "1"];
+    run(&[
+        &[
+            "data", "generate", "--format", "png", "--train", "100", "--out", "P",
+        ][..],
+        &png,
+    ]
+    .concat());
+    let import = |out: &str| {
+        run(&[
+            "data",
+            "import",
+            "--folder",
+            "P/train",
+            "--out",
+            out,
+            "--valid-frac",
+            "0.2",
+            "--test-frac",
+            "0.2",
+        ]);
+    };
+    import("A");
+    run(&[
+        "train",
+        "--dataset",
+        "A",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        "R",
+    ]);
+    run(&[
+        "eval",
+        "--checkpoint",
+        "R/checkpoint.safetensors",
+        "--dataset",
+        "A",
+        "--device",
+        "cpu",
+    ]);
+    // The same images with the class "0" named "zero": it now sorts last.
+    fs::rename(dir.path().join("P/train/0"), dir.path().join("P/train/zero")).unwrap();
+    import("B");
+    let o = saccade_in(
+        dir.path(),
+        &[
+            "eval",
+            "--checkpoint",
+            "R/checkpoint.safetensors",
+            "--dataset",
+            "B",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("classes differ"), "{}", stderr(&o));
+}

@@ -210,6 +210,29 @@ pub(super) fn check_compatible(m: &SaccadeConfig, d: &dyn data::Dataset) -> Resu
     Ok(())
 }
 
+/// A checkpoint's classes (when it names them) are the dataset's, in the
+/// same order: labels are indices, so a store whose folders have other
+/// names, or sort in another order, would be scored against the wrong ones.
+fn check_same_classes(model: &[String], d: &dyn data::Dataset) -> Result<()> {
+    let theirs = d.class_names();
+    if model.is_empty() || model == theirs.as_slice() {
+        return Ok(());
+    }
+    let k = model
+        .iter()
+        .zip(&theirs)
+        .position(|(a, b)| a != b)
+        .unwrap_or(model.len().min(theirs.len()));
+    bail!(
+        "the model's classes differ from those of {}: class {k} is {:?} in the model and {:?} in the data; \
+         evaluate on data with the model's {} classes, in its order",
+        d.describe(),
+        model.get(k).map(String::as_str).unwrap_or("(none)"),
+        theirs.get(k).map(String::as_str).unwrap_or("(none)"),
+        model.len()
+    )
+}
+
 pub(super) fn run_eval(a: EvalArgs) -> Result<(), Failure> {
     if a.test_size == Some(0) {
         return Err(usage(anyhow::anyhow!("--test-size must be at least 1")));
@@ -235,6 +258,7 @@ fn eval_model<M: Model>(a: EvalArgs) -> Result<(), Failure> {
     };
     let test = data::open_dataset(&spec, Split::Test, &cfg)?;
     check_compatible(&t.cfg.model, test.as_ref())?;
+    check_same_classes(&t.cfg.class_names, test.as_ref())?;
     let r = t.evaluate(&test, !a.json)?;
     if a.json {
         println!(

@@ -228,9 +228,17 @@ impl ImportArgs {
                 && self.test_frac >= 0.0,
             "--valid-frac and --test-frac must be non-negative and sum to less than 1"
         );
+        ensure!(
+            self.size.is_none_or(|s| (1..=MAX_IMPORT_SIDE).contains(&s)),
+            "--size must be 1 to {MAX_IMPORT_SIDE}"
+        );
         check_out(&self.out)
     }
 }
+
+/// The largest `--size` of an import: the side of a 65536² image, as the
+/// generated datasets allow.
+const MAX_IMPORT_SIDE: usize = 65_536;
 
 /// Split of an imported file: fixed by a hash of its path, so re-importing
 /// (or adding files) keeps every file in its split.
@@ -267,6 +275,15 @@ fn class_files(folder: &Path) -> Result<(Vec<PathBuf>, Vec<LabelledFile>)> {
         "{} has no subfolders: put each class's images in its own subfolder",
         folder.display()
     );
+    for dir in &classes {
+        // Class names are lines of the tab-separated manifest.
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        ensure!(
+            !name.chars().any(char::is_control),
+            "class folder {:?} has a tab, newline or other control character in its name: rename it",
+            dir.display()
+        );
+    }
     let mut files = Vec::new();
     for (label, dir) in classes.iter().enumerate() {
         for p in read(dir)? {
@@ -770,5 +787,26 @@ mod tests {
         let (a, again, b) = (draw(1, "a.png"), draw(1, "a2.png"), draw(2, "b.png"));
         assert_eq!(a, again, "the same seed draws the same images");
         assert_ne!(a, b, "another seed draws other images");
+    }
+
+    /// Both wrote a store that could not be read back, with exit 0.
+    #[test]
+    fn import_refuses_size_zero_and_control_characters_in_class_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("imgs");
+        fs::create_dir_all(src.join("a\tb")).unwrap();
+        GrayImage::new(8, 8).save(src.join("a\tb/x.png")).unwrap();
+        let args = |size| ImportArgs {
+            folder: src.clone(),
+            out: dir.path().join("o"),
+            size,
+            valid_frac: 0.0,
+            test_frac: 0.0,
+        };
+        let err = import(&args(Some(0))).err().unwrap().to_string();
+        assert!(err.contains("--size"), "{err}");
+        let err = import(&args(None)).err().unwrap().to_string();
+        assert!(err.contains("control character"), "{err}");
+        assert!(!dir.path().join("o").exists());
     }
 }
