@@ -471,3 +471,15 @@ fn eval_refuses_a_store_whose_classes_differ_from_the_models() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("classes differ"), "{}", stderr(&o));
 }
+
+#[test]
+fn train_json_keeps_stdout_to_one_object_and_shows_progress_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = train(dir.path(), &["--epochs", "1", "--out", "J", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["test_accuracy"].is_number(), "{v}");
+    assert!(stderr(&o).contains("epoch 1:"), "{}", stderr(&o));
+}

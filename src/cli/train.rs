@@ -125,7 +125,8 @@ pub(super) struct TrainArgs {
     /// would change its configuration are refused; --epochs may extend it.
     #[arg(long)]
     pub(super) resume: Option<PathBuf>,
-    /// Print one JSON object with the figures as the last line.
+    /// Print one JSON object with the figures on stdout, as its only line (progress stays
+    /// on stderr).
     #[arg(long)]
     pub(super) json: bool,
 }
@@ -208,24 +209,22 @@ fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) ->
     let [train_set, valid_set, test_set] = open_splits(&trainer.cfg)?;
     // The last check, as it makes the folder.
     let out = prepare_out(&a)?;
-    if !a.json {
-        eprintln!(
-            "training on {spec}: {} train / {} valid / {} test images of {:?}, {} classes; {} parameters; device {device}; writing to {}",
-            train_set.len(),
-            valid_set.len(),
-            test_set.len(),
-            train_set.image_size(),
-            train_set.num_classes(),
-            trainer.model.params().num_trainable(),
-            out.display()
-        );
-    }
+    eprintln!(
+        "training on {spec}: {} train / {} valid / {} test images of {:?}, {} classes; {} parameters; device {device}; writing to {}",
+        train_set.len(),
+        valid_set.len(),
+        test_set.len(),
+        train_set.image_size(),
+        train_set.num_classes(),
+        trainer.model.params().num_trainable(),
+        out.display()
+    );
     handle_ctrlc();
     *AFTER_TRAINING.lock().unwrap_or_else(|e| e.into_inner()) = None;
     trainer.deadline = a
         .minutes
         .map(|m| started + std::time::Duration::from_secs_f64(60.0 * m));
-    let fit = trainer.fit(&train_set, Some(&valid_set), &out, !a.json, &STOP)?;
+    let fit = trainer.fit(&train_set, Some(&valid_set), &out, true, &STOP)?;
     let ck = out.join(runs::CHECKPOINT);
     // The checkpoint is in its run's folder, where --resume writes: no --out needed.
     let resume = format!("saccade train --resume {}", ck.display());
@@ -237,7 +236,7 @@ fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) ->
         eprintln!("continue this run with: {resume}");
     }
     after_training(&ck, trainer.cfg.sizes[2])?;
-    let report = trainer.evaluate(&test_set, !a.json)?;
+    let report = trainer.evaluate(&test_set, true)?;
     let viz = picture(&trainer.model, &test_set, &out)?;
     let seconds = started.elapsed().as_secs_f64();
     let peak = fit.epochs.iter().map(|e| e.peak_bytes).max().unwrap_or(0);
