@@ -483,3 +483,74 @@ fn train_json_keeps_stdout_to_one_object_and_shows_progress_on_stderr() {
     assert!(v["test_accuracy"].is_number(), "{v}");
     assert!(stderr(&o).contains("epoch 1:"), "{}", stderr(&o));
 }
+
+/// SIGKILL at three moments of a run: each time the checkpoint loads,
+/// metrics.jsonl lists whole epochs 1..=k without repeats, and --resume
+/// finishes the run with every epoch listed once.
+#[test]
+#[cfg(unix)]
+fn a_killed_train_leaves_a_checkpoint_that_resumes_to_the_end() {
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("K/checkpoint.safetensors");
+    let metrics = dir.path().join("K/metrics.jsonl");
+    for (round, delay_ms) in [0u64, 150, 400].into_iter().enumerate() {
+        let mut args = vec!["train"];
+        match round {
+            0 => {
+                args.extend(TINY);
+                args.extend(["--epochs", "30", "--out", "K"]);
+            }
+            _ => args.extend(["--resume", ck.to_str().unwrap()]),
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_saccade"))
+            .current_dir(dir.path())
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill once this run has written an epoch of its own, plus a delay.
+        let before = if round == 0 {
+            0
+        } else {
+            metric_epochs(&metrics).len()
+        };
+        let t0 = std::time::Instant::now();
+        while !metrics.exists() || metric_epochs(&metrics).len() <= before {
+            assert!(t0.elapsed().as_secs() < 60, "round {round}: no epoch in a minute");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let pid = child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap()
+            .success());
+        child.wait().unwrap();
+        let epochs = metric_epochs(&metrics);
+        assert_eq!(
+            epochs,
+            (1..=epochs.len() as u64).collect::<Vec<_>>(),
+            "round {round}"
+        );
+        let o = saccade_in(
+            dir.path(),
+            &[
+                "eval",
+                "--checkpoint",
+                ck.to_str().unwrap(),
+                "--test-size",
+                "8",
+                "--device",
+                "cpu",
+            ],
+        );
+        assert!(o.status.success(), "round {round}: {}", stderr(&o));
+    }
+    let o = saccade_in(dir.path(), &["train", "--resume", ck.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(metric_epochs(&metrics), (1..=30).collect::<Vec<_>>());
+}
