@@ -236,7 +236,7 @@ fn the_time_budget_hint_continues_the_same_run() {
 }
 
 #[test]
-fn huge_crops_and_proxies_are_refused_not_allocated() {
+fn huge_crops_proxies_and_batches_are_refused_not_allocated() {
     let dir = tempfile::tempdir().unwrap();
     let o = train(dir.path(), &["--crop", "100000", "--out", "C"]);
     assert_eq!(o.status.code(), Some(2));
@@ -258,6 +258,14 @@ fn huge_crops_and_proxies_are_refused_not_allocated() {
     assert_eq!(o.status.code(), Some(2));
     assert!(
         stderr(&o).contains("proxy= must be within 1..=1024"),
+        "{}",
+        stderr(&o)
+    );
+    // A batch of 10 million 100² images asked for 400 GB and aborted.
+    let o = train(dir.path(), &["--batch-size", "10000000", "--out", "B"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--batch-size must be at most"),
         "{}",
         stderr(&o)
     );

@@ -192,8 +192,18 @@ pub(super) fn check_train_flags(a: &TrainArgs) -> Result<(), Failure> {
             "--overwrite needs --out: without --out every run gets a new folder"
         )));
     }
+    if a.batch_size.is_some_and(|b| b > MAX_BATCH) {
+        return Err(usage(anyhow::anyhow!(
+            "--batch-size must be at most {MAX_BATCH} (a batch is held in memory at once)"
+        )));
+    }
     Ok(())
 }
+
+/// The largest --batch-size: ten times the paper's 100 and more than a GPU
+/// step of this model needs; a batch of 10 million 100² images asked for
+/// 400 GB and aborted.
+const MAX_BATCH: usize = 4096;
 
 // Over 80 lines: the run's steps in their order (open, announce, fit, test,
 // report), each a call or a print of values gathered here; split, the
