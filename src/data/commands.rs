@@ -383,6 +383,7 @@ pub fn import(args: &ImportArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     bar.finish();
     let count = |s| entries.iter().filter(|e| e.split == s).count();
+    let empty: Vec<Split> = Split::ALL.into_iter().filter(|&s| count(s) == 0).collect();
     let summary = format!(
         "imported {} images ({} train, {} valid, {} test) of {} classes into {}",
         entries.len(),
@@ -404,6 +405,13 @@ pub fn import(args: &ImportArgs) -> Result<()> {
     .write(&partial.dir)?;
     partial.finish()?;
     eprintln!("{summary}");
+    for split in empty {
+        eprintln!(
+            "note: the {} split is empty, and `saccade train` needs images in all three: import more \
+             images or raise --valid-frac/--test-frac",
+            split.name()
+        );
+    }
     Ok(())
 }
 
