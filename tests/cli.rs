@@ -370,7 +370,7 @@ fn a_killed_data_generate_leaves_no_store_and_the_rerun_succeeds() {
     }
     let pid = child.id().to_string();
     assert!(Command::new("kill")
-        .args(["-TERM", &pid])
+        .args(["-KILL", &pid])
         .status()
         .unwrap()
         .success());
