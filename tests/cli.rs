@@ -368,12 +368,7 @@ fn a_killed_data_generate_leaves_no_store_and_the_rerun_succeeds() {
         assert!(t0.elapsed().as_secs() < 60, "no files written in a minute");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-KILL", &pid])
-        .status()
-        .unwrap()
-        .success());
+    child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(
         !dir.path().join("S").exists(),
@@ -531,12 +526,7 @@ fn a_killed_train_leaves_a_checkpoint_that_resumes_to_the_end() {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        let pid = child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-KILL", &pid])
-            .status()
-            .unwrap()
-            .success());
+        child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let epochs = metric_epochs(&metrics);
         assert_eq!(

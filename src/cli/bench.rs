@@ -37,8 +37,8 @@ pub(super) struct BenchArgs {
     /// Tiled ResNet18 with gradient checkpointing per chunk of tiles.
     #[arg(long)]
     checkpointing: bool,
-    /// Where to measure: auto = the CPU, then the GPU too when one is usable;
-    /// cpu; cuda = the GPU only.
+    // Where to measure: auto = the CPU, then the GPU too when one is usable;
+    // cpu; cuda = the GPU only.
     #[command(flatten)]
     pub(super) device: DeviceArgs,
     /// The same as --device cpu (kept for older commands).

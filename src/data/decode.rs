@@ -176,16 +176,19 @@ pub fn open_image_file(path: &Path, channels: usize) -> Result<Arc<dyn ImageSour
     );
     let img = decode_file(path)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let data = if channels == 1 {
-        img.into_luma8().into_raw()
-    } else {
-        img.into_rgb8().into_raw()
+    let pixels = Pixels8 {
+        c: channels,
+        h,
+        w,
+        data: if channels == 1 {
+            img.into_luma8().into_raw()
+        } else {
+            img.into_rgb8().into_raw()
+        },
     };
     if channels * h * w <= IN_MEMORY_MAX_VALUES {
-        let chw: Vec<f32> = (0..channels)
-            .flat_map(|ch| (0..h * w).map(move |i| (ch, i)))
-            .map(|(ch, i)| data[i * channels + ch] as f32 / 255.0)
-            .collect();
+        let mut chw = vec![0.0; channels * h * w];
+        pixels.read_region(0, 0, 0, h, w, &mut chw)?;
         return Ok(Arc::new(InMemoryImage::new(
             chw,
             channels,
@@ -200,14 +203,8 @@ pub fn open_image_file(path: &Path, channels: usize) -> Result<Arc<dyn ImageSour
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
-    let pixels = Pixels8 {
-        c: channels,
-        h,
-        w,
-        data,
-    };
+    // write_tiled removes its own temporary file when it fails.
     if let Err(e) = write_tiled(&tmp, &pixels) {
-        let _ = fs::remove_file(&tmp);
         bail!(
             "a {w}x{h} image is read through a temporary tiled file, which could not be written in {}: {e:#}",
             std::env::temp_dir().display()
