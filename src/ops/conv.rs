@@ -12,7 +12,10 @@
 //! side in one column matrix, so small feature maps still make one large
 //! GEMM. Groups run in parallel, one per thread: with `o` rows (often 64) a
 //! single GEMM does not split well over threads, independent ones do. A
-//! batch of one falls back on the threads inside the GEMM and im2col.
+//! batch of one falls back on the threads inside the GEMM and im2col. In a
+//! training graph the forward keeps its column matrices for `weight_grad`
+//! while the graph's budget allows ([`Graph::keep_for_backward`]), and the
+//! data gradient is skipped for inputs that need none (images, proxies).
 //!
 //! On the GPU the same three products run on chunks of images, each chunk one
 //! batched GEMM over per-image column matrices; col2im there is a gather
@@ -236,19 +239,49 @@ impl Drop for Scratch<'_> {
     }
 }
 
-/// `colside[n] = W · cols(img[n])` with `W [o, ck]`.
-fn apply_cpu(dev: &CpuDevice, g: &Geom, o: usize, imgs: &[f32], w: &[f32]) -> Vec<f32> {
+/// The column matrices of a forward pass on the CPU, group after group,
+/// kept for the weight gradient: backward then reads them instead of
+/// running im2col again (im2col was a third of conv's time in the default
+/// model's step). A tensor, so their bytes count as live memory.
+pub struct Columns {
+    data: Tensor,
+    /// Images per group when they were written.
+    group: usize,
+}
+
+/// `colside[n] = W · cols(img[n])` with `W [o, ck]`, and with `keep` the
+/// column matrices of every group (see [`Columns`]).
+fn apply_cpu(
+    dev: &CpuDevice,
+    g: &Geom,
+    o: usize,
+    imgs: &[f32],
+    w: &[f32],
+    keep: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
     let n = imgs.len() / g.img_len();
     let (ck, hw, gs) = (g.ck(), g.hw(), g.group(n));
     let mut out = dev.buffer(n * o * hw);
+    let mut kept = keep.then(|| dev.buffer(ck * n * hw));
+    let slots: Vec<Option<&mut [f32]>> = match kept.as_mut() {
+        Some(k) => k.chunks_mut(gs * ck * hw).map(Some).collect(),
+        None => (0..n.div_ceil(gs)).map(|_| None).collect(),
+    };
     let groups = out
         .par_chunks_mut(gs * o * hw)
-        .zip(imgs.par_chunks(gs * g.img_len()));
+        .zip(imgs.par_chunks(gs * g.img_len()))
+        .zip(slots);
     groups.for_each_init(
         || Scratch::new(dev),
-        |s, (y, x)| {
+        |s, ((y, x), slot)| {
             let m = y.len() / o;
-            let cols = group_cols(dev, g, x, &mut s.cols);
+            let cols: &[f32] = match slot {
+                Some(c) => {
+                    im2col(g, x, c);
+                    c
+                }
+                None => group_cols(dev, g, x, &mut s.cols),
+            };
             if m == hw {
                 sgemm(o, m, ck, Mat::n(w), Mat::n(cols), y, false);
             } else {
@@ -258,7 +291,7 @@ fn apply_cpu(dev: &CpuDevice, g: &Geom, o: usize, imgs: &[f32], w: &[f32]) -> Ve
             }
         },
     );
-    out
+    (out, kept)
 }
 
 /// `img[n] = col2im(W^T · colside[n])`, the adjoint of [`apply_cpu`].
@@ -287,25 +320,36 @@ fn adjoint_cpu(dev: &CpuDevice, g: &Geom, o: usize, colside: &[f32], w: &[f32]) 
     out
 }
 
-/// `dW [o, ck] = sum_n colside[n] · cols(img[n])^T`. The groups are cut
-/// into one fixed run per thread, each summed in order into its own `dW`,
-/// and those are added in order: the same bits whatever the scheduling (a
-/// fold over rayon's adaptive splits would vary with work stealing).
-fn weight_grad_cpu(dev: &CpuDevice, g: &Geom, o: usize, imgs: &[f32], colside: &[f32]) -> Vec<f32> {
+/// `dW [o, ck] = sum_n colside[n] · cols(img[n])^T`, reading the columns
+/// from `kept` (written by a forward with the same group size) when given.
+/// The groups are cut into one fixed run per thread, each summed in order
+/// into its own `dW`, and those are added in order: the same bits whatever
+/// the scheduling (a fold over rayon's adaptive splits would vary with work
+/// stealing).
+fn weight_grad_cpu(
+    dev: &CpuDevice,
+    g: &Geom,
+    o: usize,
+    imgs: &[f32],
+    colside: &[f32],
+    kept: Option<(&[f32], usize)>,
+) -> Vec<f32> {
     let n = imgs.len() / g.img_len();
-    let (ck, hw, gs) = (g.ck(), g.hw(), g.group(n));
+    let (ck, hw) = (g.ck(), g.hw());
+    let gs = kept.map_or_else(|| g.group(n), |(_, gs)| gs);
     let groups = n.div_ceil(gs);
     let per_run = groups.div_ceil(rayon::current_num_threads()).max(1);
     let runs: Vec<Vec<f32>> = (0..groups.div_ceil(per_run))
         .into_par_iter()
         .map(|r| {
             let (mut dw, mut s) = (vec![0.0; o * ck], Scratch::new(dev));
-            let xs = imgs.chunks(gs * g.img_len()).skip(r * per_run);
-            for (x, dy) in xs
-                .zip(colside.chunks(gs * o * hw).skip(r * per_run))
-                .take(per_run)
-            {
-                let cols = group_cols(dev, g, x, &mut s.cols);
+            for q in r * per_run..((r + 1) * per_run).min(groups) {
+                let x = &imgs[q * gs * g.img_len()..][..(n - q * gs).min(gs) * g.img_len()];
+                let dy = &colside[q * gs * o * hw..][..x.len() / g.img_len() * o * hw];
+                let cols = match kept {
+                    Some((k, _)) => &k[q * gs * ck * hw..][..ck * dy.len() / o],
+                    None => group_cols(dev, g, x, &mut s.cols),
+                };
                 let rows = group_rows(dev, g, o, dy, &mut s.rows);
                 sgemm(o, ck, rows.len() / o, Mat::n(rows), Mat::t(cols), &mut dw, true);
             }
@@ -394,6 +438,19 @@ pub fn conv2d_forward(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
+    Ok(forward(x, w, b, stride, padding, false)?.0)
+}
+
+/// [`conv2d_forward`], with `keep` also the column matrices for
+/// [`backward`] (on the CPU; the GPU recomputes them chunk by chunk).
+fn forward(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    keep: bool,
+) -> Result<(Tensor, Option<Columns>)> {
     let (g, o) = conv_geom("conv2d", x, w, stride, padding)?;
     check_bias("conv2d", b, o)?;
     let n = x.shape()[0];
@@ -403,14 +460,24 @@ pub fn conv2d_forward(
             if let Some(b) = b {
                 cuda::add_bias(&mut y, b.cuda()?, g.hw())?;
             }
-            Ok(Tensor::from_cuda(y, &[n, o, g.ho, g.wo]))
+            Ok((Tensor::from_cuda(y, &[n, o, g.ho, g.wo]), None))
         }
         Storage::Cpu(_) => {
-            let mut y = apply_cpu(x.host(), &g, o, x.cpu()?, w.cpu()?);
+            let dev = x.host();
+            let (mut y, kept) = apply_cpu(dev, &g, o, x.cpu()?, w.cpu()?, keep);
             if let Some(b) = b {
                 add_bias(&mut y, b.cpu()?, g.hw());
             }
-            Tensor::from_vec(y, &[n, o, g.ho, g.wo], &x.device())
+            let cols = kept
+                .map(|k| {
+                    let data = Tensor::from_vec(k, &[g.ck() * n * g.hw()], &x.device())?;
+                    anyhow::Ok(Columns {
+                        data,
+                        group: g.group(n),
+                    })
+                })
+                .transpose()?;
+            Ok((Tensor::from_vec(y, &[n, o, g.ho, g.wo], &x.device())?, cols))
         }
     }
 }
@@ -425,12 +492,29 @@ pub fn conv2d_backward(
     padding: usize,
     bias: bool,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let (dx, dw, db) = backward(x, w, gy, (stride, padding), bias, true, None)?;
+    Ok((dx.expect("dx was asked for"), dw, db))
+}
+
+/// [`conv2d_backward`], `dx` only when `need_dx`, reading the forward's
+/// column matrices when kept.
+fn backward(
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    (stride, padding): (usize, usize),
+    bias: bool,
+    need_dx: bool,
+    cols: Option<&Columns>,
+) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
     let (g, o) = conv_geom("conv2d backward", x, w, stride, padding)?;
     gy.expect_shape(&[x.shape()[0], o, g.ho, g.wo], "conv2d output gradient")?;
     match x.storage() {
         Storage::Cuda(xs) => {
             let (ws, gs) = (w.cuda()?, gy.cuda()?);
-            let dx = Tensor::from_cuda(cuda::adjoint(&g, o, gs, ws)?, x.shape());
+            let dx = need_dx
+                .then(|| anyhow::Ok(Tensor::from_cuda(cuda::adjoint(&g, o, gs, ws)?, x.shape())))
+                .transpose()?;
             let dw = Tensor::from_cuda(cuda::weight_grad(&g, o, xs, gs)?, w.shape());
             let db = if bias {
                 Some(Tensor::from_cuda(cuda::bias_grad(gs, o, g.hw())?, &[o]))
@@ -441,8 +525,14 @@ pub fn conv2d_backward(
         }
         Storage::Cpu(_) => {
             let (xv, wv, gv) = (x.cpu()?, w.cpu()?, gy.cpu()?);
-            let dx = x.same_shape(adjoint_cpu(x.host(), &g, o, gv, wv))?;
-            let dw = w.same_shape(weight_grad_cpu(x.host(), &g, o, xv, gv))?;
+            let dx = need_dx
+                .then(|| x.same_shape(adjoint_cpu(x.host(), &g, o, gv, wv)))
+                .transpose()?;
+            let kept = match cols {
+                Some(c) => Some((c.data.cpu()?, c.group)),
+                None => None,
+            };
+            let dw = w.same_shape(weight_grad_cpu(x.host(), &g, o, xv, gv, kept))?;
             let db = bias
                 .then(|| Tensor::from_vec(bias_grad(gv, o, g.hw()), &[o], &x.device()))
                 .transpose()?;
@@ -559,8 +649,8 @@ pub fn conv_transpose2d_backward(
         }
         Storage::Cpu(_) => {
             let (xv, wv, gv) = (x.cpu()?, w.cpu()?, gy.cpu()?);
-            let dx = x.same_shape(apply_cpu(x.host(), &g, ci, gv, wv))?;
-            let dw = w.same_shape(weight_grad_cpu(x.host(), &g, ci, gv, xv))?;
+            let dx = x.same_shape(apply_cpu(x.host(), &g, ci, gv, wv, false).0)?;
+            let dw = w.same_shape(weight_grad_cpu(x.host(), &g, ci, gv, xv, None))?;
             let db = bias
                 .then(|| Tensor::from_vec(bias_grad(gv, g.c, g.h * g.w), &[g.c], &x.device()))
                 .transpose()?;
@@ -790,12 +880,20 @@ impl Graph {
     /// `conv2d(x, w, b)` with PyTorch's weight layout `[out, in, kh, kw]`.
     pub fn conv2d(&mut self, x: Var, w: Var, b: Option<Var>, stride: usize, padding: usize) -> Result<Var> {
         let (xv, wv) = (self.value(x).clone(), self.value(w).clone());
-        let y = conv2d_forward(&xv, &wv, b.map(|b| self.value(b)), stride, padding)?;
+        let (g, _) = conv_geom("conv2d", &xv, &wv, stride, padding)?;
+        let cols_bytes = g.ck() * xv.shape()[0] * g.hw() * 4;
+        let need_dx = self.needs_grad(x);
+        let on_cpu = matches!(xv.storage(), Storage::Cpu(_));
+        let keep = self.needs_grad(w) && on_cpu && self.keep_for_backward(cols_bytes);
+        let (y, cols) = forward(&xv, &wv, b.map(|b| self.value(b)), stride, padding, keep)?;
         let inputs: Vec<Var> = [Some(x), Some(w), b].into_iter().flatten().collect();
         let bias = b.is_some();
         Ok(self.record(y, &inputs, move |gy| {
-            let (dx, dw, db) = conv2d_backward(&xv, &wv, gy, stride, padding, bias)?;
-            Ok(grads(dx, dw, db))
+            let geom = (stride, padding);
+            let (dx, dw, db) = backward(&xv, &wv, gy, geom, bias, need_dx, cols.as_ref())?;
+            let mut out = vec![dx, Some(dw)];
+            out.extend(db.map(Some));
+            Ok(out)
         }))
     }
 
@@ -970,6 +1068,25 @@ mod tests {
         // The cases cover one image per GEMM, and several with a shorter last group.
         assert!(groups.iter().any(|&(g, _)| g == 1));
         assert!(groups.iter().any(|&(g, n)| g > 1 && n % g != 0));
+    }
+
+    /// The weight gradient from the forward's kept columns has the same bits
+    /// as recomputing them, and the data gradient is skipped when not asked.
+    #[test]
+    fn kept_columns_give_the_same_weight_gradient() {
+        let dev = Device::cpu();
+        for (k, (xs, ws, s, p)) in CONV_CASES.into_iter().enumerate() {
+            let x = rand_tensor(&xs, k as u64, &dev);
+            let w = rand_tensor(&ws, 100 + k as u64, &dev);
+            two_threads(|| {
+                let (y, cols) = forward(&x, &w, None, s, p, true).unwrap();
+                let gy = rand_tensor(y.shape(), 300 + k as u64, &dev);
+                let (dx, dw, _) = backward(&x, &w, &gy, (s, p), false, false, cols.as_ref()).unwrap();
+                let (_, want, _) = conv2d_backward(&x, &w, &gy, s, p, false).unwrap();
+                assert!(dx.is_none() && cols.is_some(), "case {k}");
+                assert_eq!(dw.to_vec().unwrap(), want.to_vec().unwrap(), "case {k}");
+            });
+        }
     }
 
     #[test]
