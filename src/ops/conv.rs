@@ -14,7 +14,7 @@
 //! single GEMM does not split well over threads, independent ones do. A
 //! batch of one falls back on the threads inside the GEMM and im2col. In a
 //! training graph the forward keeps its column matrices for `weight_grad`
-//! while the graph's budget allows ([`Graph::keep_for_backward`]), and the
+//! while the graph's budget allows (`Graph::keep_for_backward`), and the
 //! data gradient is skipped for inputs that need none (images, proxies).
 //!
 //! On the GPU the same three products run on chunks of images, each chunk one
@@ -342,7 +342,7 @@ fn weight_grad_cpu(
     let runs: Vec<Vec<f32>> = (0..groups.div_ceil(per_run))
         .into_par_iter()
         .map(|r| {
-            let (mut dw, mut s) = (vec![0.0; o * ck], Scratch::new(dev));
+            let (mut dw, mut s) = (dev.zeros(o * ck), Scratch::new(dev));
             for q in r * per_run..((r + 1) * per_run).min(groups) {
                 let x = &imgs[q * gs * g.img_len()..][..(n - q * gs).min(gs) * g.img_len()];
                 let dy = &colside[q * gs * o * hw..][..x.len() / g.img_len() * o * hw];
@@ -357,9 +357,10 @@ fn weight_grad_cpu(
         })
         .collect();
     let mut runs = runs.into_iter();
-    let mut dw = runs.next().unwrap_or_else(|| vec![0.0; o * ck]);
+    let mut dw = runs.next().unwrap_or_else(|| dev.zeros(o * ck));
     for r in runs {
         dw.iter_mut().zip(&r).for_each(|(x, y)| *x += y);
+        dev.recycle(r);
     }
     dw
 }

@@ -36,7 +36,7 @@ pub fn avg_pool2d_forward(x: &Tensor, kernel: usize, stride: usize) -> Result<Te
         }
         Storage::Cpu(_) => {
             let xs = x.cpu()?;
-            let mut out = vec![0.0; n * c * ho * wo];
+            let mut out = x.host().buffer(n * c * ho * wo);
             for_chunks(&mut out, ho * wo, |q, dst| {
                 let src = &xs[q * h * w..][..h * w];
                 for oy in 0..ho {
@@ -70,7 +70,7 @@ pub fn avg_pool2d_backward(x: &Tensor, gy: &Tensor, kernel: usize, stride: usize
         }
         Storage::Cpu(_) => {
             let gs = gy.cpu()?;
-            let mut dx = vec![0.0; x.numel()];
+            let mut dx = x.host().zeros(x.numel());
             for_chunks(&mut dx, h * w, |q, dst| {
                 let src = &gs[q * ho * wo..][..ho * wo];
                 for oy in 0..ho {
@@ -147,7 +147,7 @@ pub fn max_pool2d_forward(x: &Tensor, kernel: usize, stride: usize, padding: usi
         }
         Storage::Cpu(_) => {
             let xs = x.cpu()?;
-            let mut out = vec![0.0; n * c * ho * wo];
+            let mut out = x.host().buffer(n * c * ho * wo);
             for_chunks(&mut out, ho * wo, |q, dst| {
                 let src = &xs[q * h * w..][..h * w];
                 max_pool_argmax(src, (h, w), (ho, wo), (kernel, stride, padding), |o, i| {
@@ -178,7 +178,7 @@ pub fn max_pool2d_backward(
         }
         Storage::Cpu(_) => {
             let (xs, gs) = (x.cpu()?, gy.cpu()?);
-            let mut dx = vec![0.0; x.numel()];
+            let mut dx = x.host().zeros(x.numel());
             for_chunks(&mut dx, h * w, |q, dst| {
                 let (src, g) = (&xs[q * h * w..][..h * w], &gs[q * ho * wo..][..ho * wo]);
                 max_pool_argmax(src, (h, w), (ho, wo), (kernel, stride, padding), |o, i| {
@@ -225,7 +225,7 @@ pub fn global_avg_pool_backward(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
         Storage::Cuda(_) => cuda::global_avg_pool_backward(gy.cuda()?, hw, x.shape()),
         Storage::Cpu(_) => {
             let gs = gy.cpu()?;
-            let mut dx = vec![0.0; x.numel()];
+            let mut dx = x.host().buffer(x.numel());
             for_chunks(&mut dx, hw, |q, p| p.fill(gs[q] / hw as f32));
             x.same_shape(dx)
         }
