@@ -243,7 +243,7 @@ impl Drop for Scratch<'_> {
 /// kept for the weight gradient: backward then reads them instead of
 /// running im2col again (im2col was a third of conv's time in the default
 /// model's step). A tensor, so their bytes count as live memory.
-pub struct Columns {
+struct Columns {
     data: Tensor,
     /// Images per group when they were written.
     group: usize,
