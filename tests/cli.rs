@@ -552,3 +552,27 @@ fn a_killed_train_leaves_a_checkpoint_that_resumes_to_the_end() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(metric_epochs(&metrics), (1..=30).collect::<Vec<_>>());
 }
+
+#[test]
+fn eval_seed_draws_other_test_scenes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("pretrained/cluttered-mnist/model.safetensors");
+    let report = |seed: Option<&str>| {
+        let mut args = vec![
+            "eval",
+            "--checkpoint",
+            model.to_str().unwrap(),
+            "--test-size",
+            "60",
+            "--json",
+        ];
+        args.extend(seed.map(|s| ["--seed", s]).into_iter().flatten());
+        let o = saccade_in(dir.path(), &args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["report"]["confusion"].clone()
+    };
+    // The checkpoint's own seed (1) is the default; another seed, other scenes.
+    assert_eq!(report(None), report(Some("1")));
+    assert_ne!(report(None), report(Some("2")));
+}

@@ -27,6 +27,11 @@ pub(super) struct EvalArgs {
     /// split is used whole.
     #[arg(long)]
     test_size: Option<usize>,
+    /// Seed of a generated dataset's test scenes [default: the checkpoint's]: another
+    /// seed draws other scenes from the same MNIST test digits, a check that the
+    /// accuracy is not tied to one draw.
+    #[arg(long)]
+    seed: Option<u64>,
     #[command(flatten)]
     pub(super) device: DeviceArgs,
     /// Print one JSON object (the report) instead of text.
@@ -249,7 +254,7 @@ fn eval_model<M: Model>(a: EvalArgs) -> Result<(), Failure> {
     let mut t = Trainer::<M>::from_checkpoint(&a.checkpoint, device)?;
     let spec = a.dataset.unwrap_or_else(|| t.cfg.dataset.clone());
     let cfg = data::DataConfig {
-        seed: t.cfg.seed,
+        seed: a.seed.unwrap_or(t.cfg.seed),
         sizes: SplitSizes {
             test: a.test_size.unwrap_or(2_000),
             ..Default::default()
