@@ -250,7 +250,7 @@ struct Columns {
 }
 
 /// `colside[n] = W · cols(img[n])` with `W [o, ck]`, and with `keep` the
-/// column matrices of every group (see [`Columns`]).
+/// column matrices of every group and the group size (see [`Columns`]).
 fn apply_cpu(
     dev: &CpuDevice,
     g: &Geom,
@@ -258,7 +258,7 @@ fn apply_cpu(
     imgs: &[f32],
     w: &[f32],
     keep: bool,
-) -> (Vec<f32>, Option<Vec<f32>>) {
+) -> (Vec<f32>, Option<(Vec<f32>, usize)>) {
     let n = imgs.len() / g.img_len();
     let (ck, hw, gs) = (g.ck(), g.hw(), g.group(n));
     let mut out = dev.buffer(n * o * hw);
@@ -291,7 +291,7 @@ fn apply_cpu(
             }
         },
     );
-    (out, kept)
+    (out, kept.map(|k| (k, gs)))
 }
 
 /// `img[n] = col2im(W^T · colside[n])`, the adjoint of [`apply_cpu`].
@@ -470,12 +470,9 @@ fn forward(
                 add_bias(&mut y, b.cpu()?, g.hw());
             }
             let cols = kept
-                .map(|k| {
+                .map(|(k, group)| {
                     let data = Tensor::from_vec(k, &[g.ck() * n * g.hw()], &x.device())?;
-                    anyhow::Ok(Columns {
-                        data,
-                        group: g.group(n),
-                    })
+                    anyhow::Ok(Columns { data, group })
                 })
                 .transpose()?;
             Ok((Tensor::from_vec(y, &[n, o, g.ho, g.wo], &x.device())?, cols))
