@@ -132,6 +132,7 @@ fn apply_flags(a: &TrainArgs, cfg: &mut TrainConfig) {
     m.beta = a.beta.unwrap_or(m.beta);
     m.policy_warmup = a.policy_warmup.unwrap_or(m.policy_warmup);
     m.glimpse_pool = a.glimpse_pool.unwrap_or(m.glimpse_pool);
+    m.classifier_width = a.classifier_width.unwrap_or(m.classifier_width);
     m.multiplicative |= a.multiplicative;
     m.mask_attended &= !a.no_mask;
     if a.fixed_variance.is_some() {
@@ -306,6 +307,7 @@ fn flag_of(field: &str) -> &'static str {
         "mask_attended" => "--no-mask",
         "policy_warmup" => "--policy-warmup",
         "glimpse_pool" => "--glimpse-pool",
+        "classifier_width" => "--classifier-width",
         "batch_size" => "--batch-size",
         "lr" => "--lr",
         "lr_schedule" => "--lr-schedule",

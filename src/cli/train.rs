@@ -97,6 +97,10 @@ pub(super) struct TrainArgs {
     /// How the glimpses' features are pooled into one: mean (the paper, default) or max.
     #[arg(long, value_enum)]
     pub(super) glimpse_pool: Option<GlimpsePool>,
+    /// Channels of the crop classifier's first conv (then 2x and 4x): 16 for the small preset,
+    /// 32 for paper. Its cost per crop grows with the square.
+    #[arg(long)]
+    pub(super) classifier_width: Option<usize>,
     /// Fix the posterior variance to this value instead of learning it (paper ablation, e.g. 0.6).
     #[arg(long)]
     pub(super) fixed_variance: Option<f32>,

@@ -156,13 +156,13 @@ impl SaccadeConfig {
         within("proxy_size", "--proxy-size", self.proxy_size, 1, MAX_PROXY)?;
         within("glimpses", "--glimpses", self.glimpses, 1, 256)?;
         within("crop", "--crop", self.crop, 4, MAX_CROP)?;
-        for (name, v) in [
-            ("enc_width", self.enc_width),
-            ("embed", self.embed),
-            ("hidden", self.hidden),
-            ("classifier_width", self.classifier_width),
+        for (name, flag, v) in [
+            ("enc_width", "--preset", self.enc_width),
+            ("embed", "--preset", self.embed),
+            ("hidden", "--preset", self.hidden),
+            ("classifier_width", "--classifier-width", self.classifier_width),
         ] {
-            within(name, "--preset", v, 1, 4096)?;
+            within(name, flag, v, 1, 4096)?;
         }
         ensure!(
             self.scale_min > 0.0 && self.scale_min < self.scale_max && self.scale_max <= 1.0,

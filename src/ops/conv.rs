@@ -26,7 +26,7 @@ use rayon::prelude::*;
 
 use super::for_chunks;
 use crate::autograd::{Graph, Var};
-use crate::device::cpu::{sgemm, Mat};
+use crate::device::cpu::{sgemm, sgemm_ct, Mat};
 use crate::device::CpuDevice;
 use crate::tensor::{fmt_shape, Storage, Tensor};
 
@@ -37,6 +37,11 @@ use crate::tensor::{fmt_shape, Storage, Tensor};
 /// Tests use a tiny budget so that every path (one image per group, several,
 /// a short last group) is exercised on small shapes.
 const COLS_BUDGET: usize = if cfg!(test) { 1 << 11 } else { 1 << 17 };
+
+/// From this many input channels the CPU lays the columns out channels-last
+/// (see [`Geom::channels_last`]); with fewer, a kernel line is too short a
+/// copy to pay for the transposes. Tests take both layouts on small shapes.
+const CHANNELS_LAST_MIN: usize = if cfg!(test) { 3 } else { 8 };
 
 /// Output size along one axis: `(input + 2 * padding - kernel) / stride + 1`.
 pub fn conv_out_size(input: usize, kernel: usize, stride: usize, padding: usize) -> Option<usize> {
@@ -73,6 +78,30 @@ impl Geom {
     /// A 1x1 conv without stride or padding: an image is its own column matrix.
     fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+    /// Whether the CPU's column matrix is channels-last: one row per output
+    /// pixel holding its receptive field as `[kh, kw, c]`, cut from a padded
+    /// `[h, w, c]` copy of the image. Each kernel line is then one contiguous
+    /// copy of `kw * c` floats, where im2col's channel-major rows copy a few
+    /// pixels at a time: on the crop classifier's 12x12 to 3x3 maps im2col
+    /// and col2im were 15% of the training step. The weight is read as
+    /// `[o, kh, kw, c]` to match. Only for images whose columns fit the
+    /// group budget: on ResNet's larger maps the GEMM's packing of the
+    /// transposed operand costs more than im2col does there.
+    fn channels_last(&self) -> bool {
+        self.c >= CHANNELS_LAST_MIN && !self.pointwise() && self.ck() * self.hw() <= COLS_BUDGET
+    }
+    /// A group's column matrix read as `[ck, m]`, or with `t` as `[m, ck]`.
+    fn cols_mat<'a>(&self, cols: &'a [f32], t: bool) -> Mat<'a> {
+        if self.channels_last() != t {
+            Mat::t(cols)
+        } else {
+            Mat::n(cols)
+        }
+    }
+    /// Side lengths of the zero-padded image.
+    fn padded(&self) -> (usize, usize) {
+        (self.h + 2 * self.pad, self.w + 2 * self.pad)
     }
     /// Images per GEMM for a batch of `n`: as many as fit the column budget,
     /// but no more than leaves one group per thread.
@@ -158,6 +187,98 @@ fn col2im(g: &Geom, cols: &[f32], imgs: &mut [f32]) {
     for_chunks(imgs, plane, fill_plane);
 }
 
+/// One image `[c, h, w]` into `out [h + 2p, w + 2p, c]`, zeros around it.
+fn to_padded_hwc(g: &Geom, img: &[f32], out: &mut [f32]) {
+    let (c, p, plane) = (g.c, g.pad, g.h * g.w);
+    let line = g.padded().1 * c;
+    out[..p * line].fill(0.0);
+    out[(p + g.h) * line..].fill(0.0);
+    for (y, row) in out[p * line..][..g.h * line].chunks_exact_mut(line).enumerate() {
+        row[..p * c].fill(0.0);
+        row[(p + g.w) * c..].fill(0.0);
+        let inner = &mut row[p * c..][..g.w * c];
+        for (ci, src) in img.chunks_exact(plane).enumerate() {
+            let src = &src[y * g.w..][..g.w];
+            inner[ci..].iter_mut().step_by(c).zip(src).for_each(|(v, x)| *v = *x);
+        }
+    }
+}
+
+/// The inverse of [`to_padded_hwc`], dropping the border.
+fn from_padded_hwc(g: &Geom, hwc: &[f32], img: &mut [f32]) {
+    let (c, p, plane) = (g.c, g.pad, g.h * g.w);
+    let line = g.padded().1 * c;
+    for y in 0..g.h {
+        let row = &hwc[(y + p) * line + p * c..][..g.w * c];
+        for (x, px) in row.chunks_exact(c).enumerate() {
+            px.iter().enumerate().for_each(|(ci, v)| img[ci * plane + y * g.w + x] = *v);
+        }
+    }
+}
+
+/// Channels-last columns (see [`Geom::channels_last`]) of a group of
+/// images `[g, c, h, w]` into `rows [g*ho*wo, kh*kw*c]`; `hwc` is scratch.
+fn im2row(g: &Geom, imgs: &[f32], rows: &mut [f32], hwc: &mut [f32]) {
+    let (ck, wp, seg) = (g.ck(), g.padded().1, g.kw * g.c);
+    for (img, out) in imgs.chunks_exact(g.img_len()).zip(rows.chunks_exact_mut(g.hw() * ck)) {
+        to_padded_hwc(g, img, hwc);
+        for (q, row) in out.chunks_exact_mut(ck).enumerate() {
+            let (oy, ox) = (q / g.wo, q % g.wo);
+            for (i, dst) in row.chunks_exact_mut(seg).enumerate() {
+                dst.copy_from_slice(&hwc[((oy * g.stride + i) * wp + ox * g.stride) * g.c..][..seg]);
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2row`]: every row entry added back onto the pixel it
+/// was read from. Overwrites `imgs`.
+fn row2im(g: &Geom, rows: &[f32], imgs: &mut [f32], hwc: &mut [f32]) {
+    let (ck, wp, seg) = (g.ck(), g.padded().1, g.kw * g.c);
+    for (img, src) in imgs.chunks_exact_mut(g.img_len()).zip(rows.chunks_exact(g.hw() * ck)) {
+        hwc.fill(0.0);
+        for (q, row) in src.chunks_exact(ck).enumerate() {
+            let (oy, ox) = (q / g.wo, q % g.wo);
+            for (i, part) in row.chunks_exact(seg).enumerate() {
+                let at = ((oy * g.stride + i) * wp + ox * g.stride) * g.c;
+                hwc[at..][..seg].iter_mut().zip(part).for_each(|(o, v)| *o += v);
+            }
+        }
+        from_padded_hwc(g, hwc, img);
+    }
+}
+
+/// `w [o, c, kh, kw]` as the GEMMs read it: `[o, kh, kw, c]` when the
+/// columns are channels-last.
+fn weight_for_cols<'a>(g: &Geom, w: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+    if !g.channels_last() {
+        return w.into();
+    }
+    let (taps, c) = (g.kh * g.kw, g.c);
+    let mut out = vec![0.0; w.len()];
+    for (src, dst) in w.chunks_exact(g.ck()).zip(out.chunks_exact_mut(g.ck())) {
+        for (ci, tap) in src.chunks_exact(taps).enumerate() {
+            tap.iter().enumerate().for_each(|(t, v)| dst[t * c + ci] = *v);
+        }
+    }
+    out.into()
+}
+
+/// The inverse of [`weight_for_cols`] (for the weight gradient).
+fn weight_from_cols(g: &Geom, dw: Vec<f32>) -> Vec<f32> {
+    if !g.channels_last() {
+        return dw;
+    }
+    let (taps, c) = (g.kh * g.kw, g.c);
+    let mut out = vec![0.0; dw.len()];
+    for (src, dst) in dw.chunks_exact(g.ck()).zip(out.chunks_exact_mut(g.ck())) {
+        for (ci, tap) in dst.chunks_exact_mut(taps).enumerate() {
+            tap.iter_mut().enumerate().for_each(|(t, v)| *v = src[t * c + ci]);
+        }
+    }
+    out
+}
+
 /// `[g, rows, hw] -> [rows, g*hw]`, so a group's output grids form one GEMM operand.
 fn to_rows(src: &[f32], rows: usize, hw: usize, dst: &mut [f32]) {
     let n = src.len() / (rows * hw);
@@ -186,15 +307,32 @@ fn sized<'a>(dev: &CpuDevice, buf: &'a mut Vec<f32>, len: usize) -> &'a mut [f32
     buf
 }
 
+/// Fill `cols` with the column matrix of a group of images, in the
+/// layout [`Geom::channels_last`] says; `hwc` is scratch for it.
+fn fill_cols(dev: &CpuDevice, g: &Geom, imgs: &[f32], cols: &mut [f32], hwc: &mut Vec<f32>) {
+    if g.channels_last() {
+        let (hp, wp) = g.padded();
+        im2row(g, imgs, cols, sized(dev, hwc, hp * wp * g.c));
+    } else {
+        im2col(g, imgs, cols);
+    }
+}
+
 /// The columns of one group: the images themselves when that is what
-/// im2col would produce, else `buf` filled by im2col.
-fn group_cols<'a>(dev: &CpuDevice, g: &Geom, imgs: &'a [f32], buf: &'a mut Vec<f32>) -> &'a [f32] {
+/// im2col would produce, else `buf` filled by [`fill_cols`].
+fn group_cols<'a>(
+    dev: &CpuDevice,
+    g: &Geom,
+    imgs: &'a [f32],
+    buf: &'a mut Vec<f32>,
+    hwc: &mut Vec<f32>,
+) -> &'a [f32] {
     let n = imgs.len() / g.img_len();
     if n == 1 && g.pointwise() {
         return imgs;
     }
     let cols = sized(dev, buf, g.ck() * n * g.hw());
-    im2col(g, imgs, cols);
+    fill_cols(dev, g, imgs, cols, hwc);
     cols
 }
 
@@ -214,12 +352,14 @@ fn group_rows<'a>(
     rows
 }
 
-/// Scratch of one task: a group's column matrix and its output grids as
-/// rows, in buffers of the device's pool (they go back to it on drop).
+/// Scratch of one task: a group's column matrix, its output grids as rows
+/// and a padded channels-last image, in buffers of the device's pool (they
+/// go back to it on drop).
 struct Scratch<'a> {
     dev: &'a CpuDevice,
     cols: Vec<f32>,
     rows: Vec<f32>,
+    hwc: Vec<f32>,
 }
 
 impl<'a> Scratch<'a> {
@@ -228,14 +368,16 @@ impl<'a> Scratch<'a> {
             dev,
             cols: Vec::new(),
             rows: Vec::new(),
+            hwc: Vec::new(),
         }
     }
 }
 
 impl Drop for Scratch<'_> {
     fn drop(&mut self) {
-        self.dev.recycle(std::mem::take(&mut self.cols));
-        self.dev.recycle(std::mem::take(&mut self.rows));
+        for buf in [&mut self.cols, &mut self.rows, &mut self.hwc] {
+            self.dev.recycle(std::mem::take(buf));
+        }
     }
 }
 
@@ -261,6 +403,7 @@ fn apply_cpu(
 ) -> (Vec<f32>, Option<(Vec<f32>, usize)>) {
     let n = imgs.len() / g.img_len();
     let (ck, hw, gs) = (g.ck(), g.hw(), g.group(n));
+    let w = &weight_for_cols(g, w)[..];
     let mut out = dev.buffer(n * o * hw);
     let mut kept = keep.then(|| dev.buffer(ck * n * hw));
     let slots: Vec<Option<&mut [f32]>> = match kept.as_mut() {
@@ -277,16 +420,21 @@ fn apply_cpu(
             let m = y.len() / o;
             let cols: &[f32] = match slot {
                 Some(c) => {
-                    im2col(g, x, c);
+                    fill_cols(dev, g, x, c, &mut s.hwc);
                     c
                 }
-                None => group_cols(dev, g, x, &mut s.cols),
+                None => group_cols(dev, g, x, &mut s.cols, &mut s.hwc),
+            };
+            // Channels-last columns are the left operand: `y^T = cols · W^T`.
+            let product = |out: &mut [f32]| match g.channels_last() {
+                true => sgemm_ct(m, o, ck, Mat::n(cols), Mat::t(w), out, false),
+                false => sgemm(o, m, ck, Mat::n(w), Mat::n(cols), out, false),
             };
             if m == hw {
-                sgemm(o, m, ck, Mat::n(w), Mat::n(cols), y, false);
+                product(y);
             } else {
                 let rows = sized(dev, &mut s.rows, y.len());
-                sgemm(o, m, ck, Mat::n(w), Mat::n(cols), rows, false);
+                product(rows);
                 from_rows(rows, o, hw, y);
             }
         },
@@ -299,7 +447,13 @@ fn adjoint_cpu(dev: &CpuDevice, g: &Geom, o: usize, colside: &[f32], w: &[f32]) 
     let (ck, hw) = (g.ck(), g.hw());
     let n = colside.len() / (o * hw);
     let gs = g.group(n);
-    let mut out = dev.zeros(n * g.img_len());
+    let w = &weight_for_cols(g, w)[..];
+    // col2im adds onto its output; row2im overwrites it.
+    let mut out = if g.channels_last() {
+        dev.buffer(n * g.img_len())
+    } else {
+        dev.zeros(n * g.img_len())
+    };
     let groups = out
         .par_chunks_mut(gs * g.img_len())
         .zip(colside.par_chunks(gs * o * hw));
@@ -310,6 +464,11 @@ fn adjoint_cpu(dev: &CpuDevice, g: &Geom, o: usize, colside: &[f32], w: &[f32]) 
             let m = rows.len() / o;
             if m == hw && g.pointwise() {
                 sgemm(ck, m, o, Mat::t(w), Mat::n(rows), dx, false);
+            } else if g.channels_last() {
+                let cols = sized(dev, &mut s.cols, ck * m);
+                sgemm(m, ck, o, Mat::t(rows), Mat::n(w), cols, false);
+                let (hp, wp) = g.padded();
+                row2im(g, cols, dx, sized(dev, &mut s.hwc, hp * wp * g.c));
             } else {
                 let cols = sized(dev, &mut s.cols, ck * m);
                 sgemm(ck, m, o, Mat::t(w), Mat::n(rows), cols, false);
@@ -346,12 +505,12 @@ fn weight_grad_cpu(
             for q in r * per_run..((r + 1) * per_run).min(groups) {
                 let x = &imgs[q * gs * g.img_len()..][..(n - q * gs).min(gs) * g.img_len()];
                 let dy = &colside[q * gs * o * hw..][..x.len() / g.img_len() * o * hw];
+                let rows = group_rows(dev, g, o, dy, &mut s.rows);
                 let cols = match kept {
                     Some((k, _)) => &k[q * gs * ck * hw..][..ck * dy.len() / o],
-                    None => group_cols(dev, g, x, &mut s.cols),
+                    None => group_cols(dev, g, x, &mut s.cols, &mut s.hwc),
                 };
-                let rows = group_rows(dev, g, o, dy, &mut s.rows);
-                sgemm(o, ck, rows.len() / o, Mat::n(rows), Mat::t(cols), &mut dw, true);
+                sgemm(o, ck, rows.len() / o, Mat::n(rows), g.cols_mat(cols, true), &mut dw, true);
             }
             dw
         })
@@ -362,7 +521,7 @@ fn weight_grad_cpu(
         dw.iter_mut().zip(&r).for_each(|(x, y)| *x += y);
         dev.recycle(r);
     }
-    dw
+    weight_from_cols(g, dw)
 }
 
 /// `out[n, c, :, :] += b[c]`.
@@ -1061,11 +1220,13 @@ mod tests {
                 &conv_ref(&x, &w, &b, s, p),
                 &format!("case {k}"),
             );
-            groups.push((g.group(xs[0]), xs[0]));
+            groups.push((g.group(xs[0]), xs[0], g.channels_last()));
         }
-        // The cases cover one image per GEMM, and several with a shorter last group.
-        assert!(groups.iter().any(|&(g, _)| g == 1));
-        assert!(groups.iter().any(|&(g, n)| g > 1 && n % g != 0));
+        // The cases cover one image per GEMM, and several with a shorter last
+        // group, and both column layouts.
+        assert!(groups.iter().any(|&(g, _, _)| g == 1));
+        assert!(groups.iter().any(|&(g, n, _)| g > 1 && n % g != 0));
+        assert!(groups.iter().any(|&(_, _, cl)| cl) && groups.iter().any(|&(_, _, cl)| !cl));
     }
 
     /// The weight gradient from the forward's kept columns has the same bits
