@@ -199,7 +199,11 @@ fn to_padded_hwc(g: &Geom, img: &[f32], out: &mut [f32]) {
         let inner = &mut row[p * c..][..g.w * c];
         for (ci, src) in img.chunks_exact(plane).enumerate() {
             let src = &src[y * g.w..][..g.w];
-            inner[ci..].iter_mut().step_by(c).zip(src).for_each(|(v, x)| *v = *x);
+            inner[ci..]
+                .iter_mut()
+                .step_by(c)
+                .zip(src)
+                .for_each(|(v, x)| *v = *x);
         }
     }
 }
@@ -208,10 +212,12 @@ fn to_padded_hwc(g: &Geom, img: &[f32], out: &mut [f32]) {
 fn from_padded_hwc(g: &Geom, hwc: &[f32], img: &mut [f32]) {
     let (c, p, plane) = (g.c, g.pad, g.h * g.w);
     let line = g.padded().1 * c;
-    for y in 0..g.h {
-        let row = &hwc[(y + p) * line + p * c..][..g.w * c];
-        for (x, px) in row.chunks_exact(c).enumerate() {
-            px.iter().enumerate().for_each(|(ci, v)| img[ci * plane + y * g.w + x] = *v);
+    for (ci, dst) in img.chunks_exact_mut(plane).enumerate() {
+        for (y, out) in dst.chunks_exact_mut(g.w).enumerate() {
+            let row = &hwc[(y + p) * line + p * c + ci..];
+            out.iter_mut()
+                .zip(row.iter().step_by(c))
+                .for_each(|(o, v)| *o = *v);
         }
     }
 }
@@ -220,7 +226,10 @@ fn from_padded_hwc(g: &Geom, hwc: &[f32], img: &mut [f32]) {
 /// images `[g, c, h, w]` into `rows [g*ho*wo, kh*kw*c]`; `hwc` is scratch.
 fn im2row(g: &Geom, imgs: &[f32], rows: &mut [f32], hwc: &mut [f32]) {
     let (ck, wp, seg) = (g.ck(), g.padded().1, g.kw * g.c);
-    for (img, out) in imgs.chunks_exact(g.img_len()).zip(rows.chunks_exact_mut(g.hw() * ck)) {
+    for (img, out) in imgs
+        .chunks_exact(g.img_len())
+        .zip(rows.chunks_exact_mut(g.hw() * ck))
+    {
         to_padded_hwc(g, img, hwc);
         for (q, row) in out.chunks_exact_mut(ck).enumerate() {
             let (oy, ox) = (q / g.wo, q % g.wo);
@@ -235,7 +244,10 @@ fn im2row(g: &Geom, imgs: &[f32], rows: &mut [f32], hwc: &mut [f32]) {
 /// was read from. Overwrites `imgs`.
 fn row2im(g: &Geom, rows: &[f32], imgs: &mut [f32], hwc: &mut [f32]) {
     let (ck, wp, seg) = (g.ck(), g.padded().1, g.kw * g.c);
-    for (img, src) in imgs.chunks_exact_mut(g.img_len()).zip(rows.chunks_exact(g.hw() * ck)) {
+    for (img, src) in imgs
+        .chunks_exact_mut(g.img_len())
+        .zip(rows.chunks_exact(g.hw() * ck))
+    {
         hwc.fill(0.0);
         for (q, row) in src.chunks_exact(ck).enumerate() {
             let (oy, ox) = (q / g.wo, q % g.wo);
@@ -510,7 +522,15 @@ fn weight_grad_cpu(
                     Some((k, _)) => &k[q * gs * ck * hw..][..ck * dy.len() / o],
                     None => group_cols(dev, g, x, &mut s.cols, &mut s.hwc),
                 };
-                sgemm(o, ck, rows.len() / o, Mat::n(rows), g.cols_mat(cols, true), &mut dw, true);
+                sgemm(
+                    o,
+                    ck,
+                    rows.len() / o,
+                    Mat::n(rows),
+                    g.cols_mat(cols, true),
+                    &mut dw,
+                    true,
+                );
             }
             dw
         })
