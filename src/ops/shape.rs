@@ -39,19 +39,18 @@ pub fn concat_forward(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
     let (outer, total, inner) = split_at_axis(&shape, axis);
     match xs[0].storage() {
         Storage::Cpu(_) => {
-            let parts: Vec<&[f32]> = xs.iter().map(|x| x.cpu()).collect::<Result<_>>()?;
-            // For each output position along the axis: which part, which index in it.
-            let mut which = Vec::with_capacity(total);
-            for (p, x) in xs.iter().enumerate() {
-                which.extend((0..x.shape()[axis]).map(|k| (p, k)));
+            // Block copies: each part holds `outer` runs of `n * inner` floats.
+            let mut data = xs[0].host().buffer(outer * total * inner);
+            let mut at = 0;
+            for x in xs {
+                let run = x.shape()[axis] * inner;
+                if run > 0 {
+                    let dst = data.chunks_exact_mut(total * inner).map(|o| &mut o[at..][..run]);
+                    dst.zip(x.cpu()?.chunks_exact(run))
+                        .for_each(|(o, v)| o.copy_from_slice(v));
+                }
+                at += run;
             }
-            let data = par_fill(xs[0].host(), outer * total * inner, |i| {
-                let (o, rest) = (i / (total * inner), i % (total * inner));
-                let (t, j) = (rest / inner, rest % inner);
-                let (p, k) = which[t];
-                let n = xs[p].shape()[axis];
-                parts[p][(o * n + k) * inner + j]
-            });
             Tensor::from_vec(data, &shape, &xs[0].device())
         }
         Storage::Cuda(first) => {
@@ -85,11 +84,17 @@ pub fn slice_forward(x: &Tensor, axis: usize, start: usize, len: usize) -> Resul
     shape[axis] = len;
     match x.storage() {
         Storage::Cpu(_) => {
-            let xs = x.cpu()?;
-            let data = par_fill(x.host(), outer * len * inner, |i| {
-                let (o, rest) = (i / (len * inner), i % (len * inner));
-                xs[(o * n + start) * inner + rest]
-            });
+            let run = len * inner;
+            let mut data = x.host().buffer(outer * run);
+            if run > 0 {
+                let src = x
+                    .cpu()?
+                    .chunks_exact(n * inner)
+                    .map(|o| &o[start * inner..][..run]);
+                data.chunks_exact_mut(run)
+                    .zip(src)
+                    .for_each(|(o, v)| o.copy_from_slice(v));
+            }
             Tensor::from_vec(data, &shape, &x.device())
         }
         Storage::Cuda(xs) => cuda::copy_from(xs, (outer, n, inner), start, len, &shape),
@@ -104,16 +109,15 @@ fn pad_axis(x: &Tensor, axis: usize, before: usize, total: usize) -> Result<Tens
     shape[axis] = total;
     match x.storage() {
         Storage::Cpu(_) => {
-            let xs = x.cpu()?;
-            let data = par_fill(x.host(), outer * total * inner, |i| {
-                let (o, rest) = (i / (total * inner), i % (total * inner));
-                let (t, j) = (rest / inner, rest % inner);
-                if t >= before && t < before + len {
-                    xs[(o * len + t - before) * inner + j]
-                } else {
-                    0.0
-                }
-            });
+            let mut data = x.host().zeros(outer * total * inner);
+            let run = len * inner;
+            if run > 0 {
+                let dst = data
+                    .chunks_exact_mut(total * inner)
+                    .map(|o| &mut o[before * inner..][..run]);
+                dst.zip(x.cpu()?.chunks_exact(run))
+                    .for_each(|(o, v)| o.copy_from_slice(v));
+            }
             Tensor::from_vec(data, &shape, &x.device())
         }
         Storage::Cuda(xs) => {
