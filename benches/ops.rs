@@ -55,7 +55,17 @@ struct ConvCase {
     pad: usize,
 }
 
-const CONV_CASES: [ConvCase; 2] = [
+const CONV_CASES: [ConvCase; 3] = [
+    // The crop classifier's second conv at the default model's shapes
+    // (4 glimpses x batch 32, 24x24 crops): channels-last columns on the CPU.
+    ConvCase {
+        name: "classifier3x3s2_n128_16to32_24x24",
+        x: [128, 16, 24, 24],
+        out: 32,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    },
     ConvCase {
         name: "resnet3x3_n8_64to64_56x56",
         x: [8, 64, 56, 56],
