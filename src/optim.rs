@@ -7,7 +7,7 @@ use crate::device::cuda::CudaStorage;
 use crate::nn::{ParamId, ParamStore};
 use rayon::prelude::*;
 
-use crate::ops::{par_fill, PAR_MIN};
+use crate::ops::{par_fill, CHUNK, PAR_MIN};
 use crate::tensor::{Storage, Tensor};
 
 #[derive(Clone, Copy, Debug)]
@@ -75,9 +75,6 @@ pub fn adam_update(
         Storage::Cuda(ps) => cuda::adam(ps, g.cuda()?, m.cuda()?, v.cuda()?, p.shape(), c, (bc1, bc2)),
     }
 }
-
-/// Elements per task of the threaded update.
-const CHUNK: usize = 1 << 14;
 
 /// One Adam update of `[p, g, m, v]` into `[p2, m2, v2]` (over `p2`'s
 /// length), with the same expressions as the kernel in kernels/optim.cu.

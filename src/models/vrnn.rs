@@ -25,6 +25,7 @@ use super::classifier::ConvStack;
 use crate::autograd::{Graph, Var};
 use crate::device::Device;
 use crate::nn::{GruCell, Linear, ParamStore};
+use crate::ops::shape::permute_forward;
 use crate::tensor::Tensor;
 
 /// Latent size: z = (scale, x, y) of the glimpse.
@@ -52,12 +53,6 @@ fn cell_centres(m: usize, r: usize, proxy_size: usize) -> Vec<f32> {
 /// jitter by a digit's half-width and learning is slower (cluttered-mnist-1,
 /// 20k images, 1 epoch: 43% test against 58%).
 const INIT_LOGVAR: f32 = -4.0;
-
-/// `rows x n` row-major values as `n x rows`.
-fn transpose_rows(v: &[f32], rows: usize) -> Vec<f32> {
-    let n = v.len() / rows;
-    (0..n * rows).map(|i| v[(i % rows) * n + i / rows]).collect()
-}
 
 /// Score added to attended cells: their softmax weight underflows to 0
 /// (finite, so a softmax never sees inf - inf).
@@ -184,7 +179,8 @@ impl Vrnn {
                 dev,
             ),
             query,
-            cells: Tensor::from_vec(transpose_rows(&cells_host, 2), &[side * side, 2], dev)
+            cells: Tensor::from_vec(cells_host.clone(), &[2, side * side], dev)
+                .and_then(|c| permute_forward(&c, &[1, 0]))
                 .expect("2*m*m values"),
             cells_host,
             enc_convs,

@@ -103,6 +103,17 @@ impl Geom {
     fn padded(&self) -> (usize, usize) {
         (self.h + 2 * self.pad, self.w + 2 * self.pad)
     }
+    /// Floats of the padded channels-last image.
+    fn hwc_len(&self) -> usize {
+        let (hp, wp) = self.padded();
+        hp * wp * self.c
+    }
+    /// Where, in the padded channels-last image, kernel line `i` of output
+    /// pixel `q` starts: it runs on for `kw * c` floats.
+    fn line_at(&self, q: usize, i: usize) -> usize {
+        let (oy, ox) = (q / self.wo, q % self.wo);
+        ((oy * self.stride + i) * self.padded().1 + ox * self.stride) * self.c
+    }
     /// Images per GEMM for a batch of `n`: as many as fit the column budget,
     /// but no more than leaves one group per thread.
     fn group(&self, n: usize) -> usize {
@@ -225,16 +236,15 @@ fn from_padded_hwc(g: &Geom, hwc: &[f32], img: &mut [f32]) {
 /// Channels-last columns (see [`Geom::channels_last`]) of a group of
 /// images `[g, c, h, w]` into `rows [g*ho*wo, kh*kw*c]`; `hwc` is scratch.
 fn im2row(g: &Geom, imgs: &[f32], rows: &mut [f32], hwc: &mut [f32]) {
-    let (ck, wp, seg) = (g.ck(), g.padded().1, g.kw * g.c);
+    let (ck, seg) = (g.ck(), g.kw * g.c);
     for (img, out) in imgs
         .chunks_exact(g.img_len())
         .zip(rows.chunks_exact_mut(g.hw() * ck))
     {
         to_padded_hwc(g, img, hwc);
         for (q, row) in out.chunks_exact_mut(ck).enumerate() {
-            let (oy, ox) = (q / g.wo, q % g.wo);
             for (i, dst) in row.chunks_exact_mut(seg).enumerate() {
-                dst.copy_from_slice(&hwc[((oy * g.stride + i) * wp + ox * g.stride) * g.c..][..seg]);
+                dst.copy_from_slice(&hwc[g.line_at(q, i)..][..seg]);
             }
         }
     }
@@ -243,17 +253,16 @@ fn im2row(g: &Geom, imgs: &[f32], rows: &mut [f32], hwc: &mut [f32]) {
 /// The adjoint of [`im2row`]: every row entry added back onto the pixel it
 /// was read from. Overwrites `imgs`.
 fn row2im(g: &Geom, rows: &[f32], imgs: &mut [f32], hwc: &mut [f32]) {
-    let (ck, wp, seg) = (g.ck(), g.padded().1, g.kw * g.c);
+    let (ck, seg) = (g.ck(), g.kw * g.c);
     for (img, src) in imgs
         .chunks_exact_mut(g.img_len())
         .zip(rows.chunks_exact(g.hw() * ck))
     {
         hwc.fill(0.0);
         for (q, row) in src.chunks_exact(ck).enumerate() {
-            let (oy, ox) = (q / g.wo, q % g.wo);
             for (i, part) in row.chunks_exact(seg).enumerate() {
-                let at = ((oy * g.stride + i) * wp + ox * g.stride) * g.c;
-                hwc[at..][..seg].iter_mut().zip(part).for_each(|(o, v)| *o += v);
+                let line = &mut hwc[g.line_at(q, i)..][..seg];
+                line.iter_mut().zip(part).for_each(|(o, v)| *o += v);
             }
         }
         from_padded_hwc(g, hwc, img);
@@ -263,29 +272,31 @@ fn row2im(g: &Geom, rows: &[f32], imgs: &mut [f32], hwc: &mut [f32]) {
 /// `w [o, c, kh, kw]` as the GEMMs read it: `[o, kh, kw, c]` when the
 /// columns are channels-last.
 fn weight_for_cols<'a>(g: &Geom, w: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
-    if !g.channels_last() {
-        return w.into();
+    match g.channels_last() {
+        true => permute_taps(g, w, true).into(),
+        false => w.into(),
     }
-    let (taps, c) = (g.kh * g.kw, g.c);
-    let mut out = vec![0.0; w.len()];
-    for (src, dst) in w.chunks_exact(g.ck()).zip(out.chunks_exact_mut(g.ck())) {
-        for (ci, tap) in src.chunks_exact(taps).enumerate() {
-            tap.iter().enumerate().for_each(|(t, v)| dst[t * c + ci] = *v);
-        }
-    }
-    out.into()
 }
 
 /// The inverse of [`weight_for_cols`] (for the weight gradient).
 fn weight_from_cols(g: &Geom, dw: Vec<f32>) -> Vec<f32> {
-    if !g.channels_last() {
-        return dw;
+    match g.channels_last() {
+        true => permute_taps(g, &dw, false),
+        false => dw,
     }
+}
+
+/// Each `[c, kh*kw]` block of `w` as `[kh*kw, c]` (`to_last`), or back.
+fn permute_taps(g: &Geom, w: &[f32], to_last: bool) -> Vec<f32> {
     let (taps, c) = (g.kh * g.kw, g.c);
-    let mut out = vec![0.0; dw.len()];
-    for (src, dst) in dw.chunks_exact(g.ck()).zip(out.chunks_exact_mut(g.ck())) {
-        for (ci, tap) in dst.chunks_exact_mut(taps).enumerate() {
-            tap.iter_mut().enumerate().for_each(|(t, v)| *v = src[t * c + ci]);
+    let mut out = vec![0.0; w.len()];
+    for (src, dst) in w.chunks_exact(g.ck()).zip(out.chunks_exact_mut(g.ck())) {
+        for ci in 0..c {
+            for t in 0..taps {
+                let (first, last) = (ci * taps + t, t * c + ci);
+                let (to, from) = if to_last { (last, first) } else { (first, last) };
+                dst[to] = src[from];
+            }
         }
     }
     out
@@ -323,8 +334,7 @@ fn sized<'a>(dev: &CpuDevice, buf: &'a mut Vec<f32>, len: usize) -> &'a mut [f32
 /// layout [`Geom::channels_last`] says; `hwc` is scratch for it.
 fn fill_cols(dev: &CpuDevice, g: &Geom, imgs: &[f32], cols: &mut [f32], hwc: &mut Vec<f32>) {
     if g.channels_last() {
-        let (hp, wp) = g.padded();
-        im2row(g, imgs, cols, sized(dev, hwc, hp * wp * g.c));
+        im2row(g, imgs, cols, sized(dev, hwc, g.hwc_len()));
     } else {
         im2col(g, imgs, cols);
     }
@@ -479,8 +489,7 @@ fn adjoint_cpu(dev: &CpuDevice, g: &Geom, o: usize, colside: &[f32], w: &[f32]) 
             } else if g.channels_last() {
                 let cols = sized(dev, &mut s.cols, ck * m);
                 sgemm(m, ck, o, Mat::t(rows), Mat::n(w), cols, false);
-                let (hp, wp) = g.padded();
-                row2im(g, cols, dx, sized(dev, &mut s.hwc, hp * wp * g.c));
+                row2im(g, cols, dx, sized(dev, &mut s.hwc, g.hwc_len()));
             } else {
                 let cols = sized(dev, &mut s.cols, ck * m);
                 sgemm(ck, m, o, Mat::t(w), Mat::n(rows), cols, false);

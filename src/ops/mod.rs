@@ -29,7 +29,7 @@ pub(crate) const PAR_MIN: usize = 1 << 15;
 
 /// Elements per task of the threaded loops: large enough that rayon's
 /// per-task cost vanishes against the work.
-const CHUNK: usize = 1 << 14;
+pub(crate) const CHUNK: usize = 1 << 14;
 
 /// `out[i] = f(i)` over a buffer of `dev`, threaded in chunks when large.
 pub(crate) fn par_fill(dev: &CpuDevice, n: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
