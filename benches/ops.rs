@@ -55,13 +55,29 @@ struct ConvCase {
     pad: usize,
 }
 
-const CONV_CASES: [ConvCase; 3] = [
-    // The crop classifier's second conv at the default model's shapes
+const CONV_CASES: [ConvCase; 5] = [
+    // The crop classifier's strided convs at the default model's shapes
     // (4 glimpses x batch 32, 24x24 crops): channels-last columns on the CPU.
     ConvCase {
         name: "classifier3x3s2_n128_16to32_24x24",
         x: [128, 16, 24, 24],
         out: 32,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    },
+    ConvCase {
+        name: "classifier3x3s2_n128_32to64_12x12",
+        x: [128, 32, 12, 12],
+        out: 64,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    },
+    ConvCase {
+        name: "classifier3x3s2_n128_64to64_6x6",
+        x: [128, 64, 6, 6],
+        out: 64,
         k: 3,
         stride: 2,
         pad: 1,
