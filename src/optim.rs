@@ -249,7 +249,7 @@ pub fn clip_by_norm(grads: &mut Gradients, max_norm: f32) -> Result<f32> {
     let mut acc: Option<CudaStorage> = None;
     for (_, g) in grads.param_grads() {
         match g.storage() {
-            Storage::Cpu(_) => sq += g.cpu()?.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>(),
+            Storage::Cpu(_) => sq += crate::ops::sum_squares(g.cpu()?),
             Storage::Cuda(gs) => {
                 if acc.is_none() {
                     let mut a = gs.device().alloc(1)?;

@@ -1,6 +1,6 @@
-//! The model learns where to look, on the CPU, in about a minute: a short run
+//! The model learns where to look, on the CPU, in about a minute: short runs
 //! on cluttered-mnist-1 (one digit among clutter on a 100x100 canvas, ten
-//! classes) must classify above chance and put its glimpses on the digit.
+//! classes) must classify above chance and put their glimpses on the digit.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -10,27 +10,24 @@ use saccade::models::SaccadeConfig;
 use saccade::train::{LrSchedule, TrainConfig, Trainer};
 use saccade::Device;
 
-const TRAIN: usize = 20_000;
+const TRAIN: usize = 30_000;
 const TEST: usize = 500;
 
-/// One epoch over 20,000 images (625 Adam steps of 32) with the default
-/// model at T = 2, cosine schedule, 20-90 s on 2 cores. Runs this short
-/// vary a lot between seeds: seeds 7, 8, 9 gave 19.8%, 25.2%, 31.2% test
-/// accuracy and 67%, 80%, 95% of digits inside a glimpse (BENCHMARKS.md,
-/// "learning guard", 32x32 crops, measured before the speedups); this seed
-/// is 7, the lowest, and gives 18.4% and 73.4% with today's 24x24 crops.
-/// Thresholds:
-/// - accuracy >= 15%, one and a half times chance (10%);
-/// - coverage >= 55%, and 20 points above the same model untrained (its
-///   two glimpses sit at the centre at mid scale and hold about a fifth
-///   of the digits, 19%): the glimpses follow the digit.
-#[test]
-fn learns_where_to_look_on_cluttered_mnist_1() {
+/// What one short run reached: test accuracy and the share of test digits
+/// inside a glimpse before and after training.
+struct Outcome {
+    accuracy: f64,
+    before: f64,
+    after: f64,
+}
+
+/// One epoch over 30,000 images (938 Adam steps of 32) of the default model
+/// (T = 4, hard mask), cosine schedule, glimpses free from the first step
+/// (the default waits 40k images, longer than this whole run): 30-45 s on
+/// 2 cores.
+fn short_run(seed: u64) -> Outcome {
     let mut model = SaccadeConfig::small(1, 10);
-    // The glimpses follow the classifier from the first step: the default
-    // waits 40k images, longer than this whole run.
     model.policy_warmup = 0;
-    model.glimpses = 2;
     let cfg = TrainConfig {
         model,
         dataset: "cluttered-mnist-1".into(),
@@ -40,7 +37,7 @@ fn learns_where_to_look_on_cluttered_mnist_1() {
         lr_schedule: LrSchedule::Cosine,
         clip_value: 0.0,
         clip_norm: 0.0,
-        seed: 7,
+        seed,
         sizes: [TRAIN, 1, TEST],
         class_names: Vec::new(),
         baseline: None,
@@ -65,16 +62,45 @@ fn learns_where_to_look_on_cluttered_mnist_1() {
     let r = t.evaluate(&test, false).unwrap();
     let after = r.coverage.unwrap();
     println!(
-        "test accuracy {:.1}%; digit inside a glimpse: {:.1}% before training, {:.1}% after; {:.0} s",
+        "seed {seed}: test accuracy {:.1}%; digit inside a glimpse: {:.1}% before training, {:.1}% after; {:.0} s",
         100.0 * r.accuracy,
         100.0 * before.all_objects,
         100.0 * after.all_objects,
         t0.elapsed().as_secs_f64()
     );
-    assert!(after.all_objects >= 0.55, "coverage {after:?}");
+    Outcome {
+        accuracy: r.accuracy,
+        before: before.all_objects,
+        after: after.all_objects,
+    }
+}
+
+/// Runs this short succeed or fail as a whole: either the classifier picks
+/// up digits and the glimpses follow, or neither happens. Measured
+/// 2026-11-30: at 30k images seeds 3, 4, 7, 8 reached 29.6-32.4% accuracy
+/// and 87.8-99.2% coverage, seed 5 13.4% and 55.6%; at 20k images seeds 1,
+/// 2, 7, 9 reached 20.4-28.8% and 94-99%, seed 8 17.6% and 59%. A change in
+/// the last bits of any op (a faster `exp`) moves a seed from one group to
+/// the other. So the guard takes the
+/// better of two seeds, which fails when learning breaks, not when a seed's
+/// trajectory shifts. Thresholds, for the better run:
+/// - accuracy >= 20%, twice chance (the successful runs reached 20-32%);
+/// - coverage >= 75%, and 40 points above the same model untrained (whose
+///   glimpses hold about a fifth of the digits, 19-28%): the glimpses find
+///   the digit.
+#[test]
+fn learns_where_to_look_on_cluttered_mnist_1() {
+    let runs = [short_run(7), short_run(8)];
+    let best = runs
+        .iter()
+        .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy))
+        .unwrap();
+    assert!(best.accuracy >= 0.20, "test accuracy {}", best.accuracy);
+    assert!(best.after >= 0.75, "coverage {}", best.after);
     assert!(
-        after.all_objects >= before.all_objects + 0.20,
-        "coverage {after:?}, untrained {before:?}"
+        best.after >= best.before + 0.40,
+        "coverage {}, untrained {}",
+        best.after,
+        best.before
     );
-    assert!(r.accuracy >= 0.15, "test accuracy {}", r.accuracy);
 }

@@ -64,12 +64,11 @@ pub fn kl_diag_gaussians_forward(
         Storage::Cuda(mq) => cuda::kl(mq, lv_q.cuda()?, mu_p.cuda()?, lv_p.cuda()?, rows),
         Storage::Cpu(_) => {
             let (mq, lq, mp, lp) = (mu_q.cpu()?, lv_q.cpu()?, mu_p.cpu()?, lv_p.cpu()?);
-            let data = row_sums(mu_q.host(), rows, mq.len() / rows, |i| {
-                let diff = mq[i] - mp[i];
+            let data = row_sums(mu_q.host(), rows, [mq, lq, mp, lp], |[mq, lq, mp, lp]| {
                 // e^{lv_q - lv_p} rather than a ratio of exponentials, which
                 // would overflow first.
-                let ratio = (lq[i] - lp[i]).exp();
-                (0.5 * (lp[i] - lq[i] + ratio + diff * diff * (-lp[i]).exp() - 1.0)) as f64
+                let ratio = (lq - lp).exp();
+                0.5 * (lp - lq + ratio + (mq - mp) * (mq - mp) * (-lp).exp() - 1.0)
             });
             Tensor::from_vec(data, &[rows], &mu_q.device())
         }

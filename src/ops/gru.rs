@@ -16,8 +16,8 @@
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
-use super::elementwise::Unary;
 use super::linear::{linear_backward, linear_forward};
+use super::math::{sigmoid, tanh};
 use super::PAR_MIN;
 use crate::autograd::{Graph, Var};
 use crate::tensor::{fmt_shape, Storage, Tensor};
@@ -76,10 +76,10 @@ pub fn gru_cell_forward(
                 .for_each(|(row, (o, s))| {
                     let (gi, gh) = (&gi[row * 3 * hd..], &gh[row * 3 * hd..]);
                     for j in 0..hd {
-                        let r = Unary::Sigmoid.apply(gi[j] + gh[j]);
-                        let z = Unary::Sigmoid.apply(gi[hd + j] + gh[hd + j]);
+                        let r = sigmoid(gi[j] + gh[j]);
+                        let z = sigmoid(gi[hd + j] + gh[hd + j]);
                         let hn = gh[2 * hd + j];
-                        let nn = (gi[2 * hd + j] + r * hn).tanh();
+                        let nn = tanh(gi[2 * hd + j] + r * hn);
                         o[j] = (1.0 - z) * nn + z * hs[row * hd + j];
                         [s[j], s[hd + j], s[2 * hd + j], s[3 * hd + j]] = [r, z, nn, hn];
                     }

@@ -5,8 +5,8 @@
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use super::elementwise::Unary;
-use super::{par_fill, par_fill_multi, row_sums, same_shapes, PAR_MIN};
+use super::math::{sigmoid, softplus};
+use super::{for_chunks, par_fill, par_fill_multi, row_sums, same_shapes, PAR_MIN};
 use crate::autograd::{Graph, Var};
 use crate::tensor::{fmt_shape, Storage, Tensor};
 
@@ -25,13 +25,13 @@ fn per_sample(x: &Tensor, op: &str) -> Result<(usize, usize)> {
 
 // ---- Bernoulli NLL with logits ----
 
-/// Per-sample `sum(max(x, 0) - x t + log(1 + e^-|x|))`: the negative
+/// Per-sample `sum(softplus(x) - x t) = sum(max(x, 0) - x t + log(1 + e^-|x|))`: the negative
 /// log-likelihood of targets `t` in `[0, 1]` under `Bernoulli(sigmoid(x))`,
 /// without overflow for large `|x|`. A target outside `[0, 1]` is an error
 /// on the CPU; on the GPU, which cannot check without a copy to the host,
 /// it makes its sample's loss NaN.
 pub fn bce_with_logits_forward(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
-    let (rows, d) = per_sample(logits, "bce_with_logits")?;
+    let rows = per_sample(logits, "bce_with_logits")?.0;
     same_shapes("bce_with_logits", ["logits", "target"], logits, target)?;
     match logits.storage() {
         Storage::Cuda(xs) => cuda::bce_with_logits(xs, target.cuda()?, rows),
@@ -40,10 +40,7 @@ pub fn bce_with_logits_forward(logits: &Tensor, target: &Tensor) -> Result<Tenso
             if let Some(i) = ts.iter().position(|t| !(0.0..=1.0).contains(t)) {
                 bail!("bce_with_logits: target[{i}] = {} is outside [0, 1]", ts[i]);
             }
-            let data = row_sums(logits.host(), rows, d, |i| {
-                let (x, t) = (xs[i], ts[i]);
-                (x.max(0.0) - x * t + (-x.abs()).exp().ln_1p()) as f64
-            });
+            let data = row_sums(logits.host(), rows, [xs, ts], |[x, t]| softplus(x) - x * t);
             Tensor::from_vec(data, &[rows], &logits.device())
         }
     }
@@ -56,9 +53,14 @@ pub fn bce_with_logits_backward(logits: &Tensor, target: &Tensor, g: &Tensor) ->
         Storage::Cuda(xs) => cuda::bce_with_logits_backward(xs, target.cuda()?, g.cuda()?, d, logits.shape()),
         Storage::Cpu(_) => {
             let (xs, ts, gs) = (logits.cpu()?, target.cpu()?, g.cpu()?);
-            logits.same_shape(par_fill(logits.host(), xs.len(), |i| {
-                gs[i / d] * (Unary::Sigmoid.apply(xs[i]) - ts[i])
-            }))
+            let mut dx = logits.host().buffer(xs.len());
+            for_chunks(&mut dx, d, |n, o| {
+                let (x, t) = (&xs[n * d..][..d], &ts[n * d..][..d]);
+                for j in 0..d {
+                    o[j] = gs[n] * (sigmoid(x[j]) - t[j]);
+                }
+            });
+            logits.same_shape(dx)
         }
     }
 }
@@ -68,16 +70,15 @@ pub fn bce_with_logits_backward(logits: &Tensor, target: &Tensor, g: &Tensor) ->
 /// Per-sample `sum 0.5 * (log 2pi + logvar + (x - mu)^2 / e^logvar)`: the
 /// negative log-density of `x` under `N(mu, e^logvar)`.
 pub fn gaussian_nll_forward(x: &Tensor, mu: &Tensor, logvar: &Tensor) -> Result<Tensor> {
-    let (rows, d) = per_sample(mu, "gaussian_nll")?;
+    let rows = per_sample(mu, "gaussian_nll")?.0;
     same_shapes("gaussian_nll", ["x", "mu"], x, mu)?;
     same_shapes("gaussian_nll", ["mu", "logvar"], mu, logvar)?;
     match mu.storage() {
         Storage::Cuda(ms) => cuda::gaussian_nll(x.cuda()?, ms, logvar.cuda()?, rows),
         Storage::Cpu(_) => {
             let (xs, ms, ls) = (x.cpu()?, mu.cpu()?, logvar.cpu()?);
-            let data = row_sums(x.host(), rows, d, |i| {
-                let diff = xs[i] - ms[i];
-                (0.5 * (LN_2PI + ls[i] + diff * diff * (-ls[i]).exp())) as f64
+            let data = row_sums(x.host(), rows, [xs, ms, ls], |[x, m, l]| {
+                0.5 * (LN_2PI + l + (x - m) * (x - m) * (-l).exp())
             });
             Tensor::from_vec(data, &[rows], &mu.device())
         }
@@ -217,7 +218,7 @@ pub fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
         Storage::Cuda(ys) => cuda::softmax_backward(ys, g.cuda()?, ys.len() / k, y.shape()),
         Storage::Cpu(_) => {
             let (ys, gs) = (y.cpu()?, g.cpu()?);
-            let dots = row_sums(y.host(), ys.len() / k, k, |i| (gs[i] * ys[i]) as f64);
+            let dots = row_sums(y.host(), ys.len() / k, [gs, ys], |[g, y]| g * y);
             y.same_shape(par_fill(y.host(), ys.len(), |i| ys[i] * (gs[i] - dots[i / k])))
         }
     }
@@ -622,7 +623,8 @@ mod tests {
         let dev = crate::device::CpuDevice::new();
         let (rows, d) = (3, PAR_MIN + 17);
         let f = |i: usize| ((i % 7) as f32 - 3.0) * 0.5;
-        let sums = row_sums(&dev, rows, d, |i| f(i) as f64);
+        let xs: Vec<f32> = (0..rows * d).map(f).collect();
+        let sums = row_sums(&dev, rows, [&xs], |[x]| x);
         for (n, s) in sums.iter().enumerate() {
             let want: f64 = (n * d..(n + 1) * d).map(|i| f(i) as f64).sum();
             assert!((*s as f64 - want).abs() < 1e-3);

@@ -11,6 +11,7 @@ pub mod gaussian;
 pub mod gru;
 pub mod linear;
 pub mod loss;
+pub(crate) mod math;
 pub mod norm;
 pub mod pool;
 pub mod reduce;
@@ -101,17 +102,57 @@ pub(crate) fn for_chunks(data: &mut [f32], len: usize, f: impl Fn(usize, &mut [f
     }
 }
 
-/// `out[n] = sum_j f(n * d + j)`, accumulated in f64; threaded over rows
-/// from an eighth of [`PAR_MIN`] terms, since the terms of the losses that
-/// use it cost a transcendental or two each (the small preset's BCE, 32 rows
-/// of 1024, ran on one thread: 0.27 ms a call).
-pub(crate) fn row_sums(dev: &CpuDevice, rows: usize, d: usize, f: impl Fn(usize) -> f64 + Sync) -> Vec<f32> {
+/// `out[n] = sum_j f([x[n * d + j] for x in inputs])` over `rows` rows of
+/// `d = len / rows` elements, accumulated in f64; threaded over rows from an
+/// eighth of [`PAR_MIN`] terms, since the terms of the losses that use it
+/// cost a transcendental or two each.
+pub(crate) fn row_sums<const K: usize>(
+    dev: &CpuDevice,
+    rows: usize,
+    inputs: [&[f32]; K],
+    f: impl Fn([f32; K]) -> f32 + Sync,
+) -> Vec<f32> {
+    let d = inputs[0].len() / rows.max(1);
+    assert!(inputs.iter().all(|x| x.len() == rows * d));
     let mut out = dev.buffer(rows);
     out.par_iter_mut()
         .with_min_len((PAR_MIN / 8 / d.max(1)).max(1))
         .enumerate()
-        .for_each(|(n, o)| *o = (n * d..(n + 1) * d).map(&f).sum::<f64>() as f32);
+        .for_each(|(n, o)| *o = row_sum(inputs.map(|x| &x[n * d..][..d]), &f) as f32);
     out
+}
+
+/// One row of [`row_sums`]: the terms of a block go to a stack buffer in a
+/// plain indexed loop (the form the loop vectorizer handles, so the
+/// transcendentals run 8 lanes wide), then into `LANES` interleaved f64
+/// partial sums: independent additions pipeline (one chain of f64 adds
+/// waits four cycles an element), and f64 keeps the reassociation invisible
+/// at f32 precision. Not inlined, for the reason given at [`map_into`].
+#[inline(never)]
+fn row_sum<const K: usize>(row: [&[f32]; K], f: &impl Fn([f32; K]) -> f32) -> f64 {
+    const LANES: usize = 8;
+    const BLOCK: usize = 32 * LANES;
+    let mut acc = [0.0f64; LANES];
+    let mut terms = [0.0f32; BLOCK];
+    let d = row[0].len();
+    for start in (0..d).step_by(BLOCK) {
+        let n = BLOCK.min(d - start);
+        let block = row.map(|x| &x[start..][..n]);
+        for (j, t) in terms[..n].iter_mut().enumerate() {
+            *t = f(std::array::from_fn(|k| block[k][j]));
+        }
+        for lanes in terms[..n].chunks(LANES) {
+            for (a, &t) in acc.iter_mut().zip(lanes) {
+                *a += t as f64;
+            }
+        }
+    }
+    acc.iter().sum()
+}
+
+/// `sum x^2` over `xs` in f64, in interleaved partial sums as [`row_sum`].
+pub(crate) fn sum_squares(xs: &[f32]) -> f64 {
+    row_sum([xs], &|[x]| x * x)
 }
 
 /// `K` outputs of length `n` filled in one pass: `out[k][i] = f(i)[k]`. Lets
