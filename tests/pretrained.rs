@@ -11,10 +11,11 @@ use saccade::Device;
 
 /// 300 test images drawn with a seed the checkpoint was not evaluated on
 /// (test digits come from MNIST's test set whatever the seed). Its full
-/// evaluation (2,000 images) gave 90.40% accuracy and 99.9% coverage
-/// (pretrained/cluttered-mnist/README.md), these 300 images 85.3% and 100.0%;
-/// on 300 images the binomial standard error is about 2 points, so 80% and
-/// 96% fail only if the model or the code that runs it changed.
+/// evaluation (2,000 images) gave 93.00% accuracy and 99.95% coverage
+/// (pretrained/cluttered-mnist/README.md), these 300 images 90.3% and 100.0%;
+/// on 300 images the binomial standard error is about 1.7 points, so 85%
+/// (three of them below) and 96% fail only if the model or the code that
+/// runs it changed.
 #[test]
 fn shipped_checkpoint_classifies_cluttered_mnist() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pretrained/cluttered-mnist/model.safetensors");
@@ -38,6 +39,6 @@ fn shipped_checkpoint_classifies_cluttered_mnist() {
         100.0 * r.accuracy,
         100.0 * c.all_objects
     );
-    assert!(r.accuracy >= 0.80, "accuracy {}", r.accuracy);
+    assert!(r.accuracy >= 0.85, "accuracy {}", r.accuracy);
     assert!(c.all_objects >= 0.96, "coverage {c:?}");
 }
