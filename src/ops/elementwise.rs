@@ -125,8 +125,6 @@ pub fn unary_forward(x: &Tensor, op: Unary) -> Result<Tensor> {
                 Unary::Elu(a) => par_map(dev, xs, move |v| Unary::Elu(a).apply(v)),
                 Unary::Relu => par_map(dev, xs, |v| Unary::Relu.apply(v)),
                 Unary::Affine(a, b) => par_map(dev, xs, move |v| Unary::Affine(a, b).apply(v)),
-                Unary::Sigmoid => par_map(dev, xs, sigmoid),
-                Unary::Tanh => par_map(dev, xs, tanh),
                 _ => par_map(dev, xs, move |v| op.apply(v)),
             })
         }

@@ -39,12 +39,12 @@ pub(crate) fn expm1_neg(x: f32) -> f32 {
 /// 1.7e-38 (libm returns subnormals there).
 #[inline(always)]
 pub(crate) fn exp_neg(x: f32) -> f32 {
-    let (s, p) = exp_parts(if x < -87.0 { -87.0 } else { x });
-    let e = s * p + s;
-    if x < -87.0 {
+    let under = x < -87.0;
+    let (s, p) = exp_parts(if under { -87.0 } else { x });
+    if under {
         0.0
     } else {
-        e
+        s * p + s
     }
 }
 
