@@ -24,7 +24,7 @@ use crate::viz::{render_row, save_saccades, SaccadeRow};
 #[allow(clippy::type_complexity)]
 pub fn predict_batch(model: &Saccader, batch: &Batch) -> Result<(Tensor, Vec<Vec<[f32; 3]>>, Tensor)> {
     let mut g = Graph::inference();
-    let out = model.forward(&mut g, &images_of(batch), &batch.proxies, &batch.labels, None)?;
+    let out = model.forward(&mut g, &images_of(batch), &batch.proxies, batch.labels(), None)?;
     let probs = softmax(g.value(out.logits))?;
     Ok((probs, out.glimpses(&g)?, g.value(out.crops).clone()))
 }
@@ -41,7 +41,7 @@ fn single_batch(model: &Saccader, source: Arc<dyn ImageSource>, proxy: Vec<f32>)
         sources: vec![source],
         images: None,
         proxies,
-        labels: vec![0],
+        targets: vec![vec![0]; model.cfg.tasks().len()],
         indices: vec![0],
     })
 }
@@ -261,7 +261,9 @@ pub fn save_saccade_picture(model: &Saccader, data: &Arc<dyn Dataset>, n: usize,
             &[n, c.channels, c.proxy_size, c.proxy_size],
             &model.device(),
         )?,
-        labels: samples.iter().map(|s| s.label).collect(),
+        targets: (0..samples[0].labels.len())
+            .map(|t| samples.iter().map(|s| s.labels[t]).collect())
+            .collect(),
         indices: (0..n).collect(),
     };
     let (probs, glimpses, crops) = predict_batch(model, &batch)?;
@@ -283,7 +285,7 @@ pub fn save_saccade_picture(model: &Saccader, data: &Arc<dyn Dataset>, n: usize,
                 n,
                 i,
                 &glimpses[i],
-                Some(pred[i] == s.label),
+                Some(pred[i] == s.label()),
             );
             r.caption = vec![
                 format!(
@@ -291,7 +293,7 @@ pub fn save_saccade_picture(model: &Saccader, data: &Arc<dyn Dataset>, n: usize,
                     name(pred[i]),
                     100.0 * probs[i * k + pred[i]]
                 ),
-                format!("true {}", name(s.label)),
+                format!("true {}", name(s.label())),
             ];
             r
         })

@@ -426,7 +426,7 @@ impl Model for Saccader {
             &mut g,
             &images_of(batch),
             &batch.proxies,
-            &batch.labels,
+            batch.labels(),
             Some(rng as &mut dyn rand::RngCore),
         )?;
         Ok(StepOutput {
@@ -439,7 +439,7 @@ impl Model for Saccader {
     }
     fn scores(&mut self, batch: &Batch) -> Result<BatchScores> {
         let mut g = Graph::inference();
-        let out = self.forward(&mut g, &images_of(batch), &batch.proxies, &batch.labels, None)?;
+        let out = self.forward(&mut g, &images_of(batch), &batch.proxies, batch.labels(), None)?;
         Ok(BatchScores {
             scores: g.value(out.logits).clone(),
             glimpses: Some(out.glimpses(&g)?),
@@ -477,7 +477,7 @@ impl Model for ResNet18 {
     fn train_batch(&mut self, batch: &Batch, _: &mut StdRng) -> Result<StepOutput> {
         let mut g = Graph::new();
         let logits = self.forward(&mut g, &whole_images(batch)?)?;
-        let ce = g.softmax_cross_entropy(logits, &batch.labels)?;
+        let ce = g.softmax_cross_entropy(logits, batch.labels())?;
         let loss = g.mean_all(ce)?;
         let l = g.value(loss).item()? as f64;
         Ok(StepOutput {
@@ -509,7 +509,7 @@ impl Model for TiledResNet18 {
         &mut self.params
     }
     fn train_batch(&mut self, batch: &Batch, _: &mut StdRng) -> Result<StepOutput> {
-        let s = self.train_step(&batch.sources, &batch.labels, &batch.proxies.device())?;
+        let s = self.train_step(&batch.sources, batch.labels(), &batch.proxies.device())?;
         Ok(StepOutput {
             loss: s.loss,
             ce: s.loss,
@@ -651,7 +651,7 @@ impl<M: Model> Trainer<M> {
         }
         self.adam.step(self.model.params_mut(), &grads)?;
         let pred = argmax_rows(&logits)?;
-        let correct = pred.iter().zip(&batch.labels).filter(|(p, l)| p == l).count();
+        let correct = pred.iter().zip(batch.labels()).filter(|(p, l)| p == l).count();
         self.progress.step += 1;
         Ok(StepFigures {
             loss,
@@ -765,7 +765,7 @@ impl<M: Model> Trainer<M> {
                 bar.abandon();
                 self.step_failed(e, ck_path)
             })?;
-            sums.add(figures, batch.labels.len());
+            sums.add(figures, batch.len());
             let status = sums.status(t0.elapsed().as_secs_f64());
             let step = self.progress.step;
             if show_progress
@@ -874,7 +874,7 @@ pub fn evaluate<M: Model>(
     for batch in loader.epoch(0) {
         let batch = batch?;
         let out = model.scores(&batch)?;
-        for (p, &l) in argmax_rows(&out.scores)?.iter().zip(&batch.labels) {
+        for (p, &l) in argmax_rows(&out.scores)?.iter().zip(batch.labels()) {
             confusion[l][*p] += 1;
         }
         if let Some(glimpses) = &out.glimpses {

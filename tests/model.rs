@@ -35,7 +35,7 @@ fn noisy_step(m: &Saccader, batch: &Batch) -> (Vec<f32>, Gradients) {
     let mut g = Graph::new();
     let mut rng = StdRng::seed_from_u64(9);
     let out = m
-        .forward(&mut g, &images, &batch.proxies, &batch.labels, Some(&mut rng))
+        .forward(&mut g, &images, &batch.proxies, batch.labels(), Some(&mut rng))
         .unwrap();
     let grads = g.backward(out.loss).unwrap();
     (g.value(out.loss).to_vec().unwrap(), grads)
@@ -63,7 +63,7 @@ fn overfits_one_batch() {
     for _ in 0..100 {
         let mut g = Graph::new();
         let out = m
-            .forward(&mut g, &images, &batch.proxies, &batch.labels, None)
+            .forward(&mut g, &images, &batch.proxies, batch.labels(), None)
             .unwrap();
         ce.push(g.value(out.ce).to_vec().unwrap().iter().sum::<f32>() / 16.0);
         let grads = g.backward(out.loss).unwrap();

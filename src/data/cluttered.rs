@@ -665,7 +665,7 @@ impl Dataset for SceneDataset {
         let image = self.image_of(scene)?;
         Ok(Sample {
             proxy: self.proxy.make(i, image.as_ref())?,
-            label,
+            labels: vec![label],
             image,
         })
     }
@@ -722,8 +722,8 @@ mod tests {
                     let s = ds.get(i).unwrap();
                     let scene = ds.scene(i);
                     let labels: Vec<u8> = scene.digits.iter().map(|d| m.labels[d.digit]).collect();
-                    assert_eq!(s.label, task.label(&labels));
-                    assert!(s.label < ds.num_classes());
+                    assert_eq!(s.label(), task.label(&labels));
+                    assert!(s.label() < ds.num_classes());
                     // Each digit is where the scene says: the canvas is at least the digit (sums, clipped).
                     let img = full(s.image.as_ref(), 0);
                     for d in &scene.digits {
@@ -777,8 +777,8 @@ mod tests {
                 .flat_map(|i| {
                     let s = ds.get(i).unwrap();
                     let mut v = full(s.image.as_ref(), 0);
-                    v.extend(s.proxy);
-                    v.push(s.label as f32);
+                    v.extend(&s.proxy);
+                    v.push(s.label() as f32);
                     v
                 })
                 .map(f32::to_bits)

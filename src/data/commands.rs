@@ -171,7 +171,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                         file
                     }
                     OutputFormat::Png => {
-                        let file = format!("{}/{}/{i:07}.png", split.name(), classes[s.label]);
+                        let file = format!("{}/{}/{i:07}.png", split.name(), classes[s.label()]);
                         let path = dir.join(&file);
                         fs::create_dir_all(path.parent().unwrap())?;
                         let (w, h, px) = to_u8(s.image.as_ref())?;
@@ -187,7 +187,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                 bar.inc(1);
                 Ok(Entry {
                     split: *split,
-                    label: s.label,
+                    label: s.label(),
                     file,
                 })
             })
@@ -516,7 +516,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         let (pc, j) = ds.proxy_shape();
         let up = (cell / j as u32).max(1);
         paste(&mut grid, gx + cell + gap, gy, &s.proxy, pc, j, j, up);
-        let label = &names[s.label];
+        let label = &names[s.label()];
         draw_text(&mut grid, gx, gy + cell + gap, label, text, Rgb([255, 210, 80]));
         let index_x = gx + text_width(label, text) + 2 * text;
         draw_text(
@@ -643,8 +643,8 @@ mod tests {
             },
         )
         .unwrap();
-        let mut labels: Vec<usize> = (0..4).map(|i| generated.get(i).unwrap().label).collect();
-        let mut imported: Vec<usize> = (0..4).map(|i| ds.get(i).unwrap().label).collect();
+        let mut labels: Vec<usize> = (0..4).map(|i| generated.get(i).unwrap().label()).collect();
+        let mut imported: Vec<usize> = (0..4).map(|i| ds.get(i).unwrap().label()).collect();
         labels.sort();
         imported.sort();
         let names = ds.class_names();

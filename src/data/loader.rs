@@ -58,18 +58,24 @@ pub struct Batch {
     pub images: Option<Tensor>,
     /// `[B, C, J, J]`.
     pub proxies: Tensor,
-    pub labels: Vec<usize>,
+    /// `targets[task][sample]`: the samples' labels (see [`super::Sample::labels`]).
+    pub targets: Vec<Vec<usize>>,
     /// Dataset indices of the samples.
     pub indices: Vec<usize>,
 }
 
 impl Batch {
     pub fn len(&self) -> usize {
-        self.labels.len()
+        self.indices.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+        self.indices.is_empty()
+    }
+
+    /// The first task's labels: the classes of a single-task dataset.
+    pub fn labels(&self) -> &[usize] {
+        &self.targets[0]
     }
 }
 
@@ -78,7 +84,7 @@ struct HostBatch {
     sources: Vec<Arc<dyn ImageSource>>,
     images: Option<Vec<f32>>,
     proxies: Vec<f32>,
-    labels: Vec<usize>,
+    targets: Vec<Vec<usize>>,
     indices: Vec<usize>,
 }
 
@@ -193,7 +199,7 @@ fn make_batch(ds: &dyn Dataset, indices: &[usize], resident: bool) -> Result<Hos
         sources: Vec::with_capacity(indices.len()),
         images: resident.then(|| vec![0.0; indices.len() * c * h * w]),
         proxies: Vec::with_capacity(indices.len() * pc * j * j),
-        labels: Vec::with_capacity(indices.len()),
+        targets: vec![Vec::with_capacity(indices.len()); ds.tasks().len()],
         indices: indices.to_vec(),
     };
     for (k, &i) in indices.iter().enumerate() {
@@ -208,7 +214,16 @@ fn make_batch(ds: &dyn Dataset, indices: &[usize], resident: bool) -> Result<Hos
                 .read_region(0, 0, 0, h, w, &mut images[k * c * h * w..(k + 1) * c * h * w])?;
         }
         out.proxies.extend_from_slice(&s.proxy);
-        out.labels.push(s.label);
+        ensure!(
+            s.labels.len() == out.targets.len(),
+            "{}: sample {i} has {} labels for {} tasks",
+            ds.describe(),
+            s.labels.len(),
+            out.targets.len()
+        );
+        for (t, &l) in out.targets.iter_mut().zip(&s.labels) {
+            t.push(l);
+        }
         out.sources.push(s.image);
     }
     Ok(out)
@@ -240,7 +255,7 @@ impl Epoch {
 
     fn to_batch(&self, host: HostBatch) -> Result<Batch> {
         let (c, h, w, pc, j) = self.shape;
-        let b = host.labels.len();
+        let b = host.indices.len();
         let images = match host.images {
             Some(data) => Some(Tensor::from_vec(data, &[b, c, h, w], &self.device)?),
             None => None,
@@ -249,7 +264,7 @@ impl Epoch {
             sources: host.sources,
             images,
             proxies: Tensor::from_vec(host.proxies, &[b, pc, j, j], &self.device)?,
-            labels: host.labels,
+            targets: host.targets,
             indices: host.indices,
         })
     }
@@ -333,7 +348,7 @@ mod tests {
         assert_eq!(images.shape(), &[6, 1, 100, 100]);
         // Same contents as asking the dataset directly.
         let s = ds.get(b.indices[2]).unwrap();
-        assert_eq!(b.labels[2], s.label);
+        assert_eq!(b.labels()[2], s.label());
         assert_eq!(&b.proxies.cpu().unwrap()[2 * 256..3 * 256], s.proxy.as_slice());
         let mut img = vec![0.0; 100 * 100];
         s.image.read_region(0, 0, 0, 100, 100, &mut img).unwrap();
@@ -342,11 +357,11 @@ mod tests {
         let inline: Vec<Vec<usize>> = Loader::new(ds, cfg(0), &dev)
             .unwrap()
             .epoch(0)
-            .map(|b| b.unwrap().labels)
+            .map(|b| b.unwrap().labels().to_vec())
             .collect();
         assert_eq!(
             inline,
-            batches.iter().map(|b| b.labels.clone()).collect::<Vec<_>>()
+            batches.iter().map(|b| b.labels().to_vec()).collect::<Vec<_>>()
         );
     }
 

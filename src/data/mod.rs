@@ -61,12 +61,73 @@ impl Split {
 }
 
 /// One example: the image (read by region, never needed whole), its proxy
-/// (CHW, `proxy_shape`), and its class.
+/// (CHW, `proxy_shape`), and one label per task of [`Dataset::tasks`].
 #[derive(Clone)]
 pub struct Sample {
     pub image: Arc<dyn ImageSource>,
     pub proxy: Vec<f32>,
-    pub label: usize,
+    /// Per task: the class index, or for a multi-label task the bitmask of
+    /// the classes present (bit `k` = class `k`).
+    pub labels: Vec<usize>,
+}
+
+impl Sample {
+    /// The first task's label: the class of a single-task dataset.
+    pub fn label(&self) -> usize {
+        self.labels[0]
+    }
+}
+
+/// Most classes of a multi-label task: its label is a bitmask in a `usize`.
+pub const MAX_MULTI_LABEL_CLASSES: usize = usize::BITS as usize;
+
+/// One of a dataset's labelling tasks (`majority`, `multi`, ...); a
+/// single-task dataset has one, named [`DEFAULT_TASK`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TaskSpec {
+    pub name: String,
+    pub class_names: Vec<String>,
+    /// Any number of classes per image (presence), scored by a sigmoid
+    /// per class; otherwise exactly one, scored by a softmax.
+    #[serde(default)]
+    pub multi_label: bool,
+}
+
+/// The task name of single-task datasets.
+pub const DEFAULT_TASK: &str = "class";
+
+impl TaskSpec {
+    pub fn single(name: &str, class_names: Vec<String>) -> TaskSpec {
+        TaskSpec {
+            name: name.to_string(),
+            class_names,
+            multi_label: false,
+        }
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.class_names.len()
+    }
+
+    /// The classes a label holds: itself, or a multi-label task's bits.
+    pub fn classes_of(&self, label: usize) -> Vec<usize> {
+        if self.multi_label {
+            (0..self.num_classes()).filter(|k| label >> k & 1 == 1).collect()
+        } else {
+            vec![label]
+        }
+    }
+
+    /// A label as text: its class name, or a multi-label task's names
+    /// separated by spaces (`0 5 8`).
+    pub fn describe_label(&self, label: usize) -> String {
+        let names: Vec<&str> = self
+            .classes_of(label)
+            .into_iter()
+            .map(|k| self.class_names.get(k).map_or("?", |s| s.as_str()))
+            .collect();
+        names.join(" ")
+    }
 }
 
 /// A split of a dataset: indexed samples with fixed image and proxy shapes.
@@ -77,10 +138,18 @@ pub trait Dataset: Send + Sync {
         self.len() == 0
     }
 
+    /// Classes of the (first) task.
     fn num_classes(&self) -> usize;
 
     /// Human-readable class names (`"3+7"` for the pair task), `num_classes` long.
+    /// Of the first task when there are several.
     fn class_names(&self) -> Vec<String>;
+
+    /// The labelling tasks, in the order of [`Sample::labels`]: by default
+    /// one single-label task over `class_names`.
+    fn tasks(&self) -> Vec<TaskSpec> {
+        vec![TaskSpec::single(DEFAULT_TASK, self.class_names())]
+    }
 
     fn channels(&self) -> usize;
 

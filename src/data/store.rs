@@ -637,7 +637,7 @@ impl Dataset for StoreDataset {
         let image = Arc::new(self.image(i)?);
         Ok(Sample {
             proxy: self.proxy.make(i, image.as_ref())?,
-            label: self.manifest.entries[self.items[i]].label,
+            labels: vec![self.manifest.entries[self.items[i]].label],
             image,
         })
     }
@@ -981,7 +981,7 @@ mod tests {
         let ds = StoreDataset::open(dir.path(), Split::Train, 8, 0.0, 0).unwrap();
         assert_eq!((ds.len(), ds.num_classes(), ds.image_size()), (2, 2, (64, 64)));
         let s = ds.get(1).unwrap();
-        assert_eq!((s.label, s.proxy.len()), (1, 64));
+        assert_eq!((s.label(), s.proxy.len()), (1, 64));
         assert_eq!(ds.class_names()[1], "dog house");
 
         fs::remove_file(dir.path().join("images/1.tiles")).unwrap();

@@ -15,7 +15,7 @@ use rand::Rng;
 use super::classifier::CropClassifier;
 use super::vrnn::{Vrnn, VrnnConfig, LATENT};
 use crate::autograd::{Graph, Var};
-use crate::data::ImageSource;
+use crate::data::{ImageSource, TaskSpec, DEFAULT_TASK};
 use crate::device::Device;
 use crate::nn::{Linear, ParamStore};
 use crate::ops::sampler::choose_level;
@@ -53,6 +53,11 @@ pub struct SaccadeConfig {
     pub embed: usize,
     pub hidden: usize,
     pub classifier_width: usize,
+    /// The labelling tasks, one head each, when there are several (or one
+    /// multi-label task); empty for one single-label task of `num_classes`
+    /// classes (and in checkpoints from before multi-task models).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub task_heads: Vec<TaskSpec>,
 }
 
 /// How the crop classifier's features of the T glimpses are pooled.
@@ -89,6 +94,16 @@ pub fn pool_glimpses(g: &mut Graph, feats: Var, pool: GlimpsePool) -> Result<Var
 }
 
 impl SaccadeConfig {
+    /// The tasks the model's heads answer, in order.
+    pub fn tasks(&self) -> Vec<TaskSpec> {
+        if self.task_heads.is_empty() {
+            let names = (0..self.num_classes).map(|k| k.to_string()).collect();
+            vec![TaskSpec::single(DEFAULT_TASK, names)]
+        } else {
+            self.task_heads.clone()
+        }
+    }
+
     /// Defaults sized for a 2-core CPU on 100x100 cluttered MNIST.
     pub fn small(channels: usize, num_classes: usize) -> Self {
         SaccadeConfig {
@@ -121,6 +136,7 @@ impl SaccadeConfig {
             embed: 128,
             hidden: 128,
             classifier_width: 16,
+            task_heads: Vec::new(),
         }
     }
 
