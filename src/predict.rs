@@ -12,21 +12,82 @@ use crate::autograd::Graph;
 use crate::data::decode::{has_image_ext, open_image_file, IMAGE_EXTS};
 use crate::data::proxy::{AreaProxy, ProxyMaker};
 use crate::data::store::{Manifest, TiledImage, MANIFEST};
-use crate::data::{Batch, Dataset, ImageSource, Split};
+use crate::data::{Batch, Dataset, ImageSource, Split, TaskSpec, DEFAULT_TASK};
 use crate::models::Saccader;
+use crate::ops::elementwise::{unary_forward, Unary};
 use crate::ops::loss::softmax;
 use crate::tensor::Tensor;
-use crate::train::{argmax_rows, images_of};
+use crate::train::images_of;
 use crate::viz::{render_row, save_saccades, SaccadeRow};
 
-/// Class probabilities `[B, K]`, glimpses per sample as `(s, tx, ty)` per
+/// Per task the class probabilities `[B, K]` (a softmax, or a multi-label
+/// task's sigmoid per class), glimpses per sample as `(s, tx, ty)` per
 /// step, and the crops `[T*B, C, L, L]`.
 #[allow(clippy::type_complexity)]
-pub fn predict_batch(model: &Saccader, batch: &Batch) -> Result<(Tensor, Vec<Vec<[f32; 3]>>, Tensor)> {
+pub fn predict_batch(model: &Saccader, batch: &Batch) -> Result<(Vec<Tensor>, Vec<Vec<[f32; 3]>>, Tensor)> {
     let mut g = Graph::inference();
-    let out = model.forward(&mut g, &images_of(batch), &batch.proxies, batch.labels(), None)?;
-    let probs = softmax(g.value(out.logits))?;
+    let out = model.forward(&mut g, &images_of(batch), &batch.proxies, &batch.targets, None)?;
+    let probs = model
+        .cfg
+        .tasks()
+        .iter()
+        .zip(&out.logits)
+        .map(|(task, &l)| {
+            if task.multi_label {
+                unary_forward(g.value(l), Unary::Sigmoid)
+            } else {
+                softmax(g.value(l))
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok((probs, out.glimpses(&g)?, g.value(out.crops).clone()))
+}
+
+/// A model's answer to one task for one image.
+pub struct Answer {
+    /// As a label (see [`crate::data::Sample::labels`]).
+    pub label: usize,
+    /// The probability of the answer: of the class, or for a multi-label
+    /// task the least certain of its ten (or K) yes/no decisions.
+    pub prob: f32,
+}
+
+impl Answer {
+    /// From one image's probabilities for `task` (see [`predict_batch`]).
+    pub fn of(task: &TaskSpec, probs: &[f32]) -> Answer {
+        if task.multi_label {
+            let label = probs
+                .iter()
+                .enumerate()
+                .filter(|(_, &p)| p > 0.5)
+                .map(|(k, _)| 1 << k)
+                .sum();
+            let prob = probs.iter().map(|&p| p.max(1.0 - p)).fold(1.0, f32::min);
+            Answer { label, prob }
+        } else {
+            let (label, &prob) = probs
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .expect("a task has classes");
+            Answer { label, prob }
+        }
+    }
+
+    /// `predicted 7 93.1%`, prefixed by the task's name when it is not the
+    /// only one's default (`majority: predicted 7 93.1%`).
+    pub fn describe(&self, task: &TaskSpec) -> String {
+        let text = format!(
+            "predicted {} {:.1}%",
+            task.describe_label(self.label),
+            100.0 * self.prob
+        );
+        if task.name == DEFAULT_TASK {
+            text
+        } else {
+            format!("{}: {text}", task.name)
+        }
+    }
 }
 
 /// A batch of one image read through its source (the localized sampler).
@@ -163,8 +224,8 @@ fn store_inputs(dir: &Path, split: Option<Split>, channels: usize) -> Result<Vec
 /// What the model made of one image.
 pub struct Prediction {
     pub source: Arc<dyn ImageSource>,
-    /// Class probabilities.
-    pub probs: Vec<f32>,
+    /// Per task, class probabilities (see [`predict_batch`]).
+    pub probs: Vec<Vec<f32>>,
     pub proxy: Vec<f32>,
     /// `(s, tx, ty)` per glimpse.
     pub glimpses: Vec<[f32; 3]>,
@@ -192,7 +253,7 @@ pub fn predict_input(model: &Saccader, input: &Input) -> Result<Prediction> {
     let (probs, glimpses, crops) = predict_batch(model, &batch)?;
     Ok(Prediction {
         source,
-        probs: probs.to_vec()?,
+        probs: probs.iter().map(Tensor::to_vec).collect::<Result<_>>()?,
         proxy,
         glimpses: glimpses.into_iter().next().unwrap_or_default(),
         crops: crops.to_vec()?,
@@ -267,16 +328,23 @@ pub fn save_saccade_picture(model: &Saccader, data: &Arc<dyn Dataset>, n: usize,
         indices: (0..n).collect(),
     };
     let (probs, glimpses, crops) = predict_batch(model, &batch)?;
-    let pred = argmax_rows(&probs)?;
-    let probs = probs.to_vec()?;
-    let k = probs.len() / n.max(1);
-    let names = data.class_names();
-    let name = |c: usize| names.get(c).cloned().unwrap_or_else(|| c.to_string());
+    let probs = probs.iter().map(Tensor::to_vec).collect::<Result<Vec<_>>>()?;
+    let mut tasks = model.cfg.tasks();
+    tasks[0].class_names = data.class_names();
     let crops = crops.to_vec()?;
     let rows: Vec<SaccadeRow> = samples
         .iter()
         .enumerate()
         .map(|(i, s)| {
+            let answers: Vec<Answer> = tasks
+                .iter()
+                .zip(&probs)
+                .map(|(task, p)| {
+                    let k = task.num_classes();
+                    Answer::of(task, &p[i * k..(i + 1) * k])
+                })
+                .collect();
+            let right = answers.iter().zip(&s.labels).all(|(a, &l)| a.label == l);
             let mut r = row(
                 model,
                 s.image.as_ref(),
@@ -285,16 +353,14 @@ pub fn save_saccade_picture(model: &Saccader, data: &Arc<dyn Dataset>, n: usize,
                 n,
                 i,
                 &glimpses[i],
-                Some(pred[i] == s.label()),
+                Some(right),
             );
-            r.caption = vec![
-                format!(
-                    "predicted {} {:.1}%",
-                    name(pred[i]),
-                    100.0 * probs[i * k + pred[i]]
-                ),
-                format!("true {}", name(s.label())),
-            ];
+            r.caption = answers
+                .iter()
+                .zip(&tasks)
+                .zip(&s.labels)
+                .map(|((a, task), &l)| format!("{}, true {}", a.describe(task), task.describe_label(l)))
+                .collect();
             r
         })
         .collect();

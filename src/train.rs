@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::autograd::{Gradients, Graph};
 use crate::checkpoint::{self, Checkpoint};
-use crate::data::{mix_seed, Batch, Dataset, Loader, LoaderConfig};
+use crate::data::{mix_seed, Batch, Dataset, Loader, LoaderConfig, TaskSpec};
 use crate::device::Device;
 use crate::models::{Images, ResNet18, ResNetConfig, SaccadeConfig, Saccader, TiledConfig, TiledResNet18};
 use crate::nn::ParamStore;
@@ -121,6 +121,12 @@ impl TrainConfig {
             self.clip_value,
             self.clip_norm
         );
+        ensure!(
+            self.baseline.is_none() || self.model.task_heads.is_empty(),
+            "the baseline models answer one single-label task; {} has the tasks {}: train the saccade model on it",
+            self.dataset,
+            self.model.tasks().iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
         match self.baseline {
             Some(Baseline::ResNet18(c)) => ensure!(
                 (1..=1024).contains(&c.width),
@@ -188,15 +194,26 @@ impl EpochMetrics {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct EvalReport {
+    /// The mean over tasks of their accuracies (one task: its accuracy).
     pub accuracy: f64,
+    /// Each task's accuracy; a multi-label task's answer counts as right
+    /// when every class's presence is (IPS's protocol).
+    pub tasks: Vec<TaskAccuracy>,
     pub samples: usize,
+    /// Of the first task, when it is single-label (else empty).
     pub per_class_accuracy: Vec<f64>,
-    /// `confusion[true][predicted]` counts.
+    /// `confusion[true][predicted]` counts, of the same task.
     pub confusion: Vec<Vec<usize>>,
     pub class_names: Vec<String>,
     /// Where the glimpses fell against the objects, when the dataset knows
     /// where its objects are and the model has glimpses.
     pub coverage: Option<Coverage>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskAccuracy {
+    pub name: String,
+    pub accuracy: f64,
 }
 
 /// Glimpse coverage: an object counts as covered when its centre lies
@@ -268,6 +285,26 @@ pub fn images_of(batch: &Batch) -> Images<'_> {
     }
 }
 
+/// Each row's answer to `task`, as a label (see [`crate::data::Sample::labels`]):
+/// the argmax, or for a multi-label task the bitmask of positive logits.
+pub fn answers(task: &TaskSpec, logits: &Tensor) -> Result<Vec<usize>> {
+    if !task.multi_label {
+        return argmax_rows(logits);
+    }
+    let k = logits.shape()[1];
+    Ok(logits
+        .to_vec()?
+        .chunks(k)
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .filter(|(_, &v)| v > 0.0)
+                .map(|(c, _)| 1 << c)
+                .sum()
+        })
+        .collect())
+}
+
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<usize>> {
     let k = logits.shape()[1];
     Ok(logits
@@ -289,7 +326,8 @@ pub struct StepOutput {
     /// Batch means of the cross-entropy and of the KL term (0 without one).
     pub ce: f64,
     pub kl: f64,
-    pub logits: Tensor,
+    /// Per task, `[B, K_task]`.
+    pub logits: Vec<Tensor>,
     pub grads: Gradients,
 }
 
@@ -300,7 +338,7 @@ pub struct StepFigures {
     /// Batch means of the cross-entropy and of the KL term (0 without one).
     pub ce: f64,
     pub kl: f64,
-    /// Images of the batch classified right.
+    /// Images of the batch answered right, summed over tasks.
     pub correct: usize,
 }
 
@@ -312,17 +350,20 @@ struct EpochSums {
     ce: f64,
     kl: f64,
     correct: usize,
+    /// Answers given: images times tasks.
+    answers: usize,
     seen: usize,
     steps: usize,
 }
 
 impl EpochSums {
-    fn add(&mut self, f: StepFigures, images: usize) {
+    fn add(&mut self, f: StepFigures, images: usize, tasks: usize) {
         self.steps += 1;
         self.loss += f.loss;
         self.ce += f.ce;
         self.kl += f.kl;
         self.correct += f.correct;
+        self.answers += images * tasks;
         self.seen += images;
     }
 
@@ -331,7 +372,7 @@ impl EpochSums {
         format!(
             "loss {:.3} acc {:.1}% {:.0} samples/s",
             self.loss / self.steps.max(1) as f64,
-            100.0 * self.correct as f64 / self.seen.max(1) as f64,
+            100.0 * self.correct as f64 / self.answers.max(1) as f64,
             self.seen as f64 / seconds
         )
     }
@@ -344,7 +385,7 @@ impl EpochSums {
             train_loss: self.loss / n,
             train_ce: self.ce / n,
             train_kl: self.kl / n,
-            train_accuracy: self.correct as f64 / self.seen.max(1) as f64,
+            train_accuracy: self.correct as f64 / self.answers.max(1) as f64,
             valid_accuracy: f64::NAN,
             valid_coverage: None,
             seconds,
@@ -389,8 +430,9 @@ pub trait Model: Sized {
 
 /// One evaluation batch's output.
 pub struct BatchScores {
-    /// `[B, K]` logits or probabilities: evaluation takes their argmax.
-    pub scores: Tensor,
+    /// Per task, `[B, K]` logits: a single-label task's answer is their
+    /// argmax, a multi-label task's the classes with a positive logit.
+    pub scores: Vec<Tensor>,
     /// Per sample, per glimpse `[s, tx, ty]` (saccade model only).
     pub glimpses: Option<Vec<Vec<[f32; 3]>>>,
 }
@@ -398,7 +440,7 @@ pub struct BatchScores {
 impl From<Tensor> for BatchScores {
     fn from(scores: Tensor) -> Self {
         BatchScores {
-            scores,
+            scores: vec![scores],
             glimpses: None,
         }
     }
@@ -426,22 +468,22 @@ impl Model for Saccader {
             &mut g,
             &images_of(batch),
             &batch.proxies,
-            batch.labels(),
+            &batch.targets,
             Some(rng as &mut dyn rand::RngCore),
         )?;
         Ok(StepOutput {
             loss: g.value(out.loss).item()? as f64,
             ce: batch_mean(g.value(out.ce))?,
             kl: batch_mean(g.value(out.kl))?,
-            logits: g.value(out.logits).clone(),
+            logits: out.logits.iter().map(|&l| g.value(l).clone()).collect(),
             grads: g.backward(out.loss)?,
         })
     }
     fn scores(&mut self, batch: &Batch) -> Result<BatchScores> {
         let mut g = Graph::inference();
-        let out = self.forward(&mut g, &images_of(batch), &batch.proxies, batch.labels(), None)?;
+        let out = self.forward(&mut g, &images_of(batch), &batch.proxies, &batch.targets, None)?;
         Ok(BatchScores {
-            scores: g.value(out.logits).clone(),
+            scores: out.logits.iter().map(|&l| g.value(l).clone()).collect(),
             glimpses: Some(out.glimpses(&g)?),
         })
     }
@@ -484,7 +526,7 @@ impl Model for ResNet18 {
             loss: l,
             ce: l,
             kl: 0.0,
-            logits: g.value(logits).clone(),
+            logits: vec![g.value(logits).clone()],
             grads: g.backward(loss)?,
         })
     }
@@ -514,7 +556,7 @@ impl Model for TiledResNet18 {
             loss: s.loss,
             ce: s.loss,
             kl: 0.0,
-            logits: s.logits,
+            logits: vec![s.logits],
             grads: s.grads,
         })
     }
@@ -650,8 +692,14 @@ impl<M: Model> Trainer<M> {
             bail!("the gradient norm is {norm}");
         }
         self.adam.step(self.model.params_mut(), &grads)?;
-        let pred = argmax_rows(&logits)?;
-        let correct = pred.iter().zip(batch.labels()).filter(|(p, l)| p == l).count();
+        let mut correct = 0;
+        for ((task, scores), labels) in self.cfg.model.tasks().iter().zip(&logits).zip(&batch.targets) {
+            correct += answers(task, scores)?
+                .iter()
+                .zip(labels)
+                .filter(|(a, l)| a == l)
+                .count();
+        }
         self.progress.step += 1;
         Ok(StepFigures {
             loss,
@@ -765,7 +813,7 @@ impl<M: Model> Trainer<M> {
                 bar.abandon();
                 self.step_failed(e, ck_path)
             })?;
-            sums.add(figures, batch.len());
+            sums.add(figures, batch.len(), batch.targets.len());
             let status = sums.status(t0.elapsed().as_secs_f64());
             let step = self.progress.step;
             if show_progress
@@ -866,17 +914,38 @@ pub fn evaluate<M: Model>(
     device: &Device,
     show: bool,
 ) -> Result<EvalReport> {
-    let k = data.num_classes();
+    let tasks = data.tasks();
+    // The confusion matrix of the first task, when it is single-label.
+    let k = if tasks[0].multi_label {
+        0
+    } else {
+        tasks[0].num_classes()
+    };
     let mut confusion = vec![vec![0usize; k]; k];
+    let mut right = vec![0usize; tasks.len()];
+    let mut samples = 0;
     let loader = Loader::new(data.clone(), loader_config(batch_size, None), device)?;
     let bar = progress_bar(show, loader.num_batches() as u64, "evaluating");
     let mut coverage: Option<Coverage> = None;
     for batch in loader.epoch(0) {
         let batch = batch?;
         let out = model.scores(&batch)?;
-        for (p, &l) in argmax_rows(&out.scores)?.iter().zip(batch.labels()) {
-            confusion[l][*p] += 1;
+        ensure!(
+            out.scores.len() == tasks.len(),
+            "the model answers {} tasks, the dataset has {}",
+            out.scores.len(),
+            tasks.len()
+        );
+        for (t, task) in tasks.iter().enumerate() {
+            let answers = answers(task, &out.scores[t])?;
+            for (&a, &l) in answers.iter().zip(&batch.targets[t]) {
+                right[t] += (a == l) as usize;
+                if t == 0 && k > 0 {
+                    confusion[l][a] += 1;
+                }
+            }
         }
+        samples += batch.len();
         if let Some(glimpses) = &out.glimpses {
             for (&i, gl) in batch.indices.iter().zip(glimpses) {
                 if let Some(objects) = data.object_centres(i) {
@@ -887,15 +956,22 @@ pub fn evaluate<M: Model>(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let samples: usize = confusion.iter().flatten().sum();
-    let right: usize = (0..k).map(|i| confusion[i][i]).sum();
     let per_class_accuracy = confusion
         .iter()
         .enumerate()
         .map(|(i, row)| row[i] as f64 / row.iter().sum::<usize>().max(1) as f64)
         .collect();
+    let tasks: Vec<TaskAccuracy> = tasks
+        .iter()
+        .zip(&right)
+        .map(|(t, &r)| TaskAccuracy {
+            name: t.name.clone(),
+            accuracy: r as f64 / samples.max(1) as f64,
+        })
+        .collect();
     Ok(EvalReport {
-        accuracy: right as f64 / samples.max(1) as f64,
+        accuracy: tasks.iter().map(|t| t.accuracy).sum::<f64>() / tasks.len() as f64,
+        tasks,
         samples,
         per_class_accuracy,
         confusion,

@@ -119,6 +119,10 @@ pub(super) fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     let mut cfg = preset.config(spec, probe.channels(), probe.num_classes());
     cfg.model.proxy_size = probe.proxy_shape().1;
     cfg.class_names = probe.class_names();
+    let tasks = probe.tasks();
+    if tasks.len() > 1 || tasks[0].multi_label {
+        cfg.model.task_heads = tasks;
+    }
     apply_flags(a, &mut cfg);
     cfg.validate()?;
     Ok(cfg)

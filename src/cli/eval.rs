@@ -196,6 +196,23 @@ fn class_names(cfg: &TrainConfig) -> Result<Vec<String>> {
 }
 
 pub(super) fn check_compatible(m: &SaccadeConfig, d: &dyn data::Dataset) -> Result<()> {
+    let (mine, theirs) = (m.tasks(), d.tasks());
+    let names = |ts: &[data::TaskSpec]| ts.iter().map(|t| t.name.clone()).collect::<Vec<_>>().join(", ");
+    if mine.len() > 1 || theirs.len() > 1 {
+        let same = mine.len() == theirs.len()
+            && mine.iter().zip(&theirs).all(|(a, b)| {
+                a.name == b.name && a.multi_label == b.multi_label && a.class_names == b.class_names
+            });
+        if !same {
+            bail!(
+                "the model answers the tasks {} but {} has the tasks {}: evaluate on data with the model's tasks, \
+                 classes and order",
+                names(&mine),
+                d.describe(),
+                names(&theirs)
+            );
+        }
+    }
     if m.channels != d.channels()
         || m.num_classes != d.num_classes()
         || d.proxy_shape() != (m.channels, m.proxy_size)
@@ -266,23 +283,40 @@ fn eval_model<M: Model>(a: EvalArgs) -> Result<(), Failure> {
     check_same_classes(&t.cfg.class_names, test.as_ref())?;
     let r = t.evaluate(&test, !a.json)?;
     if a.json {
+        let by_task: serde_json::Map<String, serde_json::Value> = r
+            .tasks
+            .iter()
+            .map(|t| (t.name.clone(), serde_json::json!(t.accuracy)))
+            .collect();
         println!(
             "{}",
-            serde_json::json!({"command": "eval", "dataset": spec, "report": r})
+            serde_json::json!({"command": "eval", "dataset": spec, "accuracy": by_task, "report": r})
         );
         return Ok(());
     }
-    println!(
-        "accuracy {:.2}% on {} test images of {spec}",
-        100.0 * r.accuracy,
-        r.samples
-    );
+    if r.tasks.len() > 1 {
+        println!(
+            "mean accuracy over {} tasks {:.2}% on {} test images of {spec}",
+            r.tasks.len(),
+            100.0 * r.accuracy,
+            r.samples
+        );
+        for task in &r.tasks {
+            println!("  {:>10}  {:.2}%", task.name, 100.0 * task.accuracy);
+        }
+    } else {
+        println!(
+            "accuracy {:.2}% on {} test images of {spec}",
+            100.0 * r.accuracy,
+            r.samples
+        );
+    }
     if let Some(c) = &r.coverage {
         println!("{}", coverage_line(c));
     }
     let mut worst: Vec<(usize, f64)> = r.per_class_accuracy.iter().copied().enumerate().collect();
     worst.sort_by(|a, b| a.1.total_cmp(&b.1));
-    println!("lowest per-class accuracy:");
+    println!("lowest per-class accuracy ({}):", r.tasks[0].name);
     for (c, acc) in worst.iter().take(5) {
         println!("  {:>8}  {:.1}%", r.class_names[*c], 100.0 * acc);
     }
@@ -349,6 +383,7 @@ pub(super) fn run_predict(a: PredictArgs) -> Result<(), Failure> {
     let device = select_device(&a.device)?;
     let t = Trainer::<Saccader>::from_checkpoint(&a.checkpoint, device)?;
     let names = class_names(&t.cfg)?;
+    let tasks = t.model.cfg.tasks();
     let split = a.split.map(|s| match s {
         SplitArg::Train => Split::Train,
         SplitArg::Valid => Split::Valid,
@@ -377,10 +412,20 @@ pub(super) fn run_predict(a: PredictArgs) -> Result<(), Failure> {
                 continue;
             }
         };
-        let mut top = ranked(&p.probs, &names);
+        let mut top = ranked(&p.probs[0], &names);
         let (best, best_p) = top[0].clone();
         top.truncate(a.top);
-        let verdict = report.add(input, &top, &best, a.json);
+        // The other tasks' answers (multi-task models), after the first's ranking.
+        let others: Vec<(String, String)> = tasks
+            .iter()
+            .zip(&p.probs)
+            .skip(1)
+            .map(|(task, probs)| {
+                let ans = crate::predict::Answer::of(task, probs);
+                (task.name.clone(), ans.describe(task))
+            })
+            .collect();
+        let verdict = report.add(input, &top, &best, &others, a.json);
         if let Some(v) = viz.as_mut() {
             let caption = vec![
                 input.path.display().to_string(),
@@ -414,7 +459,14 @@ struct PredictReport {
 impl PredictReport {
     /// Record (and unless `json`, print) one prediction; returns whether it
     /// is right, when the input's class is known.
-    fn add(&mut self, input: &Input, top: &[(String, f32)], best: &str, json: bool) -> Option<bool> {
+    fn add(
+        &mut self,
+        input: &Input,
+        top: &[(String, f32)],
+        best: &str,
+        others: &[(String, String)],
+        json: bool,
+    ) -> Option<bool> {
         let verdict = input.truth.as_ref().map(|truth| truth == best);
         if let Some(v) = verdict {
             self.known += 1;
@@ -430,9 +482,13 @@ impl PredictReport {
                 .as_ref()
                 .map(|t| format!(" (true {t})"))
                 .unwrap_or_default();
-            println!("{}: {}{truth}", input.path.display(), s.join(", "));
+            let rest: String = others.iter().map(|(_, text)| format!("; {text}")).collect();
+            println!("{}: {}{truth}{rest}", input.path.display(), s.join(", "));
         }
         let mut row = serde_json::json!({"image": input.path, "top": top});
+        for (name, text) in others {
+            row[name] = serde_json::json!(text);
+        }
         if let Some(truth) = &input.truth {
             row["truth"] = serde_json::json!(truth);
             row["correct"] = serde_json::json!(verdict == Some(true));

@@ -15,7 +15,7 @@ use rand::Rng;
 use super::classifier::CropClassifier;
 use super::vrnn::{Vrnn, VrnnConfig, LATENT};
 use crate::autograd::{Graph, Var};
-use crate::data::{ImageSource, TaskSpec, DEFAULT_TASK};
+use crate::data::{ImageSource, TaskSpec, DEFAULT_TASK, MAX_MULTI_LABEL_CLASSES};
 use crate::device::Device;
 use crate::nn::{Linear, ParamStore};
 use crate::ops::sampler::choose_level;
@@ -180,6 +180,27 @@ impl SaccadeConfig {
         ] {
             within(name, flag, v, 1, 4096)?;
         }
+        if !self.task_heads.is_empty() {
+            let first = self.task_heads[0].num_classes();
+            ensure!(
+                first == self.num_classes,
+                "the first task has {first} classes, num_classes says {}",
+                self.num_classes
+            );
+        }
+        for (i, t) in self.task_heads.iter().enumerate() {
+            ensure!(
+                !t.class_names.is_empty() && (!t.multi_label || t.num_classes() <= MAX_MULTI_LABEL_CLASSES),
+                "task `{}` has {} classes: a task needs at least 1, a multi-label task at most {MAX_MULTI_LABEL_CLASSES}",
+                t.name,
+                t.num_classes()
+            );
+            ensure!(
+                !self.task_heads[..i].iter().any(|o| o.name == t.name),
+                "task `{}` appears twice",
+                t.name
+            );
+        }
         ensure!(
             self.scale_min > 0.0 && self.scale_min < self.scale_max && self.scale_max <= 1.0,
             "glimpse scales need 0 < scale_min < scale_max (--max-scale) <= 1, got {} and {}",
@@ -199,6 +220,15 @@ impl SaccadeConfig {
         }
         Ok(())
     }
+}
+
+/// Bitmask labels (bit `k` = class `k`) as `[B, K]` 0/1 targets.
+pub fn multi_hot(labels: &[usize], k: usize, dev: &Device) -> Result<Tensor> {
+    let data = labels
+        .iter()
+        .flat_map(|&l| (0..k).map(move |c| (l >> c & 1) as f32))
+        .collect();
+    Tensor::from_vec(data, &[labels.len(), k], dev)
 }
 
 /// Largest crop side: the paper's is 64; a batch of 32 four-glimpse crops
@@ -221,7 +251,8 @@ pub struct Saccader {
     vrnn: Vrnn,
     classifier: CropClassifier,
     head1: Linear,
-    head2: Linear,
+    /// One output layer per task of [`SaccadeConfig::tasks`].
+    heads: Vec<Linear>,
     /// How much of the classification loss's gradient reaches the glimpses,
     /// in [0, 1] (see [`SaccadeConfig::policy_warmup`]).
     policy_grad: f32,
@@ -229,8 +260,10 @@ pub struct Saccader {
 
 /// One forward pass.
 pub struct Forward {
-    pub logits: Var,
-    /// Per-sample loss terms `[B]`.
+    /// Per task, `[B, K_task]`.
+    pub logits: Vec<Var>,
+    /// Per-sample classification loss `[B]`: the sum over tasks of the
+    /// softmax cross-entropy, or a multi-label task's summed sigmoid BCE.
     pub ce: Var,
     pub elbo_terms: Var,
     pub kl: Var,
@@ -246,7 +279,7 @@ impl Forward {
     /// Per sample, per glimpse `[s, tx, ty]`: half-side and centre in
     /// normalized image coordinates.
     pub fn glimpses(&self, g: &Graph) -> Result<Vec<Vec<[f32; 3]>>> {
-        let b = g.shape(self.logits)[0];
+        let b = g.shape(self.logits[0])[0];
         let mut out = vec![Vec::with_capacity(self.thetas.len()); b];
         for &th in &self.thetas {
             let v = g.value(th).to_vec()?;
@@ -279,14 +312,26 @@ impl Saccader {
         let classifier = CropClassifier::new(&mut ps, cfg.channels, cfg.classifier_width, rng, dev);
         let f = classifier.features();
         let head1 = Linear::new(&mut ps, "head.0", f, f, rng, dev);
-        let head2 = Linear::new(&mut ps, "head.1", f, cfg.num_classes, rng, dev);
+        let tasks = cfg.tasks();
+        // A single task keeps the name every earlier checkpoint uses.
+        let heads = tasks
+            .iter()
+            .map(|t| {
+                let name = if tasks.len() == 1 {
+                    "head.1".to_string()
+                } else {
+                    format!("head.1.{}", t.name)
+                };
+                Linear::new(&mut ps, &name, f, t.num_classes(), rng, dev)
+            })
+            .collect();
         Saccader {
             cfg,
             params: ps,
             vrnn,
             classifier,
             head1,
-            head2,
+            heads,
             policy_grad: 1.0,
         }
     }
@@ -372,7 +417,7 @@ impl Saccader {
         g: &mut Graph,
         images: &Images,
         proxies: &Tensor,
-        labels: &[usize],
+        targets: &[Vec<usize>],
         rng: Option<&mut dyn rand::RngCore>,
     ) -> Result<Forward> {
         let b = proxies.shape()[0];
@@ -384,7 +429,13 @@ impl Saccader {
             self.cfg.proxy_size,
             self.cfg.proxy_size
         );
-        ensure!(labels.len() == b, "{} labels for a batch of {b}", labels.len());
+        let tasks = self.cfg.tasks();
+        ensure!(
+            targets.len() == tasks.len() && targets.iter().all(|t| t.len() == b),
+            "labels for {} tasks of a batch of {b} given, the model has {} tasks",
+            targets.len(),
+            tasks.len()
+        );
         let dev = proxies.device();
         let ps = &self.params;
         let t_steps = self.cfg.glimpses;
@@ -411,8 +462,23 @@ impl Saccader {
         let pooled = pool_glimpses(g, feats, self.cfg.glimpse_pool)?;
         let h = self.head1.forward(g, ps, pooled)?;
         let h = g.elu(h)?;
-        let logits = self.head2.forward(g, ps, h)?;
-        let ce = g.softmax_cross_entropy(logits, labels)?;
+        let mut logits = Vec::with_capacity(tasks.len());
+        let mut ce: Option<Var> = None;
+        for ((task, head), labels) in tasks.iter().zip(&self.heads).zip(targets) {
+            let l = head.forward(g, ps, h)?;
+            let loss = if task.multi_label {
+                let target = multi_hot(labels, task.num_classes(), &dev)?;
+                g.bce_with_logits(l, &target)?
+            } else {
+                g.softmax_cross_entropy(l, labels)?
+            };
+            ce = Some(match ce {
+                Some(sum) => g.add(sum, loss)?,
+                None => loss,
+            });
+            logits.push(l);
+        }
+        let ce = ce.expect("a model has at least one task");
         let scaled = g.affine(run.elbo_terms, self.cfg.beta, 0.0)?;
         let per_sample = if self.cfg.multiplicative {
             g.mul(ce, scaled)?
