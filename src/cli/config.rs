@@ -135,6 +135,10 @@ fn apply_flags(a: &TrainArgs, cfg: &mut TrainConfig) {
     m.glimpses = a.glimpses.unwrap_or(m.glimpses);
     m.crop = a.crop.unwrap_or(m.crop);
     m.scale_max = a.max_scale.unwrap_or(m.scale_max);
+    m.scale_min = a.min_scale.unwrap_or(m.scale_min);
+    m.focus = a.focus.unwrap_or(m.focus);
+    m.glimpse_position |= a.glimpse_position;
+    m.ink_prior |= a.ink_prior;
     m.beta = a.beta.unwrap_or(m.beta);
     m.policy_warmup = a.policy_warmup.unwrap_or(m.policy_warmup);
     m.glimpse_pool = a.glimpse_pool.unwrap_or(m.glimpse_pool);
@@ -307,6 +311,10 @@ fn flag_of(field: &str) -> &'static str {
         "glimpses" => "--glimpses",
         "crop" => "--crop",
         "scale_max" => "--max-scale",
+        "scale_min" => "--min-scale",
+        "focus" => "--focus",
+        "glimpse_position" => "--glimpse-position",
+        "ink_prior" => "--ink-prior",
         "beta" => "--beta",
         "multiplicative" => "--multiplicative",
         "fixed_variance" => "--fixed-variance",

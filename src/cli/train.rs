@@ -12,7 +12,7 @@ use super::config::{resume_config, train_config, ModelChoice, Preset};
 use super::eval::{check_compatible, coverage_line};
 use super::{handle_ctrlc, interrupted, select_device, usage, DeviceArgs, Failure, AFTER_TRAINING, STOP};
 use crate::data::{self, Split, SplitSizes};
-use crate::models::{GlimpsePool, ResNet18, Saccader, TiledResNet18};
+use crate::models::{Focus, GlimpsePool, ResNet18, Saccader, TiledResNet18};
 use crate::runs;
 use crate::train::{Baseline, Coverage, LrSchedule, Model, TrainConfig, Trainer};
 use crate::Device;
@@ -79,6 +79,22 @@ pub(super) struct TrainArgs {
     /// Largest glimpse as a fraction of the image side.
     #[arg(long)]
     pub(super) max_scale: Option<f32>,
+    /// Smallest glimpse as a fraction of the image side (0.2 for the small preset, 0.1 for
+    /// paper). Small glimpses are read from a finer pyramid level: they cost the same.
+    #[arg(long)]
+    pub(super) min_scale: Option<f32>,
+    /// Where attention puts a glimpse: mean (the attention-weighted mean of all proxy cells; one
+    /// object per image) or peak (the best unattended cell, refined over its neighbours; many
+    /// small objects).
+    #[arg(long, value_enum)]
+    pub(super) focus: Option<Focus>,
+    /// Add each glimpse's place to its features, for tasks about positions.
+    #[arg(long)]
+    pub(super) glimpse_position: bool,
+    /// Favour proxy cells with ink (ln of their mean value) in the glimpses' attention, so that
+    /// glimpses start on what is drawn rather than on empty background.
+    #[arg(long)]
+    pub(super) ink_prior: bool,
     /// Weight of the VRNN terms (proxy NLL + KL) against the classification loss.
     #[arg(long)]
     pub(super) beta: Option<f32>,
@@ -94,7 +110,8 @@ pub(super) struct TrainArgs {
     /// follow it. Default 40000 for the small preset, 0 (off) for paper.
     #[arg(long)]
     pub(super) policy_warmup: Option<usize>,
-    /// How the glimpses' features are pooled into one: mean (the paper, default) or max.
+    /// How the glimpses' features are pooled into one: mean (the paper, default), max, or
+    /// attention (max beside a mean weighted by the glimpses' attention scores).
     #[arg(long, value_enum)]
     pub(super) glimpse_pool: Option<GlimpsePool>,
     /// Channels of the crop classifier's first conv (then 2x and 4x): 16 for the small preset,

@@ -10,5 +10,5 @@ pub mod tiled;
 pub mod vrnn;
 
 pub use resnet::{ResNet18, ResNetConfig};
-pub use saccader::{GlimpsePool, Images, SaccadeConfig, Saccader};
+pub use saccader::{Focus, GlimpsePool, Images, SaccadeConfig, Saccader};
 pub use tiled::{TiledConfig, TiledResNet18};

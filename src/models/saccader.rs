@@ -13,11 +13,13 @@ use anyhow::{ensure, Result};
 use rand::Rng;
 
 use super::classifier::CropClassifier;
+pub use super::vrnn::Focus;
 use super::vrnn::{Vrnn, VrnnConfig, LATENT};
 use crate::autograd::{Graph, Var};
 use crate::data::{ImageSource, TaskSpec, DEFAULT_TASK, MAX_MULTI_LABEL_CLASSES};
 use crate::device::Device;
 use crate::nn::{Linear, ParamStore};
+use crate::ops::elementwise::{unary_forward, Unary};
 use crate::ops::sampler::choose_level;
 use crate::tensor::Tensor;
 
@@ -49,6 +51,20 @@ pub struct SaccadeConfig {
     /// checkpoints: the paper's mean).
     #[serde(default)]
     pub glimpse_pool: GlimpsePool,
+    /// How attention places each glimpse (absent in older checkpoints: the
+    /// mean over all cells).
+    #[serde(default)]
+    pub focus: Focus,
+    /// Add each glimpse's place (`s, tx, ty`, through a dense layer) to its
+    /// features before pooling ("what" and "where", as RAM does): tasks
+    /// about positions (the highest digit) need it. Absent in older
+    /// checkpoints: off.
+    #[serde(default)]
+    pub glimpse_position: bool,
+    /// Start glimpses on ink: see `VrnnConfig::ink_prior` (absent in older
+    /// checkpoints: off).
+    #[serde(default)]
+    pub ink_prior: bool,
     pub enc_width: usize,
     pub embed: usize,
     pub hidden: usize,
@@ -72,23 +88,47 @@ pub enum GlimpsePool {
     /// The elementwise maximum: a digit seen by one glimpse is not diluted
     /// by the glimpses that saw clutter.
     Max,
+    /// The maximum beside a mean weighted by a softmax over the glimpses'
+    /// attention scores (attention MIL, as attention sampling and IPS
+    /// aggregate patches): the weights' gradient teaches the scores which
+    /// cells hold what the task needs, and the weighted mean counts (three
+    /// digits against two). Twice the features.
+    Attention,
 }
 
-/// `[T, B, F]` glimpse features to `[B, F]`.
-pub fn pool_glimpses(g: &mut Graph, feats: Var, pool: GlimpsePool) -> Result<Var> {
+/// `[T, B, F]` glimpse features to `[B, F]` (`[B, 2F]` for
+/// [`GlimpsePool::Attention`], which weighs by `scores`, per step `[B, 1]`).
+pub fn pool_glimpses(g: &mut Graph, feats: Var, pool: GlimpsePool, scores: &[Var]) -> Result<Var> {
     let (t_steps, b, f) = (g.shape(feats)[0], g.shape(feats)[1], g.shape(feats)[2]);
+    let max = |g: &mut Graph| -> Result<Var> {
+        // max(a, b) = b + relu(a - b): the gradient goes to the larger.
+        let mut m = g.slice(feats, 0, 0, 1)?;
+        for t in 1..t_steps {
+            let f_t = g.slice(feats, 0, t, 1)?;
+            let d = g.sub(m, f_t)?;
+            let d = g.relu(d)?;
+            m = g.add(f_t, d)?;
+        }
+        g.reshape(m, &[b, f])
+    };
     match pool {
         GlimpsePool::Mean => g.mean(feats, &[0], false),
-        GlimpsePool::Max => {
-            // max(a, b) = b + relu(a - b): the gradient goes to the larger.
-            let mut m = g.slice(feats, 0, 0, 1)?;
-            for t in 1..t_steps {
-                let f_t = g.slice(feats, 0, t, 1)?;
-                let d = g.sub(m, f_t)?;
-                let d = g.relu(d)?;
-                m = g.add(f_t, d)?;
-            }
-            g.reshape(m, &[b, f])
+        GlimpsePool::Max => max(g),
+        GlimpsePool::Attention => {
+            ensure!(
+                scores.len() == t_steps,
+                "{} scores for {t_steps} glimpses",
+                scores.len()
+            );
+            let s = g.concat(scores, 1)?;
+            let w = g.softmax(s)?;
+            let w = g.reshape(w, &[b, 1, t_steps])?;
+            let per_image = g.permute(feats, &[1, 0, 2])?;
+            // [B, 1, T] @ [B, T, F]
+            let mean = g.matmul(w, per_image)?;
+            let mean = g.reshape(mean, &[b, f])?;
+            let m = max(g)?;
+            g.concat(&[mean, m], 1)
         }
     }
 }
@@ -132,6 +172,9 @@ impl SaccadeConfig {
             // images, fully from 80k.
             policy_warmup: 40_000,
             glimpse_pool: GlimpsePool::Mean,
+            focus: Focus::Mean,
+            glimpse_position: false,
+            ink_prior: false,
             enc_width: 16,
             embed: 128,
             hidden: 128,
@@ -203,7 +246,7 @@ impl SaccadeConfig {
         }
         ensure!(
             self.scale_min > 0.0 && self.scale_min < self.scale_max && self.scale_max <= 1.0,
-            "glimpse scales need 0 < scale_min < scale_max (--max-scale) <= 1, got {} and {}",
+            "glimpse scales need 0 < scale_min (--min-scale) < scale_max (--max-scale) <= 1, got {} and {}",
             self.scale_min,
             self.scale_max
         );
@@ -220,6 +263,16 @@ impl SaccadeConfig {
         }
         Ok(())
     }
+}
+
+/// `n` draws of Gumbel(0, 1): `-ln(-ln U)`.
+fn gumbel_draws(n: usize, rng: &mut dyn rand::RngCore) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u: f32 = rng.random_range(f32::EPSILON..1.0);
+            -(-u.ln()).ln()
+        })
+        .collect()
 }
 
 /// Bitmask labels (bit `k` = class `k`) as `[B, K]` 0/1 targets.
@@ -250,6 +303,8 @@ pub struct Saccader {
     pub params: ParamStore,
     vrnn: Vrnn,
     classifier: CropClassifier,
+    /// The glimpse's place into its features ([`SaccadeConfig::glimpse_position`]).
+    place: Option<Linear>,
     head1: Linear,
     /// One output layer per task of [`SaccadeConfig::tasks`].
     heads: Vec<Linear>,
@@ -305,13 +360,23 @@ impl Saccader {
                 fixed_variance: cfg.fixed_variance,
                 scale: [cfg.scale_min, cfg.scale_max],
                 mask_attended: cfg.mask_attended,
+                focus: cfg.focus,
+                ink_prior: cfg.ink_prior,
             },
             rng,
             dev,
         );
         let classifier = CropClassifier::new(&mut ps, cfg.channels, cfg.classifier_width, rng, dev);
         let f = classifier.features();
-        let head1 = Linear::new(&mut ps, "head.0", f, f, rng, dev);
+        let place = cfg
+            .glimpse_position
+            .then(|| Linear::new(&mut ps, "place", LATENT, f, rng, dev));
+        let pooled = if cfg.glimpse_pool == GlimpsePool::Attention {
+            2 * f
+        } else {
+            f
+        };
+        let head1 = Linear::new(&mut ps, "head.0", pooled, f, rng, dev);
         let tasks = cfg.tasks();
         // A single task keeps the name every earlier checkpoint uses.
         let heads = tasks
@@ -330,6 +395,7 @@ impl Saccader {
             params: ps,
             vrnn,
             classifier,
+            place,
             head1,
             heads,
             policy_grad: 1.0,
@@ -439,13 +505,23 @@ impl Saccader {
         let dev = proxies.device();
         let ps = &self.params;
         let t_steps = self.cfg.glimpses;
-        let noise: Option<Vec<Tensor>> = rng.map(|mut r| {
+        let mut rng = rng;
+        let noise: Option<Vec<Tensor>> = rng.as_mut().map(|r| {
             (0..t_steps)
-                .map(|_| Tensor::randn(&[b, LATENT], 1.0, &mut r, &dev))
+                .map(|_| Tensor::randn(&[b, LATENT], 1.0, r, &dev))
                 .collect()
         });
         let proxy = g.constant(proxies.clone());
-        let run = self.vrnn.run(g, ps, proxy, t_steps, noise.as_deref())?;
+        let gumbel: Option<Vec<Vec<f32>>> = match (&mut rng, self.cfg.focus) {
+            (Some(r), Focus::Peak) => {
+                let n = b * self.vrnn.cells();
+                Some((0..t_steps).map(|_| gumbel_draws(n, r)).collect())
+            }
+            _ => None,
+        };
+        let run = self
+            .vrnn
+            .run(g, ps, proxy, t_steps, noise.as_deref(), gumbel.as_deref())?;
         let mut thetas = Vec::with_capacity(t_steps);
         let mut crops = Vec::with_capacity(t_steps);
         for &z in &run.z {
@@ -458,8 +534,19 @@ impl Saccader {
         let crops = g.concat(&crops, 0)?;
         let feats = self.classifier.forward(g, ps, crops)?;
         let f = g.shape(feats)[1];
-        let feats = g.reshape(feats, &[t_steps, b, f])?;
-        let pooled = pool_glimpses(g, feats, self.cfg.glimpse_pool)?;
+        let mut feats = g.reshape(feats, &[t_steps, b, f])?;
+        if let Some(place) = &self.place {
+            // tanh(z): the centre itself and a bounded form of the scale.
+            // Detached: the place informs the heads, it is not a second
+            // route for the loss to move the glimpses by.
+            let z = g.concat(&run.z, 0)?;
+            let z = g.constant(unary_forward(g.value(z), Unary::Tanh)?);
+            let p = place.forward(g, ps, z)?;
+            let p = g.tanh(p)?;
+            let p = g.reshape(p, &[t_steps, b, f])?;
+            feats = g.add(feats, p)?;
+        }
+        let pooled = pool_glimpses(g, feats, self.cfg.glimpse_pool, &run.scores)?;
         let h = self.head1.forward(g, ps, pooled)?;
         let h = g.elu(h)?;
         let mut logits = Vec::with_capacity(tasks.len());
@@ -512,7 +599,7 @@ mod tests {
         let run = |pool| {
             let mut g = Graph::new();
             let v = g.leaf(x.clone());
-            let p = pool_glimpses(&mut g, v, pool).unwrap();
+            let p = pool_glimpses(&mut g, v, pool, &[]).unwrap();
             let w = g.constant(Tensor::from_vec(vec![1.0, 10.0], &[1, 2], &dev).unwrap());
             let y = g.mul(p, w).unwrap();
             let loss = g.sum_all(y).unwrap();

@@ -75,6 +75,30 @@ pub struct VrnnConfig {
     /// Exclude the cells earlier glimpses covered from later attention
     /// (hard masking: sampling without replacement over cells).
     pub mask_attended: bool,
+    /// How attention places the glimpse centre.
+    pub focus: Focus,
+    /// Add `ln(ink + 0.001)` to each cell's score, ink being the mean proxy
+    /// value over the cell's pixels: glimpses start on what is drawn, not on
+    /// empty background (see [`Vrnn::ink_scores`]).
+    pub ink_prior: bool,
+}
+
+/// How the attention scores over the proxy's cells become a glimpse centre.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Focus {
+    /// The softmax-weighted mean of all cell centres: one object per image
+    /// is found anywhere, but several equally salient ones pull the glimpse
+    /// to the empty middle between them.
+    #[default]
+    Mean,
+    /// The highest-scoring cell (in training drawn from the softmax by the
+    /// Gumbel-max trick: sampling without replacement with the mask), then
+    /// the softmax-weighted mean over its 3x3 neighbourhood, through which
+    /// the glimpse's gradient reaches the scores. For many small objects.
+    Peak,
 }
 
 /// Two dense layers with an ELU between.
@@ -128,6 +152,9 @@ pub struct Vrnn {
 pub struct VrnnRun {
     /// z_t per step, `[B, 3]`.
     pub z: Vec<Var>,
+    /// Per step, the attention score where the glimpse went, `[B, 1]`: the
+    /// mean score under the attention weights.
+    pub scores: Vec<Var>,
     /// Per-sample `mean_t(NLL_t + KL_t)`, `[B]`.
     pub elbo_terms: Var,
     /// Per-sample `mean_t KL_t`, `[B]` (reported separately).
@@ -193,6 +220,11 @@ impl Vrnn {
         }
     }
 
+    /// Cells of the proxy's feature map, P.
+    pub fn cells(&self) -> usize {
+        self.cells.dim(0)
+    }
+
     /// phi_x(c) `[B, embed]` and the feature map it comes from `[B, F, m*m]`.
     fn encode(&self, g: &mut Graph, ps: &ParamStore, proxy: Var) -> Result<(Var, Var)> {
         let b = g.shape(proxy)[0];
@@ -210,7 +242,10 @@ impl Vrnn {
     /// Scores are `<query(h), features of the cell>`: a feature that marks an
     /// object attracts the glimpse wherever it sits in the proxy, so what is
     /// learnt on one image transfers to every position.
-    /// `mask` (`[B, 1, P]`, 0 or [`MASKED`]) is added to the scores.
+    /// `mask` (`[B, 1, P]`, 0 or [`MASKED`]) is added to the scores. With
+    /// [`Focus::Peak`], `gumbel` (`B * P` values, training only) perturbs
+    /// the choice of the peak cell. Also returns the mean score where the
+    /// glimpse went, `[B, 1]`.
     fn attend(
         &self,
         g: &mut Graph,
@@ -218,7 +253,8 @@ impl Vrnn {
         keys: Var,
         h: Var,
         mask: Option<&Tensor>,
-    ) -> Result<Var> {
+        gumbel: Option<&[f32]>,
+    ) -> Result<(Var, Var)> {
         let (b, f) = (g.shape(keys)[0], g.shape(keys)[1]);
         let p = g.shape(keys)[2];
         let q = self.query.forward(g, ps, h)?;
@@ -230,9 +266,17 @@ impl Vrnn {
             let m = g.constant(m.clone());
             scores = g.add(scores, m)?;
         }
+        if self.cfg.focus == Focus::Peak {
+            let window = self.peak_window(g.value(scores), gumbel)?;
+            let window = g.constant(window);
+            scores = g.add(scores, window)?;
+        }
         let weights = g.softmax(scores)?;
         // [B, P] @ [P, 2]: the expected (x, y).
         let weights = g.reshape(weights, &[b, p])?;
+        let flat = g.reshape(scores, &[b, p])?;
+        let weighted = g.mul(weights, flat)?;
+        let score = g.sum(weighted, &[1], true)?;
         let cells = g.constant(self.cells.clone());
         let xy = g.matmul(weights, cells)?;
         // atanh(c) = (ln(1 + c) - ln(1 - c)) / 2; |c| < 1, finite.
@@ -241,7 +285,28 @@ impl Vrnn {
         let down = g.affine(xy, -1.0, 1.0)?;
         let down = g.log(down)?;
         let diff = g.sub(up, down)?;
-        g.affine(diff, 0.5, 0.0)
+        Ok((g.affine(diff, 0.5, 0.0)?, score))
+    }
+
+    /// `[B, 1, P]`: 0 on the 3x3 cells around each row's peak of `scores`
+    /// (`[B, 1, P]`, masked cells included at [`MASKED`]) plus `gumbel`,
+    /// [`MASKED`] elsewhere.
+    fn peak_window(&self, scores: &Tensor, gumbel: Option<&[f32]>) -> Result<Tensor> {
+        let p = self.cells.dim(0);
+        let m = (p as f64).sqrt().round() as usize;
+        let v = scores.to_vec()?;
+        let mut out = vec![MASKED; v.len()];
+        for (i, (row, o)) in v.chunks(p).zip(out.chunks_mut(p)).enumerate() {
+            let noisy = |k: usize| row[k] + gumbel.map_or(0.0, |gb| gb[i * p + k]);
+            let peak = (0..p).max_by(|&a, &b| noisy(a).total_cmp(&noisy(b))).unwrap_or(0);
+            let (py, px) = (peak / m, peak % m);
+            for y in py.saturating_sub(1)..(py + 2).min(m) {
+                for x in px.saturating_sub(1)..(px + 2).min(m) {
+                    o[y * m + x] = 0.0;
+                }
+            }
+        }
+        Tensor::from_vec(out, scores.shape(), &scores.device())
     }
 
     /// Flag the cells whose centres lie inside the glimpse each row of `z`
@@ -263,27 +328,64 @@ impl Vrnn {
         Ok(())
     }
 
-    /// `[B, 1, P]`: [`MASKED`] on attended cells, 0 elsewhere; nothing is
-    /// masked in a row whose every cell was attended.
-    fn score_mask(&self, attended: &[bool], dev: &Device) -> Result<Tensor> {
+    /// `[B, 1, P]`: [`MASKED`] on `attended` cells, elsewhere `base` (or 0);
+    /// nothing is masked in a row whose every cell was attended.
+    fn score_mask(
+        &self,
+        attended: Option<&[bool]>,
+        base: Option<&[f32]>,
+        b: usize,
+        dev: &Device,
+    ) -> Result<Tensor> {
         let p = self.cells.dim(0);
-        let b = attended.len() / p;
-        let mut m = vec![0.0f32; b * p];
-        for (flags, row) in attended.chunks(p).zip(m.chunks_mut(p)) {
-            if flags.iter().all(|&f| f) {
-                continue;
-            }
-            for (f, v) in flags.iter().zip(row) {
-                if *f {
-                    *v = MASKED;
+        let mut m = base.map_or_else(|| vec![0.0f32; b * p], <[f32]>::to_vec);
+        if let Some(attended) = attended {
+            for (flags, row) in attended.chunks(p).zip(m.chunks_mut(p)) {
+                if flags.iter().all(|&f| f) {
+                    continue;
+                }
+                for (f, v) in flags.iter().zip(row) {
+                    if *f {
+                        *v = MASKED;
+                    }
                 }
             }
         }
         Tensor::from_vec(m, &[b, 1, p], dev)
     }
 
+    /// Per image and cell, `ln(ink + 0.001)`: `ink` is the mean of the
+    /// proxy (`[B, C, J, J]`) over the stride-wide square of pixels the cell
+    /// is centred on (see [`cell_centres`]). Empty background scores -6.9, a
+    /// cell a 28-px digit of a 1500² image half fills about -3.
+    fn ink_scores(&self, proxy: &Tensor) -> Result<Vec<f32>> {
+        let (b, c, j) = (proxy.dim(0), proxy.dim(1), proxy.dim(2));
+        let p = self.cells.dim(0);
+        let m = (p as f64).sqrt().round() as usize;
+        let r = self.enc_convs.stride();
+        let v = proxy.to_vec()?;
+        let span = |k: usize| (r * k).saturating_sub(r / 2)..(r * k + r.div_ceil(2)).min(j);
+        let mut out = Vec::with_capacity(b * p);
+        for img in v.chunks(c * j * j) {
+            for cell in 0..p {
+                let (rows, cols) = (span(cell / m), span(cell % m));
+                let n = (c * rows.len() * cols.len()).max(1) as f32;
+                let mut sum = 0.0f32;
+                for plane in img.chunks(j * j) {
+                    for y in rows.clone() {
+                        sum += plane[y * j + cols.start..y * j + cols.end].iter().sum::<f32>();
+                    }
+                }
+                out.push((sum / n + 1e-3).ln());
+            }
+        }
+        Ok(out)
+    }
+
     /// Unroll T steps over the proxy. `noise` holds one `[B, 3]` standard
     /// normal tensor per step in training; `None` uses posterior means.
+    /// `gumbel` holds per step `B * P` Gumbel(0, 1) draws for
+    /// [`Focus::Peak`] in training ([`Vrnn::cells`] is P).
     pub fn run(
         &self,
         g: &mut Graph,
@@ -291,24 +393,33 @@ impl Vrnn {
         proxy: Var,
         steps: usize,
         noise: Option<&[Tensor]>,
+        gumbel: Option<&[Vec<f32>]>,
     ) -> Result<VrnnRun> {
         let b = g.shape(proxy)[0];
         let dev = g.value(proxy).device();
         let target = g.value(proxy).reshape(&[b, g.value(proxy).numel() / b])?;
         let (phi_x, keys) = self.encode(g, ps, proxy)?;
         let mut h = g.constant(Tensor::zeros(&[b, self.cfg.hidden], &dev));
-        let (mut zs, mut nll_kl, mut kls) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut zs, mut nll_kl, mut kls, mut scores) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut attended = vec![false; b * self.cells.dim(0)];
+        let ink = if self.cfg.ink_prior {
+            Some(self.ink_scores(g.value(proxy))?)
+        } else {
+            None
+        };
         for t in 0..steps {
-            let mask = if self.cfg.mask_attended && t > 0 {
-                Some(self.score_mask(&attended, &dev)?)
+            let masked = self.cfg.mask_attended && t > 0;
+            let mask = if masked || ink.is_some() {
+                Some(self.score_mask(masked.then_some(attended.as_slice()), ink.as_deref(), b, &dev)?)
             } else {
                 None
             };
             let xh = g.concat(&[phi_x, h], 1)?;
             let q = self.posterior.forward(g, ps, xh)?;
             let mu_s = g.slice(q, 1, 0, 1)?;
-            let mu_xy = self.attend(g, ps, keys, h, mask.as_ref())?;
+            let (mu_xy, score) =
+                self.attend(g, ps, keys, h, mask.as_ref(), gumbel.map(|gb| gb[t].as_slice()))?;
+            scores.push(score);
             let mu_q = g.concat(&[mu_s, mu_xy], 1)?;
             let logvar_q = match self.cfg.fixed_variance {
                 Some(v) => g.constant(Tensor::full(&[b, LATENT], v.ln(), &dev)),
@@ -342,6 +453,7 @@ impl Vrnn {
         let kl = g.mean(kl_steps, &[0], false)?;
         Ok(VrnnRun {
             z: zs,
+            scores,
             elbo_terms,
             kl,
         })
@@ -365,6 +477,8 @@ mod tests {
             fixed_variance: None,
             scale: [0.2, 0.5],
             mask_attended: mask,
+            focus: Focus::Mean,
+            ink_prior: false,
         };
         Vrnn::new(
             &mut ParamStore::new(),
@@ -428,7 +542,11 @@ mod tests {
         assert_eq!(attended[..p].iter().filter(|&&f| f).count(), 1);
         assert_eq!(attended[p..].iter().filter(|&&f| f).count(), 16);
         attended[..p].fill(true);
-        let m = v.score_mask(&attended, &Device::cpu()).unwrap().to_vec().unwrap();
+        let m = v
+            .score_mask(Some(&attended), None, 2, &Device::cpu())
+            .unwrap()
+            .to_vec()
+            .unwrap();
         assert!(
             m[..p].iter().all(|&x| x == 0.0),
             "a fully attended row masks nothing"
@@ -455,7 +573,7 @@ mod tests {
                 .unwrap();
             let mut g = Graph::inference();
             let x = g.constant(proxy.clone());
-            let run = v.run(&mut g, &ps, x, 2, None).unwrap();
+            let run = v.run(&mut g, &ps, x, 2, None, None).unwrap();
             let xy = |t: usize| g.value(run.z[t]).to_vec().unwrap()[1..].to_vec();
             steps.push((xy(0), xy(1)));
         }
@@ -467,6 +585,47 @@ mod tests {
         assert!(
             moved > 0.1,
             "the masked second glimpse stayed at {b1:?} (first {b0:?})"
+        );
+    }
+
+    /// Two equally salient cells far apart: the mean focus puts the glimpse
+    /// between them, on neither; the peak focus on one of them.
+    #[test]
+    fn peak_focus_picks_one_of_two_objects() {
+        let dev = Device::cpu();
+        // Bright 4x4 squares at proxy pixels (2..6, 2..6) and (24..28, 24..28).
+        let mut img = vec![0.0f32; 1024];
+        for (y0, x0) in [(2, 2), (24, 24)] {
+            for y in y0..y0 + 4 {
+                for x in x0..x0 + 4 {
+                    img[y * 32 + x] = 1.0;
+                }
+            }
+        }
+        let proxy = Tensor::from_vec(img, &[1, 1, 32, 32], &dev).unwrap();
+        let mut centres = Vec::new();
+        for focus in [Focus::Mean, Focus::Peak] {
+            let mut cfg = vrnn(false).cfg;
+            cfg.focus = focus;
+            cfg.ink_prior = true;
+            let mut ps = ParamStore::new();
+            let v = Vrnn::new(&mut ps, cfg, &mut StdRng::seed_from_u64(0), &dev);
+            let ink = v.ink_scores(&proxy).unwrap();
+            // Cell (1, 1) sits on pixel (4, 4), inside the first square.
+            assert!((ink[9] - 1.001f32.ln()).abs() < 1e-5 && (ink[0] - 0.001f32.ln()).abs() < 1e-5);
+            let mut g = Graph::inference();
+            let x = g.constant(proxy.clone());
+            let run = v.run(&mut g, &ps, x, 1, None, None).unwrap();
+            let z = g.value(run.z[0]).to_vec().unwrap();
+            centres.push((z[1].tanh(), z[2].tanh()));
+        }
+        let ((mx, my), (px, py)) = (centres[0], centres[1]);
+        // Pixel 4's centre is at 9/32 - 1 = -0.72, pixel 26's at 0.66.
+        assert!(mx.abs() < 0.3 && my.abs() < 0.3, "mean focus at ({mx}, {my})");
+        let near = |c: f32| (c + 0.72).abs() < 0.15 || (c - 0.66).abs() < 0.15;
+        assert!(
+            near(px) && near(py) && (px - py).abs() < 0.2,
+            "peak focus at ({px}, {py})"
         );
     }
 }
