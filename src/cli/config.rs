@@ -117,6 +117,10 @@ pub(super) fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     let probe = probe(&spec)?;
     let preset = a.preset.unwrap_or(Preset::Small);
     let mut cfg = preset.config(spec, probe.channels(), probe.num_classes());
+    // A benchmark's own split sizes replace the preset's; flags still win.
+    if let Some(s) = data::spec::DatasetSpec::parse(&cfg.dataset)?.default_sizes() {
+        cfg.sizes = [s.train, s.valid, s.test];
+    }
     cfg.model.proxy_size = probe.proxy_shape().1;
     cfg.class_names = probe.class_names();
     let tasks = probe.tasks();

@@ -7,7 +7,7 @@ use clap::{Subcommand, ValueEnum};
 
 use super::{usage, Failure};
 use crate::data::commands::{self, GenerateArgs, ImportArgs, InspectArgs, OutputFormat};
-use crate::data::spec::SPEC_HELP;
+use crate::data::spec::{DatasetSpec, SPEC_HELP};
 use crate::data::{Split, SplitSizes};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -41,15 +41,15 @@ pub(super) enum DataCommand {
         /// Seed of the generator: the same seed writes the same images.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Images in the train split.
-        #[arg(long, default_value_t = 100_000)]
-        train: usize,
-        /// Images in the valid split.
-        #[arg(long, default_value_t = 10_000)]
-        valid: usize,
-        /// Images in the test split.
-        #[arg(long, default_value_t = 10_000)]
-        test: usize,
+        /// Images in the train split [default: 100000, or the dataset's own: megapixel-mnist 5000].
+        #[arg(long)]
+        train: Option<usize>,
+        /// Images in the valid split [default: 10000, or the dataset's own: megapixel-mnist 1000].
+        #[arg(long)]
+        valid: Option<usize>,
+        /// Images in the test split [default: 10000, or the dataset's own: megapixel-mnist 1000].
+        #[arg(long)]
+        test: Option<usize>,
         /// What to write.
         #[arg(long, value_enum, default_value = "store")]
         format: Format,
@@ -114,11 +114,19 @@ pub(super) fn run_data(command: DataCommand) -> Result<(), Failure> {
             test,
             format,
         } => {
+            let default = DatasetSpec::parse(&dataset)
+                .map_err(usage)?
+                .default_sizes()
+                .unwrap_or_default();
             let args = GenerateArgs {
                 dataset,
                 out,
                 seed,
-                sizes: SplitSizes { train, valid, test },
+                sizes: SplitSizes {
+                    train: train.unwrap_or(default.train),
+                    valid: valid.unwrap_or(default.valid),
+                    test: test.unwrap_or(default.test),
+                },
                 format: match format {
                     Format::Store => OutputFormat::Store,
                     Format::Png => OutputFormat::Png,

@@ -23,8 +23,8 @@ pub(super) struct EvalArgs {
     /// (default: the checkpoint's).
     #[arg(long)]
     dataset: Option<String>,
-    /// Test images of a generated dataset to evaluate [default: 2000]; a store's test
-    /// split is used whole.
+    /// Test images of a generated dataset to evaluate [default: 2000, or the dataset's
+    /// own: megapixel-mnist 1000]; a store's test split is used whole.
     #[arg(long)]
     test_size: Option<usize>,
     /// Seed of a generated dataset's test scenes [default: the checkpoint's]: another
@@ -270,10 +270,11 @@ fn eval_model<M: Model>(a: EvalArgs) -> Result<(), Failure> {
     let device = select_device(&a.device)?;
     let mut t = Trainer::<M>::from_checkpoint(&a.checkpoint, device)?;
     let spec = a.dataset.unwrap_or_else(|| t.cfg.dataset.clone());
+    let own = data::spec::DatasetSpec::parse(&spec)?.default_sizes();
     let cfg = data::DataConfig {
         seed: a.seed.unwrap_or(t.cfg.seed),
         sizes: SplitSizes {
-            test: a.test_size.unwrap_or(2_000),
+            test: a.test_size.unwrap_or(own.map_or(2_000, |s| s.test)),
             ..Default::default()
         },
         mnist_dir: None,

@@ -522,10 +522,26 @@ pub fn mnist_split(split: Split) -> MnistSplit {
     }
 }
 
+/// The MNIST indices split `split` draws its digits from, out of the `n`
+/// digits of [`mnist_split`]`(split)`: train uses MNIST train digits except
+/// the last [`VALID_DIGITS`], which valid uses; test uses MNIST test.
+pub fn digit_pool(split: Split, n: usize) -> Result<Range<usize>> {
+    Ok(match split {
+        Split::Train | Split::Valid if n <= VALID_DIGITS => {
+            bail!(
+                "{} split needs the MNIST train digits, got {n} digits",
+                split.name()
+            )
+        }
+        Split::Train => 0..n - VALID_DIGITS,
+        Split::Valid => n - VALID_DIGITS..n,
+        Split::Test => 0..n,
+    })
+}
+
 impl SceneDataset {
-    /// `mnist` must be [`mnist_split`]`(split)`. Train uses MNIST train
-    /// digits except the last 10,000, which valid uses; test uses MNIST test.
-    /// Proxies are `proxy_size`² area downsamples with `noise`.
+    /// `mnist` must be [`mnist_split`]`(split)`; digits come from its
+    /// [`digit_pool`]. Proxies are `proxy_size`² area downsamples with `noise`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: SceneConfig,
@@ -537,18 +553,7 @@ impl SceneDataset {
         noise: f32,
     ) -> Result<SceneDataset> {
         cfg.check()?;
-        let n = mnist.len();
-        let pool = match split {
-            Split::Train | Split::Valid if n <= VALID_DIGITS => {
-                bail!(
-                    "{} split needs the MNIST train digits, got {n} digits",
-                    split.name()
-                )
-            }
-            Split::Train => 0..n - VALID_DIGITS,
-            Split::Valid => n - VALID_DIGITS..n,
-            Split::Test => 0..n,
-        };
+        let pool = digit_pool(split, mnist.len())?;
         ensure!(proxy_size >= 1, "proxy size must be at least 1");
         let proxy = Arc::new(AreaProxy {
             channels: 1,

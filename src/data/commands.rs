@@ -135,8 +135,6 @@ fn to_u8(src: &dyn ImageSource) -> Result<(u32, u32, Vec<u8>)> {
 /// Write every split of a generated dataset to disk.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
     args.check()?;
-    let partial = Partial::new(&args.out)?;
-    let dir = &partial.dir;
     let cfg = DataConfig {
         seed: args.seed,
         sizes: args.sizes,
@@ -146,8 +144,24 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         .into_iter()
         .map(|s| Ok((s, open_dataset(&args.dataset, s, &cfg)?)))
         .collect::<Result<_>>()?;
-    let total: usize = datasets.iter().map(|(_, d)| d.len()).sum();
     let first = &datasets[0].1;
+    let tasks = first.tasks();
+    ensure!(
+        tasks.len() == 1,
+        "{} has {} tasks ({}), and a store or a PNG folder holds one label per image: \
+         use the dataset by name (--dataset {}) instead of writing it",
+        args.dataset,
+        tasks.len(),
+        tasks
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        args.dataset
+    );
+    let partial = Partial::new(&args.out)?;
+    let dir = &partial.dir;
+    let total: usize = datasets.iter().map(|(_, d)| d.len()).sum();
     let classes = first.class_names();
     eprintln!(
         "generating {total} images of {} into {}",
@@ -663,6 +677,35 @@ mod tests {
         .unwrap();
         let img = image::open(&grid).unwrap().into_rgb8();
         assert!(img.width() >= 4 * 2 * 64);
+    }
+
+    /// A store or PNG folder holds one label per image: writing a dataset
+    /// of four tasks would drop three, so generate refuses and writes nothing.
+    #[test]
+    fn generate_refuses_datasets_of_several_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m");
+        for format in [OutputFormat::Store, OutputFormat::Png] {
+            let err = generate(&GenerateArgs {
+                dataset: "megapixel-mnist@300".into(),
+                out: out.clone(),
+                seed: 0,
+                sizes: SplitSizes {
+                    train: 1,
+                    valid: 1,
+                    test: 1,
+                },
+                format,
+                mnist_dir: None,
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("4 tasks (majority, max, top, multi)") && err.contains("one label per image"),
+                "{err}"
+            );
+            assert!(!out.exists() && std::fs::read_dir(dir.path()).unwrap().next().is_none());
+        }
     }
 
     #[test]

@@ -5,11 +5,15 @@
 //! - [`mnist`]: the vendored, checksummed MNIST digits.
 //! - [`cluttered`]: the generated tasks (cluttered two-digit identification,
 //!   two-digit sum, one-digit cluttered) at 100² and as procedural large images.
+//! - [`megapixel`]: megapixel MNIST (attention sampling's and IPS's
+//!   benchmark, four tasks per image), rendered from its 55 boxes at a cost
+//!   that does not grow with the canvas.
 //! - [`store`]: the tiled pyramid store on disk, read through memmap2.
 //! - [`decode`]: PNG/JPEG/TIFF files as image sources, within a memory budget.
 //! - [`proxy`]: the small proxy images the saccade model looks at.
 //! - [`loader`]: shuffled, prefetched batches.
-//! - [`spec`]: dataset names (`cluttered-mnist@2528:native`, a store path)
+//! - [`spec`]: dataset names (`cluttered-mnist@2528:native`,
+//!   `megapixel-mnist@6000`, a store path)
 //!   to [`Dataset`]s, shared by every command.
 //! - [`commands`]: `saccade data generate|import|inspect`.
 
@@ -18,6 +22,7 @@ pub mod commands;
 pub mod decode;
 pub mod font;
 pub mod loader;
+pub mod megapixel;
 pub mod mnist;
 pub mod proxy;
 pub mod source;

@@ -51,20 +51,29 @@ impl ProxyMaker for AreaProxy {
         // of full resolution up to resampling error, without reading it.
         let (h, w, data) = image.overview(8 * self.size)?;
         let mut out = area_resize(&data, self.channels, h, w, self.size, self.size);
+        self.finish(index, &mut out)?;
+        Ok(out)
+    }
+}
+
+impl AreaProxy {
+    /// Clip an area downsample to [0, 1] and add sample `index`'s noise:
+    /// the last step of every area proxy, however the downsample was made.
+    pub fn finish(&self, index: usize, out: &mut [f32]) -> Result<()> {
         // Weights of a non-integer factor sum to 1 only up to rounding (a
         // white 60x80 image gave 1.0000001), and the decoder's Bernoulli
         // loss refuses targets outside [0, 1].
-        for v in &mut out {
+        for v in out.iter_mut() {
             *v = v.clamp(0.0, 1.0);
         }
         if self.noise > 0.0 {
             let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(&[self.seed, index as u64]));
             let normal = Normal::new(0.0, self.noise)?;
-            for v in &mut out {
+            for v in out.iter_mut() {
                 *v = (*v + normal.sample(&mut rng)).clamp(0.0, 1.0);
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -76,14 +85,31 @@ fn area_weights(n: usize, m: usize) -> Vec<Vec<(usize, f32)>> {
         .map(|o| {
             let (lo, hi) = (o as f64 * step, (o + 1) as f64 * step);
             (lo.floor() as usize..(hi.ceil() as usize).min(n))
-                .map(|i| {
-                    let overlap = (hi.min(i as f64 + 1.0) - lo.max(i as f64)).max(0.0);
-                    (i, (overlap / step) as f32)
-                })
+                .map(|i| (i, area_weight(step, o, i)))
                 .filter(|&(_, wt)| wt > 0.0)
                 .collect()
         })
         .collect()
+}
+
+/// Weight of input `i` in output `o` when each output spans `step` inputs:
+/// their overlap over the output's length.
+fn area_weight(step: f64, o: usize, i: usize) -> f32 {
+    let (lo, hi) = (o as f64 * step, (o + 1) as f64 * step);
+    let overlap = (hi.min(i as f64 + 1.0) - lo.max(i as f64)).max(0.0);
+    (overlap / step) as f32
+}
+
+/// [`area_weights`] seen from input `i`: the outputs it overlaps and its
+/// (same) weight in each, for sums over a few inputs of a large axis.
+pub(super) fn area_taps(n: usize, m: usize, i: usize) -> impl Iterator<Item = (usize, f32)> {
+    let step = n as f64 / m as f64;
+    // One output early: the division may round either way.
+    let first = ((i as f64 / step) as usize).saturating_sub(1);
+    (first..m)
+        .take_while(move |&o| (o as f64) * step < i as f64 + 1.0)
+        .map(move |o| (o, area_weight(step, o, i)))
+        .filter(|&(_, wt)| wt > 0.0)
 }
 
 /// Area resampling of a CHW image to `oh`×`ow`: each output pixel is the mean
@@ -132,6 +158,25 @@ mod tests {
         assert!((mean(&got) - mean(&data)).abs() < 1e-4);
         // Identity.
         assert_eq!(area_resize(&data, 1, h, w, h, w), data);
+    }
+
+    #[test]
+    fn area_taps_are_the_area_weights_by_input() {
+        for (n, m) in [(1500, 128), (300, 70), (100, 1024), (24000, 128), (7, 7)] {
+            let mut by_input = vec![Vec::new(); n];
+            for (o, taps) in area_weights(n, m).into_iter().enumerate() {
+                for (i, wt) in taps {
+                    by_input[i].push((o, wt));
+                }
+            }
+            for (i, want) in by_input.iter().enumerate() {
+                assert_eq!(
+                    &area_taps(n, m, i).collect::<Vec<_>>(),
+                    want,
+                    "{n} -> {m}, input {i}"
+                );
+            }
+        }
     }
 
     #[test]

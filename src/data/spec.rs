@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 
 use super::cluttered::{mnist_split, Mode, SceneConfig, SceneDataset, Task, BASE_SIDE};
+use super::megapixel::{self, MegapixelDataset};
 use super::mnist::{default_dir, Mnist};
 use super::proxy::DEFAULT_PROXY_SIZE;
 use super::store::StoreDataset;
@@ -18,16 +19,21 @@ Dataset spec: NAME[@SIZE[:MODE]][,KEY=VALUE...] or STORE[,KEY=VALUE...]
   NAME   cluttered-mnist    two digits + 8 clutter fragments, label = unordered pair (55 classes)
          mnist-sum          two digits, no clutter, label = their sum (19 classes)
          cluttered-mnist-1  one digit + clutter (10 classes; small and fast)
-  SIZE   image side in pixels, 100 (default, the original 100x100 task) to 65536
+         megapixel-mnist    attention sampling's and IPS's benchmark: 1500x1500, five 28-px digits
+                            (3 of the majority class) among 50 line-pair noise patterns; four tasks:
+                            majority, max, top (highest digit), multi (classes present);
+                            default sizes 5000/1000/1000 images, proxy 128
+  SIZE   image side in pixels, 100 (default, the original 100x100 task) to 65536;
+         megapixel-mnist: the canvas side (default 1500), same digits and noise, no MODE
   MODE   upsampled  the 100x100 image bilinearly upsampled to SIZE (default; the paper's protocol)
          native     digits drawn on the SIZE canvas itself, SIZE/16 px wide, clutter scaled to
                     match: the 32x32 proxy shows where digits are but not which
-  KEYS   proxy=J     proxy side (default 32)
+  KEYS   proxy=J     proxy side (default 32; megapixel-mnist 128)
          noise=S     std of Gaussian noise added to the proxy (default 0; robustness ablation)
          digit=PX    native mode: digit side in pixels (default SIZE/16)
   STORE  a folder made by `saccade data import` or `saccade data generate`
 Examples: cluttered-mnist, mnist-sum, cluttered-mnist@2528, cluttered-mnist@16384:native,
-          cluttered-mnist,noise=0.3, ./stores/mit5k,proxy=64
+          cluttered-mnist,noise=0.3, megapixel-mnist@6000,proxy=96, ./stores/mit5k,proxy=64
 Generated images are rendered on demand from a seed: they need no disk.";
 
 /// Samples per split of the generated datasets.
@@ -75,6 +81,8 @@ pub struct DataConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Source {
     Generated(SceneConfig),
+    /// Megapixel MNIST on a canvas of this side.
+    Megapixel(usize),
     Store(PathBuf),
 }
 
@@ -90,7 +98,7 @@ impl DatasetSpec {
     pub fn parse(spec: &str) -> Result<DatasetSpec> {
         let mut parts = spec.split(',');
         let head = parts.next().unwrap_or_default().trim();
-        let (mut proxy, mut noise, mut digit) = (DEFAULT_PROXY_SIZE, 0.0f32, None);
+        let (mut proxy, mut noise, mut digit) = (None, 0.0f32, None);
         for kv in parts {
             let Some((k, v)) = kv.split_once('=') else {
                 bail!("dataset spec `{spec}`: `{kv}` is not KEY=VALUE\n\n{SPEC_HELP}");
@@ -98,14 +106,17 @@ impl DatasetSpec {
             let bad = || anyhow::anyhow!("dataset spec `{spec}`: bad value in `{kv}`\n\n{SPEC_HELP}");
             match k.trim() {
                 "proxy" => {
-                    proxy = v
-                        .trim()
-                        .parse()
-                        .ok()
-                        .filter(|&j| j > 0 && j <= MAX_PROXY)
-                        .ok_or_else(|| {
-                            anyhow::anyhow!("dataset spec `{spec}`: proxy= must be within 1..={MAX_PROXY}")
-                        })?
+                    proxy = Some(
+                        v.trim()
+                            .parse()
+                            .ok()
+                            .filter(|&j| j > 0 && j <= MAX_PROXY)
+                            .ok_or_else(|| {
+                                anyhow::anyhow!(
+                                    "dataset spec `{spec}`: proxy= must be within 1..={MAX_PROXY}"
+                                )
+                            })?,
+                    )
                 }
                 "noise" => {
                     noise = v
@@ -120,16 +131,27 @@ impl DatasetSpec {
             }
         }
         let (name, rest) = head.split_once('@').unwrap_or((head, ""));
+        let parse_size = |text: &str, default: usize| -> Result<usize> {
+            if text.is_empty() {
+                Ok(default)
+            } else {
+                text.parse()
+                    .map_err(|_| anyhow::anyhow!("dataset spec `{spec}`: size `{text}` is not a number"))
+            }
+        };
         let source = match Task::parse(name) {
+            None if name == megapixel::NAME => {
+                if rest.contains(':') {
+                    bail!("dataset spec `{spec}`: {name} takes no MODE, only @SIDE (its canvas side)");
+                }
+                if digit.is_some() {
+                    bail!("dataset spec `{spec}`: digit= applies to native mode only; {name}'s digits are 28 px");
+                }
+                Source::Megapixel(parse_size(rest, megapixel::DEFAULT_SIDE)?)
+            }
             Some(task) => {
                 let (size, mode) = rest.split_once(':').unwrap_or((rest, "upsampled"));
-                let size = if size.is_empty() {
-                    BASE_SIDE
-                } else {
-                    size.parse().map_err(|_| {
-                        anyhow::anyhow!("dataset spec `{spec}`: size `{size}` is not a number")
-                    })?
-                };
+                let size = parse_size(size, BASE_SIDE)?;
                 let mode = match mode {
                     "upsampled" => Mode::Upsampled,
                     "native" => Mode::Native,
@@ -146,27 +168,53 @@ impl DatasetSpec {
             }
             None if Path::new(head).is_dir() => Source::Store(PathBuf::from(head)),
             None => bail!(
-                "unknown dataset `{head}`: not one of {} and not a store folder\n\n{SPEC_HELP}",
-                Task::ALL.map(Task::name).join(", ")
+                "unknown dataset `{head}`: not one of {}, {} and not a store folder\n\n{SPEC_HELP}",
+                Task::ALL.map(Task::name).join(", "),
+                megapixel::NAME
             ),
         };
+        let proxy = proxy.unwrap_or(match source {
+            Source::Megapixel(_) => megapixel::DEFAULT_PROXY,
+            _ => DEFAULT_PROXY_SIZE,
+        });
         Ok(DatasetSpec { source, proxy, noise })
+    }
+
+    /// The split sizes the dataset comes with, where it has its own (a
+    /// benchmark's); otherwise the command's defaults apply.
+    pub fn default_sizes(&self) -> Option<SplitSizes> {
+        matches!(self.source, Source::Megapixel(_)).then_some(megapixel::DEFAULT_SIZES)
     }
 }
 
 /// Open one split of the dataset named by `spec` (see [`SPEC_HELP`]).
 pub fn open_dataset(spec: &str, split: Split, cfg: &DataConfig) -> Result<Arc<dyn Dataset>> {
     let parsed = DatasetSpec::parse(spec)?;
+    let mnist = || -> Result<Arc<Mnist>> {
+        let dir = cfg.mnist_dir.clone().unwrap_or_else(default_dir);
+        Ok(Arc::new(Mnist::load(&dir, mnist_split(split))?))
+    };
     Ok(match parsed.source {
         Source::Generated(scene) => {
-            let dir = cfg.mnist_dir.clone().unwrap_or_else(default_dir);
-            let mnist = Arc::new(Mnist::load(&dir, mnist_split(split))?);
             let ds = SceneDataset::new(
                 scene,
                 split,
                 cfg.seed,
                 cfg.sizes.get(split),
-                mnist,
+                mnist()?,
+                parsed.proxy,
+                parsed.noise,
+            )
+            .with_context(|| format!("dataset `{spec}`"))?;
+            Arc::new(ds)
+        }
+        Source::Megapixel(side) => {
+            let ds = MegapixelDataset::new(
+                side,
+                split,
+                cfg.seed,
+                cfg.sizes.get(split),
+                mnist()?,
                 parsed.proxy,
                 parsed.noise,
             )
@@ -203,6 +251,15 @@ mod tests {
         };
         assert_eq!((cfg.size, cfg.mode, cfg.digit_px), (16384, Mode::Native, 512));
         assert_eq!((p.proxy, p.noise), (64, 0.25));
+        let p = DatasetSpec::parse("megapixel-mnist").unwrap();
+        assert_eq!((&p.source, p.proxy), (&Source::Megapixel(1500), 128));
+        assert_eq!(p.default_sizes(), Some(megapixel::DEFAULT_SIZES));
+        let p = DatasetSpec::parse("megapixel-mnist@6000,proxy=64,noise=0.1").unwrap();
+        assert_eq!((p.source, p.proxy, p.noise), (Source::Megapixel(6000), 64, 0.1));
+        assert_eq!(
+            DatasetSpec::parse("cluttered-mnist").unwrap().default_sizes(),
+            None
+        );
         let dir = tempfile::tempdir().unwrap();
         let spec = format!("{},proxy=16", dir.path().display());
         assert_eq!(
@@ -217,6 +274,9 @@ mod tests {
             ("cluttered-mnist,proxy=0", "proxy= must be within"),
             ("cluttered-mnist,zoom=2", "unknown key"),
             ("cluttered-mnist@2528,digit=64", "native mode only"),
+            ("megapixel-mnist@2000:native", "takes no MODE"),
+            ("megapixel-mnist,digit=64", "digits are 28 px"),
+            ("megapixel-mnist@huge", "not a number"),
         ] {
             let err = DatasetSpec::parse(bad).err().unwrap().to_string();
             assert!(err.contains(needle), "{bad}: {err}");
@@ -258,6 +318,13 @@ mod tests {
         let ds = open_dataset("cluttered-mnist@600:native,proxy=16", Split::Test, &cfg).unwrap();
         assert_eq!((ds.image_size(), ds.proxy_shape()), ((600, 600), (1, 16)));
         assert_eq!(ds.get(1).unwrap().proxy.len(), 256);
+        let ds = open_dataset("megapixel-mnist@300", Split::Valid, &cfg).unwrap();
+        assert_eq!(
+            (ds.len(), ds.image_size(), ds.proxy_shape()),
+            (3, (300, 300), (1, 128))
+        );
+        assert_eq!((ds.tasks().len(), ds.get(2).unwrap().labels.len()), (4, 4));
+        assert!(open_dataset("megapixel-mnist@99", Split::Test, &cfg).is_err());
         let err = open_dataset("cluttered-mnist@99", Split::Test, &cfg)
             .err()
             .unwrap();
