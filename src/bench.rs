@@ -100,6 +100,11 @@ pub fn dataset(size: usize, n: usize) -> Result<Arc<dyn Dataset>> {
     } else {
         format!("cluttered-mnist@{size}")
     };
+    dataset_of(&spec, n)
+}
+
+/// The first `n` training images of the dataset `spec`.
+pub fn dataset_of(spec: &str, n: usize) -> Result<Arc<dyn Dataset>> {
     let cfg = data::DataConfig {
         sizes: SplitSizes {
             train: n,
@@ -108,7 +113,7 @@ pub fn dataset(size: usize, n: usize) -> Result<Arc<dyn Dataset>> {
         },
         ..Default::default()
     };
-    data::open_dataset(&spec, Split::Train, &cfg)
+    data::open_dataset(spec, Split::Train, &cfg)
 }
 
 /// A saccade model run on `data`: the paper's preset or the small default
@@ -341,12 +346,12 @@ pub fn machine_limits() -> (f64, f64) {
 /// the saccade model on the CPU after one warm-up step, as Markdown: the
 /// per-op table plus the loader and the work outside the tape (loss
 /// readout, clipping, Adam), step time and peak tensor memory.
-pub fn profile(paper: bool, size: usize, batch_size: usize, steps: usize) -> Result<String> {
-    let data = dataset(size, (steps + 1) * batch_size)?;
-    let cfg = saccade_config(paper, data.as_ref(), batch_size);
+pub fn profile(cfg: TrainConfig, data: &Arc<dyn Dataset>, steps: usize) -> Result<String> {
+    let batch_size = cfg.batch_size;
+    let title = data.describe();
     let dev = Device::cpu();
     let mut trainer = Trainer::<Saccader>::new(cfg, dev.clone())?;
-    let mut batches = loader(&data, batch_size, &dev)?.epoch(0);
+    let mut batches = loader(data, batch_size, &dev)?.epoch(0);
     dev.enable_profile();
     let mut step_times = Vec::new();
     for i in 0..=steps {
@@ -370,9 +375,8 @@ pub fn profile(paper: bool, size: usize, batch_size: usize, steps: usize) -> Res
     let (gflops, gbytes) = machine_limits();
     let step = median(&step_times[1..]);
     Ok(format!(
-        "saccade {} preset, {size}², batch {batch_size}, {steps} steps on {dev}: median step {:.1} ms \
+        "saccade on {title}, batch {batch_size}, {steps} steps on {dev}: median step {:.1} ms \
          ({:.0} samples/s), peak tensor memory {:.1} MiB\n{}",
-        if paper { "paper" } else { "small" },
         1e3 * step,
         batch_size as f64 / step,
         dev.memory().peak_bytes as f64 / (1 << 20) as f64,

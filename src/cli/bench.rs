@@ -28,6 +28,10 @@ pub(super) struct BenchArgs {
     /// The saccade preset --profile runs.
     #[arg(long, value_enum, default_value_t = Preset::Small)]
     preset: Preset,
+    /// With --profile: profile the configuration of this checkpoint, on its dataset, instead of
+    /// a preset's (e.g. runs/latest/checkpoint.safetensors).
+    #[arg(long, value_name = "CKPT", requires = "profile")]
+    config_of: Option<std::path::PathBuf>,
     /// Training images per epoch for the epoch estimate.
     #[arg(long, default_value_t = 100_000)]
     epoch_images: usize,
@@ -81,11 +85,21 @@ pub(super) fn run_bench(a: BenchArgs) -> Result<(), Failure> {
         )));
     }
     if a.profile {
-        let size = a.size.unwrap_or(100);
-        print!(
-            "{}",
-            crate::bench::profile(a.preset == Preset::Paper, size, batch_size, a.steps)?
-        );
+        let n = (a.steps + 1) * batch_size;
+        let (cfg, data) = match &a.config_of {
+            Some(path) => {
+                let mut cfg = crate::train::checkpoint_config(path)?;
+                cfg.batch_size = batch_size;
+                let data = crate::bench::dataset_of(&cfg.dataset, n)?;
+                (cfg, data)
+            }
+            None => {
+                let data = crate::bench::dataset(a.size.unwrap_or(100), n)?;
+                let cfg = crate::bench::saccade_config(a.preset == Preset::Paper, data.as_ref(), batch_size);
+                (cfg, data)
+            }
+        };
+        print!("{}", crate::bench::profile(cfg, &data, a.steps)?);
         return Ok(());
     }
     if a.device.device == DeviceChoice::Cuda && !a.no_gpu {

@@ -12,6 +12,7 @@ use super::train::TrainArgs;
 use super::{usage, Failure};
 use crate::data::spec::DatasetSpec;
 use crate::data::{self, Split, SplitSizes};
+use crate::models::saccader::decoder_pool_for;
 use crate::models::{ResNetConfig, SaccadeConfig, TiledConfig};
 use crate::train::{checkpoint_config, Baseline, LrSchedule, TrainConfig};
 
@@ -122,6 +123,7 @@ pub(super) fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         cfg.sizes = [s.train, s.valid, s.test];
     }
     cfg.model.proxy_size = probe.proxy_shape().1;
+    cfg.model.decoder_pool = decoder_pool_for(cfg.model.proxy_size);
     cfg.class_names = probe.class_names();
     let tasks = probe.tasks();
     if tasks.len() > 1 || tasks[0].multi_label {
@@ -226,6 +228,8 @@ pub(super) fn resume_config(a: &TrainArgs, path: &Path) -> Result<TrainConfig, F
         let mut preset = TrainConfig {
             model: SaccadeConfig {
                 proxy_size: m.proxy_size,
+                decoder_pool: m.decoder_pool,
+                task_heads: m.task_heads.clone(),
                 ..p.model(m.channels, m.num_classes)
             },
             ..saved.clone()

@@ -65,6 +65,10 @@ pub struct SaccadeConfig {
     /// checkpoints: off).
     #[serde(default)]
     pub ink_prior: bool,
+    /// The VRNN's decoder reconstructs the proxy average-pooled by this
+    /// factor, a divisor of `proxy_size` (absent in older checkpoints: 1).
+    #[serde(default = "one")]
+    pub decoder_pool: usize,
     pub enc_width: usize,
     pub embed: usize,
     pub hidden: usize,
@@ -74,6 +78,16 @@ pub struct SaccadeConfig {
     /// classes (and in checkpoints from before multi-task models).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub task_heads: Vec<TaskSpec>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The [`SaccadeConfig::decoder_pool`] for a proxy of side `j`: the largest
+/// factor that divides it and leaves at least 32 pixels (the paper's proxy).
+pub fn decoder_pool_for(j: usize) -> usize {
+    (1..=j / 32).rev().find(|&k| j.is_multiple_of(k)).unwrap_or(1)
 }
 
 /// How the crop classifier's features of the T glimpses are pooled.
@@ -175,6 +189,7 @@ impl SaccadeConfig {
             focus: Focus::Mean,
             glimpse_position: false,
             ink_prior: false,
+            decoder_pool: 1,
             enc_width: 16,
             embed: 128,
             hidden: 128,
@@ -244,6 +259,12 @@ impl SaccadeConfig {
                 t.name
             );
         }
+        ensure!(
+            self.decoder_pool >= 1 && self.proxy_size.is_multiple_of(self.decoder_pool),
+            "decoder_pool must divide the proxy side {}, got {}",
+            self.proxy_size,
+            self.decoder_pool
+        );
         ensure!(
             self.scale_min > 0.0 && self.scale_min < self.scale_max && self.scale_max <= 1.0,
             "glimpse scales need 0 < scale_min (--min-scale) < scale_max (--max-scale) <= 1, got {} and {}",
@@ -362,6 +383,7 @@ impl Saccader {
                 mask_attended: cfg.mask_attended,
                 focus: cfg.focus,
                 ink_prior: cfg.ink_prior,
+                decoder_pool: cfg.decoder_pool,
             },
             rng,
             dev,

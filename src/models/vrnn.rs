@@ -25,6 +25,7 @@ use super::classifier::ConvStack;
 use crate::autograd::{Graph, Var};
 use crate::device::Device;
 use crate::nn::{GruCell, Linear, ParamStore};
+use crate::ops::pool::avg_pool2d_forward;
 use crate::ops::shape::permute_forward;
 use crate::tensor::Tensor;
 
@@ -81,6 +82,10 @@ pub struct VrnnConfig {
     /// value over the cell's pixels: glimpses start on what is drawn, not on
     /// empty background (see [`Vrnn::ink_scores`]).
     pub ink_prior: bool,
+    /// The decoder reconstructs the proxy average-pooled by this factor (1:
+    /// the proxy itself): a 128² proxy's decoder would cost more than the
+    /// rest of the model.
+    pub decoder_pool: usize,
 }
 
 /// How the attention scores over the proxy's cells become a glimpse centre.
@@ -176,7 +181,8 @@ impl Vrnn {
         let cells_host = cell_centres(side, enc_convs.stride(), cfg.proxy_size);
         let e = cfg.embed;
         let h = cfg.hidden;
-        let proxy_values = cfg.channels * cfg.proxy_size * cfg.proxy_size;
+        let recon = cfg.proxy_size / cfg.decoder_pool;
+        let proxy_values = cfg.channels * recon * recon;
         // The posterior starts at N(0, e^INIT_LOGVAR) for every image: the
         // glimpses begin at the centre at mid scale and jitter moderately.
         // With PyTorch's default init they start saturated at random edges
@@ -397,7 +403,11 @@ impl Vrnn {
     ) -> Result<VrnnRun> {
         let b = g.shape(proxy)[0];
         let dev = g.value(proxy).device();
-        let target = g.value(proxy).reshape(&[b, g.value(proxy).numel() / b])?;
+        let target = match self.cfg.decoder_pool {
+            1 => g.value(proxy).clone(),
+            k => avg_pool2d_forward(g.value(proxy), k, k)?,
+        };
+        let target = target.reshape(&[b, target.numel() / b])?;
         let (phi_x, keys) = self.encode(g, ps, proxy)?;
         let mut h = g.constant(Tensor::zeros(&[b, self.cfg.hidden], &dev));
         let (mut zs, mut nll_kl, mut kls, mut scores) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -479,6 +489,7 @@ mod tests {
             mask_attended: mask,
             focus: Focus::Mean,
             ink_prior: false,
+            decoder_pool: 1,
         };
         Vrnn::new(
             &mut ParamStore::new(),
