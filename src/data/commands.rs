@@ -17,7 +17,7 @@ use super::proxy::area_resize;
 use super::source::ImageSource;
 use super::spec::{DatasetSpec, Source};
 use super::store::{write_tiled, Entry, Manifest};
-use super::{mix_seed, open_dataset, DataConfig, Dataset, Split, SplitSizes};
+use super::{mix_seed, open_dataset, DataConfig, Dataset, Split, SplitSizes, TaskSpec, DEFAULT_TASK};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutputFormat {
@@ -187,7 +187,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                 bar.inc(1);
                 Ok(Entry {
                     split: *split,
-                    label: s.label(),
+                    labels: s.labels,
                     file,
                 })
             })
@@ -199,7 +199,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         Manifest {
             channels: first.channels(),
             size: first.image_size(),
-            classes,
+            tasks: first.tasks(),
             entries,
         }
         .write(dir)?;
@@ -376,7 +376,7 @@ pub fn import(args: &ImportArgs) -> Result<()> {
                 .to_string();
             Ok(Entry {
                 split: split_of(&rel, args.valid_frac, args.test_frac),
-                label: *label,
+                labels: vec![*label],
                 file,
             })
         })
@@ -396,10 +396,13 @@ pub fn import(args: &ImportArgs) -> Result<()> {
     Manifest {
         channels,
         size,
-        classes: classes
-            .iter()
-            .map(|d| d.file_name().unwrap().to_string_lossy().to_string())
-            .collect(),
+        tasks: vec![TaskSpec::single(
+            DEFAULT_TASK,
+            classes
+                .iter()
+                .map(|d| d.file_name().unwrap().to_string_lossy().to_string())
+                .collect(),
+        )],
         entries,
     }
     .write(&partial.dir)?;
