@@ -514,13 +514,14 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         let (pc, j) = ds.proxy_shape();
         let up = (cell / j as u32).max(1);
         paste(&mut grid, gx + cell + gap, gy, &s.proxy, pc, j, j, up);
-        // Each task's label, `|` between tasks.
+        // Each task's label, `/` between tasks (no spaces: a multi-label
+        // task's names are separated by spaces).
         let label: Vec<String> = tasks
             .iter()
             .zip(&s.labels)
             .map(|(t, &l)| t.describe_label(l))
             .collect();
-        let label = label.join(" | ");
+        let label = label.join("/");
         draw_text(&mut grid, gx, gy + cell + gap, &label, text, Rgb([255, 210, 80]));
         let index_x = gx + text_width(&label, text) + 2 * text;
         draw_text(
