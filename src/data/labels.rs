@@ -123,12 +123,25 @@ struct Row {
 /// the column.
 pub fn from_csv(csv: &Path, folder: &Path) -> Result<Listing> {
     let at = |line: u64, column: &str| format!("{} line {line}, column `{column}`", csv.display());
+    let bytes = fs::read(csv).with_context(|| format!("cannot read labels file {}", csv.display()))?;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
         .trim(csv::Trim::All)
-        .from_path(csv)
-        .with_context(|| format!("cannot read labels file {}", csv.display()))?;
+        .from_reader(bytes.as_slice());
+    // A record's position is where reading it began, before the empty
+    // lines the reader skips: its line is after those.
+    let line_of = |record: &csv::StringRecord| {
+        let pos = record
+            .position()
+            .expect("records read from a reader have positions");
+        let skipped = bytes[pos.byte() as usize..]
+            .iter()
+            .take_while(|&&b| b == b'\n' || b == b'\r')
+            .filter(|&&b| b == b'\n')
+            .count();
+        pos.line() + skipped as u64
+    };
     let mut records = reader.records();
     let header = records
         .next()
@@ -140,23 +153,26 @@ pub fn from_csv(csv: &Path, folder: &Path) -> Result<Listing> {
                 csv.display()
             )
         })?;
+    // Blank lines before it are skipped.
+    let head = line_of(&header);
     let columns: Vec<&str> = header.iter().collect();
     for (i, name) in columns.iter().enumerate() {
         ensure!(
             !name.is_empty(),
-            "{} line 1, column {}: empty column name; name every column (`file`, `split` or a task)",
+            "{} line {head}, column {}: empty column name; name every column (`file`, `split` or a task)",
             csv.display(),
             i + 1
         );
         ensure!(
             !name.chars().any(char::is_control),
-            "{} line 1, column {}: the name {name:?} has a tab, newline or other control character; rename it",
+            "{} line {head}, column {}: the name {name:?} has a tab, newline or other control character; \
+             rename it",
             csv.display(),
             i + 1
         );
         if let Some(j) = columns[..i].iter().position(|c| c == name) {
             bail!(
-                "{} line 1: columns {} and {} are both named `{name}`; give each column its own name",
+                "{} line {head}: columns {} and {} are both named `{name}`; give each column its own name",
                 csv.display(),
                 j + 1,
                 i + 1
@@ -165,7 +181,7 @@ pub fn from_csv(csv: &Path, folder: &Path) -> Result<Listing> {
     }
     let file_col = columns.iter().position(|&c| c == "file").with_context(|| {
         format!(
-            "{} line 1: no `file` column; the header must name one (`file,<task>,...`) holding each \
+            "{} line {head}: no `file` column; the header must name one (`file,<task>,...`) holding each \
              image's path relative to {}",
             csv.display(),
             folder.display()
@@ -177,7 +193,7 @@ pub fn from_csv(csv: &Path, folder: &Path) -> Result<Listing> {
         .collect();
     ensure!(
         !task_cols.is_empty(),
-        "{} line 1: no task column; add a column of class names per task after `file`",
+        "{} line {head}: no task column; add a column of class names per task after `file`",
         csv.display()
     );
 
@@ -185,7 +201,7 @@ pub fn from_csv(csv: &Path, folder: &Path) -> Result<Listing> {
     let mut rows = Vec::new();
     for record in records {
         let record = record.with_context(|| format!("cannot read labels file {}", csv.display()))?;
-        let line = record.position().map_or(0, |p| p.line());
+        let line = line_of(&record);
         if record.len() != columns.len() {
             let which = match columns.get(record.len()) {
                 Some(c) => format!("no cell for column `{c}`"),
@@ -286,7 +302,7 @@ pub fn from_csv(csv: &Path, folder: &Path) -> Result<Listing> {
         ensure!(
             !classes.is_empty(),
             "{}: every cell is empty; a task needs at least one class (or remove the column)",
-            at(1, name)
+            at(head, name)
         );
         if multi_label && cells().all(|(_, c)| c.len() <= 1) {
             let (line, _) = cells()
@@ -356,7 +372,8 @@ mod tests {
     fn a_csv_gives_tasks_labels_and_splits() {
         let dir = folder(
             &["a.png", "b/c.png", "d.png"],
-            "file, split ,digit,shape,tags\n\
+            // A byte order mark, as spreadsheets write, and spaces are ignored.
+            "\u{feff}file, split ,digit,shape,tags\n\
              a.png,train,10,circle,\"3 1\"\n\
              b/c.png,test,2,square,\n\
              \n\
@@ -469,7 +486,15 @@ mod tests {
                 &["labels.csv line 1: no task column"],
             ),
             ("file,digit\n", &["labels.csv has a header but no image rows"]),
+            (
+                "file,digit\na.png,1\n\nnope.png,2\n",
+                &["labels.csv line 4, column `file`"],
+            ),
             ("", &["labels.csv is empty"]),
+            (
+                "\n\nfile,file\n",
+                &["labels.csv line 3: columns 1 and 2 are both named `file`"],
+            ),
             (
                 "file,digit,tags\na.png,1,\nb.png,2,\n",
                 &["labels.csv line 1, column `tags`: every cell is empty"],
