@@ -208,7 +208,7 @@ fn store_inputs(dir: &Path, split: Option<Split>, channels: usize) -> Result<Vec
         .filter(|e| split.is_none_or(|s| e.split == s))
         .map(|e| Input {
             path: dir.join(&e.file),
-            truth: Some(m.classes[e.label].clone()),
+            truth: Some(m.tasks[0].describe_label(e.labels[0])),
         })
         .collect();
     ensure!(

@@ -576,3 +576,64 @@ fn eval_seed_draws_other_test_scenes() {
     assert_eq!(report(None), report(Some("1")));
     assert_ne!(report(None), report(Some("2")));
 }
+
+/// `data import --labels`: a bad row exits 2 naming its line and column
+/// and writes nothing; a good CSV makes a store whose tasks `data inspect`
+/// lists.
+#[test]
+fn import_with_a_labels_csv_and_inspect_shows_its_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = dir.path().join("imgs");
+    fs::create_dir(&imgs).unwrap();
+    let mut csv = String::from("file,split,shape,tags\n");
+    for i in 0..6u8 {
+        let file = format!("{i}.png");
+        image::GrayImage::from_pixel(40, 40, image::Luma([i * 40]))
+            .save(imgs.join(&file))
+            .unwrap();
+        let split = ["train", "train", "train", "train", "valid", "test"][i as usize];
+        let tags = ["1 2", "", "2", "3 1", "1", "2 3"][i as usize];
+        csv += &format!("{file},{split},{},{tags}\n", ["round", "square"][i as usize % 2]);
+    }
+    fs::write(imgs.join("labels.csv"), &csv).unwrap();
+    fs::write(
+        imgs.join("bad.csv"),
+        csv.replace("3.png,train,square", "3.png,train"),
+    )
+    .unwrap();
+    let import = |labels: &str, out: &str| {
+        let args = [
+            "data", "import", "--folder", "imgs", "--labels", labels, "--out", out,
+        ];
+        saccade_in(dir.path(), &args)
+    };
+    let bad = import("imgs/bad.csv", "B");
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad)
+            .contains("bad.csv line 5: 3 cells but the header has 4 columns (no cell for column `tags`)"),
+        "{}",
+        stderr(&bad)
+    );
+    assert!(!dir.path().join("B").exists());
+
+    let good = import("imgs/labels.csv", "S");
+    assert!(good.status.success(), "{}", stderr(&good));
+    assert!(
+        stderr(&good).contains("imported 6 images (4 train, 1 valid, 1 test)"),
+        "{}",
+        stderr(&good)
+    );
+    let o = saccade_in(
+        dir.path(),
+        &["data", "inspect", "S", "--count", "2", "--out", "g.png"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    for needle in [
+        "shape: 2 classes, single-label (round, square)",
+        "tags: 3 classes, multi-label (1, 2, 3)",
+    ] {
+        assert!(e.contains(needle), "{needle}: {e}");
+    }
+}

@@ -7,6 +7,7 @@ use clap::{Subcommand, ValueEnum};
 
 use super::{usage, Failure};
 use crate::data::commands::{self, GenerateArgs, ImportArgs, InspectArgs, OutputFormat};
+use crate::data::labels::LABELS_HELP;
 use crate::data::spec::{DatasetSpec, SPEC_HELP};
 use crate::data::{Split, SplitSizes};
 
@@ -54,21 +55,30 @@ pub(super) enum DataCommand {
         #[arg(long, value_enum, default_value = "store")]
         format: Format,
     },
-    /// Import PNG/JPEG/TIFF images, one class per subfolder, into a tiled store.
+    /// Import PNG/JPEG/TIFF images into a tiled store: one class per
+    /// subfolder, or several labels per image from a labels CSV.
     ///
-    /// Example: saccade data import --folder ~/slides --out stores/slides --size 4096
+    /// Examples: saccade data import --folder ~/slides --out stores/slides --size 4096
+    ///           saccade data import --folder ~/scans --labels ~/scans/labels.csv --out stores/scans
     /// (then: saccade train --dataset stores/slides)
+    #[command(after_help = LABELS_HELP)]
     Import {
-        /// Folder with one subfolder of images per class.
+        /// Folder with one subfolder of images per class, or the images a
+        /// --labels CSV lists.
         #[arg(long)]
         folder: PathBuf,
+        /// Labels CSV: each image's path under --folder, its class per task
+        /// and optionally its split (see below).
+        #[arg(long)]
+        labels: Option<PathBuf>,
         /// Store folder to create.
         #[arg(long)]
         out: PathBuf,
         /// Resize every image to SIZE x SIZE (required when sizes differ).
         #[arg(long)]
         size: Option<usize>,
-        /// Fraction of images in the valid split (fixed per file by a hash of its path).
+        /// Fraction of images in the valid split (fixed per file by a hash of
+        /// its path), unless the labels CSV has a split column.
         #[arg(long, default_value_t = 0.1)]
         valid_frac: f64,
         /// Fraction of images in the test split.
@@ -138,6 +148,7 @@ pub(super) fn run_data(command: DataCommand) -> Result<(), Failure> {
         }
         DataCommand::Import {
             folder,
+            labels,
             out,
             size,
             valid_frac,
@@ -145,13 +156,15 @@ pub(super) fn run_data(command: DataCommand) -> Result<(), Failure> {
         } => {
             let args = ImportArgs {
                 folder,
+                labels,
                 out,
                 size,
                 valid_frac,
                 test_frac,
             };
             args.check().map_err(usage)?;
-            commands::import(&args)?;
+            let listing = args.list().map_err(usage)?;
+            commands::import_listed(&args, &listing)?;
         }
         DataCommand::Inspect {
             dataset,

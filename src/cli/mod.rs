@@ -138,7 +138,8 @@ struct DeviceArgs {
 ///   and the fix is in the command line: a bad flag value or combination
 ///   (clap's own parse errors exit 2 too), an output that would be
 ///   overwritten, flags that conflict with the checkpoint of --resume, a
-///   device or NVRTC asked for that this machine lacks ([`usage`]);
+///   device or NVRTC asked for that this machine lacks, an import's folder
+///   without class subfolders or labels CSV with a bad line ([`usage`]);
 /// - 1: the work itself failed: an input that cannot be read, a corrupt
 ///   file, a failed write, a kernel that does not compile (`?` on any error);
 /// - 130: stopped by Ctrl-C, after training wrote its checkpoint.

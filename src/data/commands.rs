@@ -11,13 +11,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rayon::prelude::*;
 
-use super::decode::{decode_file, has_image_ext, Pixels8};
+use super::decode::{decode_file, Pixels8};
 use super::font::{draw_text, text_width};
+use super::labels::{self, Listed, Listing};
 use super::proxy::area_resize;
 use super::source::ImageSource;
 use super::spec::{DatasetSpec, Source};
 use super::store::{write_tiled, Entry, Manifest};
-use super::{mix_seed, open_dataset, DataConfig, Dataset, Split, SplitSizes};
+use super::{mix_seed, open_dataset, DataConfig, Dataset, Split, SplitSizes, TaskSpec};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutputFormat {
@@ -201,7 +202,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                 bar.inc(1);
                 Ok(Entry {
                     split: *split,
-                    label: s.label(),
+                    labels: s.labels,
                     file,
                 })
             })
@@ -213,7 +214,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         Manifest {
             channels: first.channels(),
             size: first.image_size(),
-            classes,
+            tasks: first.tasks(),
             entries,
         }
         .write(dir)?;
@@ -225,6 +226,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
 
 pub struct ImportArgs {
     pub folder: PathBuf,
+    /// A labels CSV (see [`labels`]) naming the images of `folder`; else
+    /// one class per subfolder.
+    pub labels: Option<PathBuf>,
     pub out: PathBuf,
     /// Resize every image to `size`×`size` (needed when sizes differ).
     pub size: Option<usize>,
@@ -248,6 +252,16 @@ impl ImportArgs {
         );
         check_out(&self.out)
     }
+
+    /// The images to import, with their labels and splits: the input's
+    /// errors (no class folders; a labels CSV's bad row), found before any
+    /// work.
+    pub fn list(&self) -> Result<Listing> {
+        match &self.labels {
+            Some(csv) => labels::from_csv(csv, &self.folder),
+            None => labels::from_folders(&self.folder),
+        }
+    }
 }
 
 /// The largest `--size` of an import: the side of a 65536² image, as the
@@ -270,57 +284,13 @@ fn split_of(rel: &str, valid_frac: f64, test_frac: f64) -> Split {
     }
 }
 
-/// An image file and its label (the index of its class folder).
-type LabelledFile = (PathBuf, usize);
-
-/// The class folders under `folder`, sorted, and the image files in each.
-fn class_files(folder: &Path) -> Result<(Vec<PathBuf>, Vec<LabelledFile>)> {
-    let read = |d: &Path| -> Result<Vec<PathBuf>> {
-        let mut v: Vec<PathBuf> = fs::read_dir(d)
-            .with_context(|| format!("cannot read folder {}", d.display()))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<std::io::Result<_>>()?;
-        v.sort();
-        Ok(v)
-    };
-    let classes: Vec<PathBuf> = read(folder)?.into_iter().filter(|p| p.is_dir()).collect();
-    ensure!(
-        !classes.is_empty(),
-        "{} has no subfolders: put each class's images in its own subfolder",
-        folder.display()
-    );
-    for dir in &classes {
-        // Class names are lines of the tab-separated manifest.
-        let name = dir.file_name().unwrap_or_default().to_string_lossy();
-        ensure!(
-            !name.chars().any(char::is_control),
-            "class folder {:?} has a tab, newline or other control character in its name: rename it",
-            dir.display()
-        );
-    }
-    let mut files = Vec::new();
-    for (label, dir) in classes.iter().enumerate() {
-        for p in read(dir)? {
-            if has_image_ext(&p) {
-                files.push((p, label));
-            }
-        }
-    }
-    ensure!(
-        !files.is_empty(),
-        "no PNG, JPEG or TIFF images under {}",
-        folder.display()
-    );
-    Ok((classes, files))
-}
-
 /// Whether any of `files` has color, and the side the store's images get:
 /// `size` if given, else the files' common size (refused when they differ).
 /// Reads headers only.
-fn import_shape(files: &[LabelledFile], size: Option<usize>) -> Result<(bool, (usize, usize))> {
+fn import_shape(files: &[Listed], size: Option<usize>) -> Result<(bool, (usize, usize))> {
     let mut color = false;
     let mut sizes = Vec::new();
-    for (p, _) in files {
+    for Listed { path: p, .. } in files {
         let dec = ImageReader::open(p)
             .and_then(|r| r.with_guessed_format())
             .map_err(anyhow::Error::from)
@@ -336,10 +306,10 @@ fn import_shape(files: &[LabelledFile], size: Option<usize>) -> Result<(bool, (u
             if let Some(k) = sizes.iter().position(|&s| s != sizes[0]) {
                 bail!(
                     "images differ in size ({} is {}x{}, {} is {}x{}); pass --size N to resize all to NxN",
-                    files[0].0.display(),
+                    files[0].path.display(),
                     sizes[0].0,
                     sizes[0].1,
-                    files[k].0.display(),
+                    files[k].path.display(),
                     sizes[k].0,
                     sizes[k].1
                 );
@@ -350,11 +320,17 @@ fn import_shape(files: &[LabelledFile], size: Option<usize>) -> Result<(bool, (u
     Ok((color, size))
 }
 
-/// Import a folder of images, one class per subfolder, into a store.
+/// Import a folder of images (one class per subfolder, or listed by a
+/// labels CSV) into a store.
 pub fn import(args: &ImportArgs) -> Result<()> {
     args.check()?;
-    let (classes, files) = class_files(&args.folder)?;
-    let (color, size) = import_shape(&files, args.size)?;
+    import_listed(args, &args.list()?)
+}
+
+/// Import the images of `listing` (from [`ImportArgs::list`]) into a store.
+pub fn import_listed(args: &ImportArgs, listing: &Listing) -> Result<()> {
+    let files = &listing.images;
+    let (color, size) = import_shape(files, args.size)?;
     let channels = if color { 3 } else { 1 };
     let partial = Partial::new(&args.out)?;
     fs::create_dir_all(partial.dir.join("images"))?;
@@ -362,7 +338,8 @@ pub fn import(args: &ImportArgs) -> Result<()> {
     let entries: Vec<Entry> = files
         .par_iter()
         .enumerate()
-        .map(|(i, (p, label))| {
+        .map(|(i, listed)| {
+            let p = &listed.path;
             let img = decode_file(p).with_context(|| format!("cannot decode image {}", p.display()))?;
             let img = if args.size.is_some() {
                 img.resize_exact(size.1 as u32, size.0 as u32, imageops::FilterType::Triangle)
@@ -383,14 +360,11 @@ pub fn import(args: &ImportArgs) -> Result<()> {
             let file = format!("images/{i:07}.tiles");
             write_tiled(&partial.dir.join(&file), &src)?;
             bar.inc(1);
-            let rel = p
-                .strip_prefix(&args.folder)
-                .unwrap_or(p)
-                .to_string_lossy()
-                .to_string();
             Ok(Entry {
-                split: split_of(&rel, args.valid_frac, args.test_frac),
-                label: *label,
+                split: listed
+                    .split
+                    .unwrap_or_else(|| split_of(&listed.rel, args.valid_frac, args.test_frac)),
+                labels: listed.labels.clone(),
                 file,
             })
         })
@@ -399,34 +373,58 @@ pub fn import(args: &ImportArgs) -> Result<()> {
     let count = |s| entries.iter().filter(|e| e.split == s).count();
     let empty: Vec<Split> = Split::ALL.into_iter().filter(|&s| count(s) == 0).collect();
     let summary = format!(
-        "imported {} images ({} train, {} valid, {} test) of {} classes into {}",
+        "imported {} images ({} train, {} valid, {} test) into {}, labelled by:\n{}",
         entries.len(),
         count(Split::Train),
         count(Split::Valid),
         count(Split::Test),
-        classes.len(),
-        args.out.display()
+        args.out.display(),
+        task_lines(&listing.tasks)
     );
     Manifest {
         channels,
         size,
-        classes: classes
-            .iter()
-            .map(|d| d.file_name().unwrap().to_string_lossy().to_string())
-            .collect(),
+        tasks: listing.tasks.clone(),
         entries,
     }
     .write(&partial.dir)?;
     partial.finish()?;
     eprintln!("{summary}");
+    for note in &listing.notes {
+        eprintln!("note: {note}");
+    }
     for split in empty {
         eprintln!(
             "note: the {} split is empty, and `saccade train` needs images in all three: import more \
-             images or raise --valid-frac/--test-frac",
+             images, raise --valid-frac/--test-frac or fill the labels CSV's split column",
             split.name()
         );
     }
     Ok(())
+}
+
+/// The tasks, one indented line each: name, class count, kind and the
+/// first classes.
+fn task_lines(tasks: &[TaskSpec]) -> String {
+    const SHOWN: usize = 12;
+    let lines: Vec<String> = tasks
+        .iter()
+        .map(|t| {
+            let more = if t.num_classes() > SHOWN { ", ..." } else { "" };
+            format!(
+                "  {}: {} classes, {} ({}{more})",
+                t.name,
+                t.num_classes(),
+                if t.multi_label {
+                    "multi-label"
+                } else {
+                    "single-label"
+                },
+                t.class_names[..t.num_classes().min(SHOWN)].join(", ")
+            )
+        })
+        .collect();
+    lines.join("\n")
 }
 
 pub struct InspectArgs {
@@ -503,7 +501,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         (0..n).collect()
     };
     picks.sort_unstable();
-    let names = ds.class_names();
+    let tasks = ds.tasks();
     let (cell, gap, text) = (args.cell, GAP, TEXT);
     let band = 5 * text + 2 * gap;
     let cols = 4u32.min(n as u32);
@@ -530,9 +528,16 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         let (pc, j) = ds.proxy_shape();
         let up = (cell / j as u32).max(1);
         paste(&mut grid, gx + cell + gap, gy, &s.proxy, pc, j, j, up);
-        let label = &names[s.label()];
-        draw_text(&mut grid, gx, gy + cell + gap, label, text, Rgb([255, 210, 80]));
-        let index_x = gx + text_width(label, text) + 2 * text;
+        // Each task's label, `/` between tasks (no spaces: a multi-label
+        // task's names are separated by spaces).
+        let label: Vec<String> = tasks
+            .iter()
+            .zip(&s.labels)
+            .map(|(t, &l)| t.describe_label(l))
+            .collect();
+        let label = label.join("/");
+        draw_text(&mut grid, gx, gy + cell + gap, &label, text, Rgb([255, 210, 80]));
+        let index_x = gx + text_width(&label, text) + 2 * text;
         draw_text(
             &mut grid,
             index_x,
@@ -552,7 +557,12 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         );
     }
     crate::files::save_png(&grid, &args.out)?;
-    eprintln!("wrote {} ({n} samples of {})", args.out.display(), ds.describe());
+    eprintln!(
+        "wrote {} ({n} samples of {}), labelled by:\n{}",
+        args.out.display(),
+        ds.describe(),
+        task_lines(&tasks)
+    );
     Ok(())
 }
 
@@ -638,6 +648,7 @@ mod tests {
         let store = dir.path().join("store");
         import(&ImportArgs {
             folder: png.join("train"),
+            labels: None,
             out: store.clone(),
             size: None,
             valid_frac: 0.0,
@@ -741,6 +752,7 @@ mod tests {
         fs::create_dir_all(src.join("a")).unwrap();
         let err = import(&ImportArgs {
             folder: dir.path().join("nope"),
+            labels: None,
             out: dir.path().join("o1"),
             size: None,
             valid_frac: 0.1,
@@ -752,6 +764,7 @@ mod tests {
         fs::write(src.join("a/z.png"), b"not a png").unwrap();
         let args = |size| ImportArgs {
             folder: src.clone(),
+            labels: None,
             out: dir.path().join(format!("o{size:?}")),
             size,
             valid_frac: 0.0,
@@ -790,6 +803,7 @@ mod tests {
         fs::write(partial.join("images/0000000.tiles"), b"half").unwrap();
         let args = ImportArgs {
             folder: src.clone(),
+            labels: None,
             out: out.clone(),
             size: Some(8),
             valid_frac: 0.0,
@@ -840,6 +854,98 @@ mod tests {
         assert_ne!(a, b, "another seed draws other images");
     }
 
+    /// PNGs listed by a labels CSV of two single-label tasks, one
+    /// multi-label task and a split column: the store reads back every
+    /// image's labels, in its split; a bad CSV writes nothing.
+    #[test]
+    fn import_with_a_labels_csv_keeps_every_task_and_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("imgs");
+        fs::create_dir_all(src.join("sub")).unwrap();
+        // (file, its gray level, split, digit, colour, present)
+        let rows = [
+            ("a.png", 10, "train", "7", "red", "1 3"),
+            ("sub/b.png", 20, "train", "10", "blue", ""),
+            ("c.png", 30, "valid", "7", "red", "3"),
+            ("d.png", 40, "test", "2", "green", "0 1 3"),
+        ];
+        let mut csv = "file,split,digit,colour,present\n".to_string();
+        for (file, gray, split, digit, colour, present) in rows {
+            GrayImage::from_pixel(12, 9, image::Luma([gray]))
+                .save(src.join(file))
+                .unwrap();
+            csv += &format!("{file},{split},{digit},{colour},\"{present}\"\n");
+        }
+        fs::write(src.join("labels.csv"), &csv).unwrap();
+        let args = |labels: &str, out: &str| ImportArgs {
+            folder: src.clone(),
+            labels: Some(src.join(labels)),
+            out: dir.path().join(out),
+            size: None,
+            // The split column, not these, places every image.
+            valid_frac: 0.45,
+            test_frac: 0.45,
+        };
+        import(&args("labels.csv", "store")).unwrap();
+        let store = dir.path().join("store");
+        let expect = |name: &str, classes: &[&str], multi_label| TaskSpec {
+            name: name.into(),
+            class_names: classes.iter().map(|c| c.to_string()).collect(),
+            multi_label,
+        };
+        let tasks = vec![
+            expect("digit", &["2", "7", "10"], false),
+            expect("colour", &["blue", "green", "red"], false),
+            expect("present", &["0", "1", "3"], true),
+        ];
+        // Per gray level: the labels as class names.
+        let mut seen = Vec::new();
+        for split in Split::ALL {
+            let ds = StoreDataset::open(&store, split, 4, 0.0, 0).unwrap();
+            assert_eq!(ds.tasks(), tasks);
+            assert_eq!(
+                (ds.num_classes(), ds.class_names()),
+                (3, tasks[0].class_names.clone())
+            );
+            for i in 0..ds.len() {
+                let s = ds.get(i).unwrap();
+                let mut px = [0.0];
+                s.image.read_region(0, 0, 0, 1, 1, &mut px).unwrap();
+                let names: Vec<String> = tasks
+                    .iter()
+                    .zip(&s.labels)
+                    .map(|(t, &l)| t.describe_label(l))
+                    .collect();
+                seen.push(((px[0] * 255.0).round() as u8, split.name(), names.join(",")));
+            }
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                (10, "train", "7,red,1 3".to_string()),
+                (20, "train", "10,blue,".to_string()),
+                (30, "valid", "7,red,3".to_string()),
+                (40, "test", "2,green,0 1 3".to_string()),
+            ]
+        );
+        let manifest = fs::read_to_string(store.join("manifest.tsv")).unwrap();
+        assert!(manifest.starts_with("saccade-store\t3\t"), "{manifest}");
+
+        // A bad row: the error names it, and nothing is written.
+        fs::write(
+            src.join("bad.csv"),
+            csv.replace("c.png,valid", "c.png,validation"),
+        )
+        .unwrap();
+        let err = format!("{:#}", import(&args("bad.csv", "bad")).unwrap_err());
+        assert!(
+            err.contains("bad.csv line 4, column `split`: unknown split `validation`"),
+            "{err}"
+        );
+        assert!(!dir.path().join("bad").exists() && !dir.path().join(".bad.partial").exists());
+    }
+
     /// Both wrote a store that could not be read back, with exit 0.
     #[test]
     fn import_refuses_size_zero_and_control_characters_in_class_names() {
@@ -849,6 +955,7 @@ mod tests {
         GrayImage::new(8, 8).save(src.join("a\tb/x.png")).unwrap();
         let args = |size| ImportArgs {
             folder: src.clone(),
+            labels: None,
             out: dir.path().join("o"),
             size,
             valid_frac: 0.0,

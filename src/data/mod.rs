@@ -10,6 +10,8 @@
 //!   that does not grow with the canvas.
 //! - [`store`]: the tiled pyramid store on disk, read through memmap2.
 //! - [`decode`]: PNG/JPEG/TIFF files as image sources, within a memory budget.
+//! - [`labels`]: the images an import takes and their labels (class
+//!   subfolders or a labels CSV).
 //! - [`proxy`]: the small proxy images the saccade model looks at.
 //! - [`loader`]: shuffled, prefetched batches.
 //! - [`spec`]: dataset names (`cluttered-mnist@2528:native`,
@@ -21,6 +23,7 @@ pub mod cluttered;
 pub mod commands;
 pub mod decode;
 pub mod font;
+pub mod labels;
 pub mod loader;
 pub mod megapixel;
 pub mod mnist;

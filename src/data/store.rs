@@ -20,10 +20,19 @@
 //! and each tile's CRC when it is read, so truncation and corruption are
 //! errors naming the file, never wrong pixels or a panic.
 //!
-//! A store is a folder: `manifest.tsv` (class names, and per image its split,
-//! label and file) and `images/*.tiles`.
+//! A store is a folder: `manifest.tsv` and `images/*.tiles`. The manifest's
+//! lines are tab-separated:
+//!
+//! ```text
+//! saccade-store  3  crc32=XXXXXXXX     (version 2: one task, no `task` lines)
+//! channels       C
+//! size           H  W
+//! task           NAME  single|multi   (version 3; its `class` lines follow)
+//! class          NAME
+//! image          SPLIT  LABEL...  FILE (one label per task; a multi-label
+//!                                       task's is the bitmask of its classes)
+//! ```
 
-use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -35,7 +44,7 @@ use memmap2::{Mmap, MmapMut};
 
 use super::proxy::{AreaProxy, ProxyMaker};
 use super::source::{downsample2, pyramid_sizes, ImageSource, PYRAMID_MIN_SIDE};
-use super::{mix_seed, Dataset, Sample, Split};
+use super::{mix_seed, Dataset, Sample, Split, TaskSpec, DEFAULT_TASK, MAX_MULTI_LABEL_CLASSES};
 
 pub const MAGIC: &[u8; 8] = b"SACTILE\n";
 pub const VERSION: u32 = 1;
@@ -44,12 +53,12 @@ const FIXED_HEADER: usize = 40;
 const LEVEL_ENTRY: usize = 40;
 const DATA_ALIGN: usize = 4096;
 pub const MANIFEST: &str = "manifest.tsv";
-/// The first line of a manifest: `saccade-store<TAB>2<TAB>crc32=XXXXXXXX`,
+/// The first line of a manifest is `saccade-store<TAB>VERSION<TAB>crc32=XXXXXXXX`,
 /// the CRC-32 of every byte after that line, so a truncated or altered
 /// manifest is an error rather than a store with other images or labels.
-/// Version 1 (no CRC) is still read.
-const MANIFEST_HEAD: &str = "saccade-store\t2\tcrc32=";
-const MANIFEST_HEAD_V1: &str = "saccade-store\t1";
+/// Version 2 holds one task, version 3 several; version 1 (no CRC) is
+/// still read.
+const MANIFEST_MAGIC: &str = "saccade-store";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Level {
@@ -446,7 +455,8 @@ impl ImageSource for TiledImage {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub split: Split,
-    pub label: usize,
+    /// One per task of [`Manifest::tasks`] (see [`Sample::labels`]).
+    pub labels: Vec<usize>,
     /// Path relative to the store folder.
     pub file: String,
 }
@@ -456,24 +466,51 @@ pub struct Entry {
 pub struct Manifest {
     pub channels: usize,
     pub size: (usize, usize),
-    pub classes: Vec<String>,
+    pub tasks: Vec<TaskSpec>,
     pub entries: Vec<Entry>,
 }
 
 impl Manifest {
+    /// Whether the tasks are one single-label task named [`DEFAULT_TASK`],
+    /// which version 2 holds: such a store is written as before, readable
+    /// by builds that predate several tasks.
+    fn single_task(&self) -> bool {
+        matches!(self.tasks.as_slice(), [t] if t.name == DEFAULT_TASK && !t.multi_label)
+    }
+
+    /// Write `manifest.tsv` into `dir`, after the checks [`Manifest::read`]
+    /// makes, so that no store is written that cannot be read back.
     pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(MANIFEST);
+        self.check(&path)?;
+        crate::files::write_atomic(&path, self.text().as_bytes())
+    }
+
+    /// The manifest's text, CRC line first.
+    fn text(&self) -> String {
         let mut s = format!(
             "channels\t{}\nsize\t{}\t{}\n",
             self.channels, self.size.0, self.size.1
         );
-        for c in &self.classes {
-            writeln!(s, "class\t{c}")?;
+        let single = self.single_task();
+        for t in &self.tasks {
+            if !single {
+                let kind = if t.multi_label { "multi" } else { "single" };
+                s += &format!("task\t{}\t{kind}\n", t.name);
+            }
+            for c in &t.class_names {
+                s += &format!("class\t{c}\n");
+            }
         }
         for e in &self.entries {
-            writeln!(s, "image\t{}\t{}\t{}", e.split.name(), e.label, e.file)?;
+            let labels: Vec<String> = e.labels.iter().map(usize::to_string).collect();
+            s += &format!("image\t{}\t{}\t{}\n", e.split.name(), labels.join("\t"), e.file);
         }
-        let s = format!("{MANIFEST_HEAD}{:08x}\n{s}", crc32fast::hash(s.as_bytes()));
-        crate::files::write_atomic(&dir.join(MANIFEST), s.as_bytes())
+        let version = if single { 2 } else { 3 };
+        format!(
+            "{MANIFEST_MAGIC}\t{version}\tcrc32={:08x}\n{s}",
+            crc32fast::hash(s.as_bytes())
+        )
     }
 
     pub fn read(dir: &Path) -> Result<Manifest> {
@@ -486,63 +523,135 @@ impl Manifest {
             )
         })?;
         let (head, body) = text.split_once('\n').unwrap_or((&text, ""));
-        if head != MANIFEST_HEAD_V1 {
-            let crc = head
-                .strip_prefix(MANIFEST_HEAD)
-                .and_then(|h| u32::from_str_radix(h, 16).ok())
-                .with_context(|| {
-                    format!(
-                        "{}: first line must be `{}XXXXXXXX`, is `{}`",
-                        path.display(),
-                        MANIFEST_HEAD.replace('\t', "<TAB>"),
-                        head.replace('\t', "<TAB>")
-                    )
-                })?;
-            ensure!(
-                crc32fast::hash(body.as_bytes()) == crc,
-                "{}: checksum mismatch: the manifest is truncated or corrupt; write the store again",
-                path.display()
-            );
-        }
-        let lines = body.lines().enumerate().map(|(i, l)| (i + 1, l));
+        let version = match head.split('\t').collect::<Vec<_>>().as_slice() {
+            [MANIFEST_MAGIC, "1"] => 1,
+            [MANIFEST_MAGIC, v @ ("2" | "3"), crc] => {
+                let crc = crc
+                    .strip_prefix("crc32=")
+                    .and_then(|h| u32::from_str_radix(h, 16).ok());
+                ensure!(
+                    crc == Some(crc32fast::hash(body.as_bytes())),
+                    "{}: checksum mismatch: the manifest is truncated or corrupt; write the store again",
+                    path.display()
+                );
+                if *v == "2" {
+                    2
+                } else {
+                    3
+                }
+            }
+            _ => bail!(
+                "{}: first line must be `{MANIFEST_MAGIC}<TAB>3<TAB>crc32=XXXXXXXX` (or version 2 or 1), \
+                 is `{}`; this build reads store manifests of versions 1 to 3",
+                path.display(),
+                head.replace('\t', "<TAB>")
+            ),
+        };
         let mut m = Manifest {
             channels: 0,
             size: (0, 0),
-            classes: Vec::new(),
+            tasks: Vec::new(),
             entries: Vec::new(),
         };
-        for (i, line) in lines {
+        for (i, line) in body.lines().enumerate() {
             let f: Vec<&str> = line.split('\t').collect();
-            let bad = || anyhow::anyhow!("{} line {}: cannot parse `{line}`", path.display(), i + 1);
+            let bad = || anyhow::anyhow!("{} line {}: cannot parse `{line}`", path.display(), i + 2);
             let num = |s: &str| s.parse::<usize>().map_err(|_| bad());
             match f.as_slice() {
                 ["channels", c] => m.channels = num(c)?,
                 ["size", h, w] => m.size = (num(h)?, num(w)?),
-                ["class", name] => m.classes.push(name.to_string()),
-                ["image", split, label, file] => m.entries.push(Entry {
+                ["task", name, kind @ ("single" | "multi")] if version == 3 => m.tasks.push(TaskSpec {
+                    name: name.to_string(),
+                    class_names: Vec::new(),
+                    multi_label: *kind == "multi",
+                }),
+                ["class", name] => {
+                    // Versions 1 and 2 hold one task, named by no line.
+                    if version < 3 && m.tasks.is_empty() {
+                        m.tasks.push(TaskSpec::single(DEFAULT_TASK, Vec::new()));
+                    }
+                    let task = m.tasks.last_mut().ok_or_else(bad)?;
+                    task.class_names.push(name.to_string());
+                }
+                ["image", split, labels @ .., file] if !labels.is_empty() => m.entries.push(Entry {
                     split: Split::parse(split).map_err(|_| bad())?,
-                    label: num(label)?,
+                    labels: labels.iter().map(|l| num(l)).collect::<Result<_>>()?,
                     file: file.to_string(),
                 }),
                 [""] => {}
                 _ => return Err(bad()),
             }
         }
+        m.check(&path)?;
+        Ok(m)
+    }
+
+    /// What every manifest holds: a shape, tasks with classes and distinct
+    /// names, and per image one label per task within its classes.
+    fn check(&self, path: &Path) -> Result<()> {
         ensure!(
-            m.channels > 0 && m.size.0 > 0 && m.size.1 > 0 && !m.classes.is_empty(),
-            "{}: missing channels, size or classes",
+            self.channels > 0
+                && self.size.0 > 0
+                && self.size.1 > 0
+                && !self.tasks.is_empty()
+                && self.tasks.iter().all(|t| t.num_classes() > 0),
+            "{}: missing channels, size, tasks or classes",
             path.display()
         );
-        if let Some(e) = m.entries.iter().find(|e| e.label >= m.classes.len()) {
-            bail!(
-                "{}: image {} has label {} but there are {} classes",
+        for (i, t) in self.tasks.iter().enumerate() {
+            let printable = |s: &str| !s.is_empty() && !s.chars().any(char::is_control);
+            ensure!(
+                printable(&t.name) && t.class_names.iter().all(|c| printable(c)),
+                "{}: task `{}` has an empty name or a tab, newline or other control character in its \
+                 name or a class name",
                 path.display(),
-                e.file,
-                e.label,
-                m.classes.len()
+                t.name
+            );
+            ensure!(
+                !self.tasks[..i].iter().any(|u| u.name == t.name),
+                "{}: two tasks are named `{}`",
+                path.display(),
+                t.name
+            );
+            ensure!(
+                !t.multi_label || t.num_classes() <= MAX_MULTI_LABEL_CLASSES,
+                "{}: multi-label task `{}` has {} classes, more than the {MAX_MULTI_LABEL_CLASSES} allowed",
+                path.display(),
+                t.name,
+                t.num_classes()
             );
         }
-        Ok(m)
+        for e in &self.entries {
+            ensure!(
+                e.labels.len() == self.tasks.len(),
+                "{}: image {} has {} labels but there are {} tasks",
+                path.display(),
+                e.file,
+                e.labels.len(),
+                self.tasks.len()
+            );
+            for (t, &label) in self.tasks.iter().zip(&e.labels) {
+                let n = t.num_classes();
+                let fits = if t.multi_label {
+                    n >= MAX_MULTI_LABEL_CLASSES || label >> n == 0
+                } else {
+                    label < n
+                };
+                ensure!(
+                    fits,
+                    "{}: image {} has label {label} in task `{}`, beyond its {n} classes{}",
+                    path.display(),
+                    e.file,
+                    t.name,
+                    if t.multi_label {
+                        " (a multi-label task's label is a bitmask)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -608,11 +717,15 @@ impl Dataset for StoreDataset {
     }
 
     fn num_classes(&self) -> usize {
-        self.manifest.classes.len()
+        self.manifest.tasks[0].num_classes()
     }
 
     fn class_names(&self) -> Vec<String> {
-        self.manifest.classes.clone()
+        self.manifest.tasks[0].class_names.clone()
+    }
+
+    fn tasks(&self) -> Vec<TaskSpec> {
+        self.manifest.tasks.clone()
     }
 
     fn channels(&self) -> usize {
@@ -637,18 +750,21 @@ impl Dataset for StoreDataset {
         let image = Arc::new(self.image(i)?);
         Ok(Sample {
             proxy: self.proxy.make(i, image.as_ref())?,
-            labels: vec![self.manifest.entries[self.items[i]].label],
+            labels: self.manifest.entries[self.items[i]].labels.clone(),
             image,
         })
     }
 
     fn describe(&self) -> String {
         let (h, w) = self.manifest.size;
+        let labels = match self.manifest.tasks.as_slice() {
+            [t] => format!("{} classes", t.num_classes()),
+            tasks => format!("{} tasks", tasks.len()),
+        };
         format!(
-            "store {} ({h}x{w}x{}, {} classes), {} split, {} images",
+            "store {} ({h}x{w}x{}, {labels}), {} split, {} images",
             self.dir.display(),
             self.manifest.channels,
-            self.manifest.classes.len(),
             self.split.name(),
             self.items.len()
         )
@@ -870,32 +986,139 @@ mod tests {
     /// error, never a store with other images, splits or labels.
     #[test]
     fn damaged_manifests_are_refused() {
-        use rand::{Rng, SeedableRng};
+        use rand::SeedableRng;
         let dir = tempfile::tempdir().unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(8);
-        let m = Manifest {
+        for m in [manifest(1), manifest(3)] {
+            m.write(dir.path()).unwrap();
+            let good = fs::read(dir.path().join(MANIFEST)).unwrap();
+            damage_manifest(dir.path(), &good, &mut rng);
+        }
+    }
+
+    /// A store of one single-label task named `class` is written exactly as
+    /// before several tasks (version 2), and the stores of earlier builds
+    /// (versions 1 and 2) read as that one task.
+    #[test]
+    fn single_task_stores_keep_version_2_and_old_stores_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = manifest(1);
+        m.entries.truncate(2);
+        m.tasks[0].class_names.truncate(2);
+        m.write(dir.path()).unwrap();
+        let body = "channels\t1\nsize\t64\t64\nclass\tclass 0\nclass\tclass 1\n\
+                    image\ttrain\t0\timages/0000000.tiles\nimage\tvalid\t1\timages/0000001.tiles\n";
+        let v2 = format!(
+            "saccade-store\t2\tcrc32={:08x}\n{body}",
+            crc32fast::hash(body.as_bytes())
+        );
+        assert_eq!(fs::read_to_string(dir.path().join(MANIFEST)).unwrap(), v2);
+        for old in [v2, format!("saccade-store\t1\n{body}")] {
+            fs::write(dir.path().join(MANIFEST), old).unwrap();
+            let got = Manifest::read(dir.path()).unwrap();
+            assert_eq!(got, m);
+            assert_eq!(got.tasks[0].name, DEFAULT_TASK);
+        }
+        // A single task of another name or a multi-label one needs version 3.
+        for (name, multi_label) in [("kind", false), (DEFAULT_TASK, true)] {
+            m.tasks[0].name = name.into();
+            m.tasks[0].multi_label = multi_label;
+            m.write(dir.path()).unwrap();
+            let text = fs::read_to_string(dir.path().join(MANIFEST)).unwrap();
+            assert!(text.starts_with("saccade-store\t3\t"), "{text}");
+            assert_eq!(Manifest::read(dir.path()).unwrap(), m);
+        }
+    }
+
+    /// Several tasks read back as written, through the dataset too; labels
+    /// beyond a task's classes are refused when written and when read.
+    #[test]
+    fn stores_of_several_tasks_read_back_and_bad_labels_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = manifest(3);
+        m.entries.truncate(3);
+        fs::create_dir(dir.path().join("images")).unwrap();
+        for e in &m.entries {
+            write_tiled(&dir.path().join(&e.file), &random_image(1, 64, 64, 3)).unwrap();
+        }
+        m.write(dir.path()).unwrap();
+        assert_eq!(Manifest::read(dir.path()).unwrap(), m);
+        let ds = StoreDataset::open(dir.path(), Split::Valid, 8, 0.0, 0).unwrap();
+        assert_eq!(ds.tasks(), m.tasks);
+        assert_eq!(
+            (ds.len(), ds.num_classes(), ds.class_names()[11].as_str()),
+            (1, 12, "class 11")
+        );
+        assert_eq!(ds.get(0).unwrap().labels, vec![1, 1, 1]);
+        assert!(ds.describe().contains("3 tasks"), "{}", ds.describe());
+
+        for (task, label, needle) in [
+            (0, 12, "label 12 in task `class`, beyond its 12 classes"),
+            (
+                1,
+                32,
+                "label 32 in task `tags`, beyond its 5 classes (a multi-label",
+            ),
+            (2, 3, "label 3 in task `size`"),
+        ] {
+            let mut bad = m.clone();
+            bad.entries[2].labels[task] = label;
+            let err = bad.write(dir.path()).unwrap_err().to_string();
+            assert!(err.contains(needle) && err.contains("0000002.tiles"), "{err}");
+            // The manifest a build without the check would write.
+            fs::write(dir.path().join(MANIFEST), bad.text()).unwrap();
+            let err = Manifest::read(dir.path()).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        let mut dup = m.clone();
+        dup.tasks[2].name = "tags".into();
+        let err = dup.write(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("two tasks are named `tags`"), "{err}");
+        let mut short = m.clone();
+        short.entries[0].labels.pop();
+        let err = short.write(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("has 2 labels but there are 3 tasks"), "{err}");
+    }
+
+    /// A manifest of 40 images and the first `tasks` of: 12 classes, single
+    /// label; 5 classes, multi-label; 3 classes, single label.
+    fn manifest(tasks: usize) -> Manifest {
+        let all = [
+            TaskSpec::single(DEFAULT_TASK, (0..12).map(|c| format!("class {c}")).collect()),
+            TaskSpec {
+                name: "tags".into(),
+                class_names: ["a", "b", "c", "d", "e"].map(String::from).to_vec(),
+                multi_label: true,
+            },
+            TaskSpec::single("size", ["s", "m", "l"].map(String::from).to_vec()),
+        ];
+        Manifest {
             channels: 1,
             size: (64, 64),
-            classes: (0..12).map(|c| format!("class {c}")).collect(),
+            tasks: all[..tasks].to_vec(),
             entries: (0..40)
                 .map(|i| Entry {
                     split: [Split::Train, Split::Valid, Split::Test][i % 3],
-                    label: i % 12,
+                    labels: [i % 12, i % 32, i % 3][..tasks].to_vec(),
                     file: format!("images/{i:07}.tiles"),
                 })
                 .collect(),
-        };
-        m.write(dir.path()).unwrap();
-        let good = fs::read(dir.path().join(MANIFEST)).unwrap();
+        }
+    }
+
+    /// Write 80 truncations and byte flips of the manifest `good` into `dir`:
+    /// each must fail to read.
+    fn damage_manifest(dir: &Path, good: &[u8], rng: &mut rand::rngs::StdRng) {
+        use rand::Rng;
         for case in 0..80 {
-            let mut bytes = good.clone();
+            let mut bytes = good.to_vec();
             if case % 2 == 0 {
                 bytes.truncate(rng.random_range(0..good.len()));
             } else {
                 bytes[rng.random_range(0..good.len())] ^= rng.random_range(1..=255u8);
             }
-            fs::write(dir.path().join(MANIFEST), &bytes).unwrap();
-            match std::panic::catch_unwind(|| Manifest::read(dir.path())) {
+            fs::write(dir.join(MANIFEST), &bytes).unwrap();
+            match std::panic::catch_unwind(|| Manifest::read(dir)) {
                 Err(_) => panic!("case {case}: reading the manifest panicked"),
                 Ok(Err(_)) => {}
                 Ok(Ok(got)) => panic!("case {case}: a damaged manifest was read: {got:?}"),
@@ -966,14 +1189,17 @@ mod tests {
             write_tiled(&dir.path().join(&file), &random_image(1, 64, 64, i as u64)).unwrap();
             entries.push(Entry {
                 split,
-                label: i % 2,
+                labels: vec![i % 2],
                 file,
             });
         }
         let m = Manifest {
             channels: 1,
             size: (64, 64),
-            classes: vec!["cat".into(), "dog house".into()],
+            tasks: vec![TaskSpec::single(
+                DEFAULT_TASK,
+                vec!["cat".into(), "dog house".into()],
+            )],
             entries,
         };
         m.write(dir.path()).unwrap();
@@ -989,7 +1215,7 @@ mod tests {
         assert!(err.contains("images/1.tiles"), "{err}");
         fs::write(
             dir.path().join(MANIFEST),
-            format!("{MANIFEST_HEAD_V1}\nchannels\tx\n"),
+            format!("{MANIFEST_MAGIC}\t1\nchannels\tx\n"),
         )
         .unwrap();
         let err = StoreDataset::open(dir.path(), Split::Train, 8, 0.0, 0)
