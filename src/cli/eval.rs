@@ -232,27 +232,14 @@ pub(super) fn check_compatible(m: &SaccadeConfig, d: &dyn data::Dataset) -> Resu
     Ok(())
 }
 
-/// A checkpoint's classes (when it names them) are the dataset's, in the
-/// same order: labels are indices, so a store whose folders have other
-/// names, or sort in another order, would be scored against the wrong ones.
-fn check_same_classes(model: &[String], d: &dyn data::Dataset) -> Result<()> {
-    let theirs = d.class_names();
-    if model.is_empty() || model == theirs.as_slice() {
-        return Ok(());
+/// The tasks a checkpoint's model answers, with its class names (a
+/// single-task model's are the run's, or its dataset's).
+fn model_tasks(cfg: &TrainConfig) -> Result<Vec<data::TaskSpec>> {
+    let mut tasks = cfg.model.tasks();
+    if cfg.model.task_heads.is_empty() {
+        tasks[0].class_names = class_names(cfg)?;
     }
-    let k = model
-        .iter()
-        .zip(&theirs)
-        .position(|(a, b)| a != b)
-        .unwrap_or(model.len().min(theirs.len()));
-    bail!(
-        "the model's classes differ from those of {}: class {k} is {:?} in the model and {:?} in the data; \
-         evaluate on data with the model's {} classes, in its order",
-        d.describe(),
-        model.get(k).map(String::as_str).unwrap_or("(none)"),
-        theirs.get(k).map(String::as_str).unwrap_or("(none)"),
-        model.len()
-    )
+    Ok(tasks)
 }
 
 pub(super) fn run_eval(a: EvalArgs) -> Result<(), Failure> {
@@ -279,9 +266,13 @@ fn eval_model<M: Model>(a: EvalArgs) -> Result<(), Failure> {
         },
         mnist_dir: None,
     };
-    let test = data::open_dataset(&spec, Split::Test, &cfg)?;
+    // Labels are class indices: data listing its classes in another order,
+    // or only some of them, is matched to the model's classes by name.
+    let test = data::relabel::by_name(
+        data::open_dataset(&spec, Split::Test, &cfg)?,
+        &model_tasks(&t.cfg)?,
+    )?;
     check_compatible(&t.cfg.model, test.as_ref())?;
-    check_same_classes(&t.cfg.class_names, test.as_ref())?;
     let r = t.evaluate(&test, !a.json)?;
     if a.json {
         let by_task: serde_json::Map<String, serde_json::Value> = r

@@ -28,6 +28,7 @@ pub mod loader;
 pub mod megapixel;
 pub mod mnist;
 pub mod proxy;
+pub mod relabel;
 pub mod source;
 pub mod spec;
 pub mod store;

@@ -286,6 +286,8 @@ impl SaccadeConfig {
     }
 }
 
+const GUMBEL: bool = false;
+
 /// `n` draws of Gumbel(0, 1): `-ln(-ln U)`.
 fn gumbel_draws(n: usize, rng: &mut dyn rand::RngCore) -> Vec<f32> {
     (0..n)
@@ -535,7 +537,7 @@ impl Saccader {
         });
         let proxy = g.constant(proxies.clone());
         let gumbel: Option<Vec<Vec<f32>>> = match (&mut rng, self.cfg.focus) {
-            (Some(r), Focus::Peak) => {
+            (Some(r), Focus::Peak) if GUMBEL => {
                 let n = b * self.vrnn.cells();
                 Some((0..t_steps).map(|_| gumbel_draws(n, r)).collect())
             }
