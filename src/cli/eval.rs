@@ -256,7 +256,11 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<(), Failure> {
 fn eval_model<M: Model>(a: EvalArgs) -> Result<(), Failure> {
     let device = select_device(&a.device)?;
     let mut t = Trainer::<M>::from_checkpoint(&a.checkpoint, device)?;
-    let spec = a.dataset.unwrap_or_else(|| t.cfg.dataset.clone());
+    let mut spec = a.dataset.unwrap_or_else(|| t.cfg.dataset.clone());
+    if !spec.contains("proxy=") {
+        // Another dataset (an imported store) is read at the model's proxy size.
+        spec = format!("{spec},proxy={}", t.cfg.model.proxy_size);
+    }
     let own = data::spec::DatasetSpec::parse(&spec)?.default_sizes();
     let cfg = data::DataConfig {
         seed: a.seed.unwrap_or(t.cfg.seed),

@@ -147,19 +147,10 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     let first = &datasets[0].1;
     let tasks = first.tasks();
-    ensure!(
-        tasks.len() == 1,
-        "{} has {} tasks ({}), and a store or a PNG folder holds one label per image: \
-         use the dataset by name (--dataset {}) instead of writing it",
-        args.dataset,
-        tasks.len(),
-        tasks
-            .iter()
-            .map(|t| t.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-        args.dataset
-    );
+    // Several tasks (or a multi-label one) do not fit one class folder per
+    // image: PNGs then go into <split>/ with a labels CSV `data import
+    // --labels` reads back.
+    let csv = tasks.len() > 1 || tasks[0].multi_label;
     let partial = Partial::new(&args.out)?;
     let dir = &partial.dir;
     let total: usize = datasets.iter().map(|(_, d)| d.len()).sum();
@@ -186,7 +177,11 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                         file
                     }
                     OutputFormat::Png => {
-                        let file = format!("{}/{}/{i:07}.png", split.name(), classes[s.label()]);
+                        let file = if csv {
+                            format!("{}/{i:07}.png", split.name())
+                        } else {
+                            format!("{}/{}/{i:07}.png", split.name(), classes[s.label()])
+                        };
                         let path = dir.join(&file);
                         fs::create_dir_all(path.parent().unwrap())?;
                         let (w, h, px) = to_u8(s.image.as_ref())?;
@@ -210,6 +205,25 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         entries.extend(made);
     }
     bar.finish();
+    if args.format == OutputFormat::Png && csv {
+        let mut text = format!(
+            "file,split,{}\n",
+            tasks
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        for e in &entries {
+            let labels: Vec<String> = tasks
+                .iter()
+                .zip(&e.labels)
+                .map(|(t, &l)| t.describe_label(l))
+                .collect();
+            text += &format!("{},{},{}\n", e.file, e.split.name(), labels.join(","));
+        }
+        crate::files::write_atomic(&dir.join("labels.csv"), text.as_bytes())?;
+    }
     if args.format == OutputFormat::Store {
         Manifest {
             channels: first.channels(),
@@ -690,32 +704,70 @@ mod tests {
         assert!(img.width() >= 4 * 2 * 64);
     }
 
-    /// A store or PNG folder holds one label per image: writing a dataset
-    /// of four tasks would drop three, so generate refuses and writes nothing.
+    /// A dataset of four tasks is written whole: a store holds every
+    /// task's labels, a PNG folder gets a labels CSV that `import --labels`
+    /// reads back to the same labels.
     #[test]
-    fn generate_refuses_datasets_of_several_tasks() {
+    fn generate_writes_every_task() {
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("m");
-        for format in [OutputFormat::Store, OutputFormat::Png] {
-            let err = generate(&GenerateArgs {
+        let sizes = SplitSizes {
+            train: 3,
+            valid: 1,
+            test: 2,
+        };
+        let gen = |format, out: &str| {
+            generate(&GenerateArgs {
                 dataset: "megapixel-mnist@300".into(),
-                out: out.clone(),
-                seed: 0,
-                sizes: SplitSizes {
-                    train: 1,
-                    valid: 1,
-                    test: 1,
-                },
+                out: dir.path().join(out),
+                seed: 4,
+                sizes,
                 format,
                 mnist_dir: None,
             })
-            .unwrap_err()
-            .to_string();
-            assert!(
-                err.contains("4 tasks (majority, max, top, multi)") && err.contains("one label per image"),
-                "{err}"
-            );
-            assert!(!out.exists() && std::fs::read_dir(dir.path()).unwrap().next().is_none());
+            .unwrap()
+        };
+        gen(OutputFormat::Store, "s");
+        gen(OutputFormat::Png, "p");
+        let csv = std::fs::read_to_string(dir.path().join("p/labels.csv")).unwrap();
+        assert!(csv.starts_with("file,split,majority,max,top,multi\n"), "{csv}");
+        import(&ImportArgs {
+            folder: dir.path().join("p"),
+            labels: Some(dir.path().join("p/labels.csv")),
+            out: dir.path().join("i"),
+            size: None,
+            valid_frac: 0.0,
+            test_frac: 0.0,
+        })
+        .unwrap();
+        let cfg = DataConfig {
+            seed: 4,
+            sizes,
+            mnist_dir: None,
+        };
+        for split in Split::ALL {
+            let want = open_dataset("megapixel-mnist@300", split, &cfg).unwrap();
+            for store in ["s", "i"] {
+                let spec = dir.path().join(store).display().to_string();
+                let got = open_dataset(&spec, split, &cfg).unwrap();
+                let tasks = got.tasks();
+                assert_eq!(got.len(), want.len(), "{store} {split:?}");
+                for i in 0..got.len() {
+                    // Imported classes are those that occur, in number order:
+                    // compare label names.
+                    let names = |d: &dyn Dataset, t: &[crate::data::TaskSpec]| -> Vec<String> {
+                        let s = d.get(i).unwrap();
+                        t.iter()
+                            .zip(&s.labels)
+                            .map(|(t, &l)| t.describe_label(l))
+                            .collect()
+                    };
+                    assert_eq!(
+                        names(got.as_ref(), &tasks),
+                        names(want.as_ref(), &want.tasks()),
+                        "{store} {i}"
+                    );
+                }
+            }
         }
     }
 

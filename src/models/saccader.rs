@@ -392,9 +392,14 @@ impl Saccader {
         );
         let classifier = CropClassifier::new(&mut ps, cfg.channels, cfg.classifier_width, rng, dev);
         let f = classifier.features();
-        let place = cfg
-            .glimpse_position
-            .then(|| Linear::new(&mut ps, "place", LATENT, f, rng, dev));
+        // Zero at first: a random place embedding as large as the crop
+        // features would decide the max pooling instead of what was seen.
+        let place = cfg.glimpse_position.then(|| {
+            let l = Linear::new(&mut ps, "place", LATENT, f, rng, dev);
+            ps.set(l.w, Tensor::zeros(&[f, LATENT], dev)).expect("same shape");
+            ps.set(l.b, Tensor::zeros(&[f], dev)).expect("same shape");
+            l
+        });
         let pooled = if cfg.glimpse_pool == GlimpsePool::Attention {
             2 * f
         } else {
