@@ -214,6 +214,26 @@ impl SaccadeConfig {
         }
     }
 
+    /// Many small objects among look-alike clutter on a large canvas
+    /// (megapixel MNIST: 28-px digits on 1500²): ten glimpses of 52-90 px
+    /// read at 32², each on the best proxy cell no earlier glimpse covered
+    /// (starting from the cells with ink), pooled by their attention scores
+    /// beside a max, with their places, for tasks about positions.
+    pub fn many_objects(channels: usize, num_classes: usize) -> Self {
+        SaccadeConfig {
+            glimpses: 10,
+            crop: 32,
+            scale_min: 0.035,
+            scale_max: 0.06,
+            focus: Focus::Peak,
+            glimpse_pool: GlimpsePool::Attention,
+            glimpse_position: true,
+            ink_prior: true,
+            policy_warmup: 20_000,
+            ..SaccadeConfig::small(channels, num_classes)
+        }
+    }
+
     /// Refuse what the model cannot run (or could not allocate), naming the
     /// field and the `saccade train` flag that sets it: checked for new runs
     /// and for every checkpoint loaded.
@@ -284,18 +304,6 @@ impl SaccadeConfig {
         }
         Ok(())
     }
-}
-
-const GUMBEL: bool = false;
-
-/// `n` draws of Gumbel(0, 1): `-ln(-ln U)`.
-fn gumbel_draws(n: usize, rng: &mut dyn rand::RngCore) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let u: f32 = rng.random_range(f32::EPSILON..1.0);
-            -(-u.ln()).ln()
-        })
-        .collect()
 }
 
 /// Bitmask labels (bit `k` = class `k`) as `[B, K]` 0/1 targets.
@@ -534,23 +542,13 @@ impl Saccader {
         let dev = proxies.device();
         let ps = &self.params;
         let t_steps = self.cfg.glimpses;
-        let mut rng = rng;
-        let noise: Option<Vec<Tensor>> = rng.as_mut().map(|r| {
+        let noise: Option<Vec<Tensor>> = rng.map(|mut r| {
             (0..t_steps)
-                .map(|_| Tensor::randn(&[b, LATENT], 1.0, r, &dev))
+                .map(|_| Tensor::randn(&[b, LATENT], 1.0, &mut r, &dev))
                 .collect()
         });
         let proxy = g.constant(proxies.clone());
-        let gumbel: Option<Vec<Vec<f32>>> = match (&mut rng, self.cfg.focus) {
-            (Some(r), Focus::Peak) if GUMBEL => {
-                let n = b * self.vrnn.cells();
-                Some((0..t_steps).map(|_| gumbel_draws(n, r)).collect())
-            }
-            _ => None,
-        };
-        let run = self
-            .vrnn
-            .run(g, ps, proxy, t_steps, noise.as_deref(), gumbel.as_deref())?;
+        let run = self.vrnn.run(g, ps, proxy, t_steps, noise.as_deref())?;
         let mut thetas = Vec::with_capacity(t_steps);
         let mut crops = Vec::with_capacity(t_steps);
         for &z in &run.z {

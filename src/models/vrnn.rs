@@ -110,10 +110,12 @@ pub enum Focus {
     /// to the empty middle between them.
     #[default]
     Mean,
-    /// The highest-scoring cell (in training drawn from the softmax by the
-    /// Gumbel-max trick: sampling without replacement with the mask), then
-    /// the softmax-weighted mean over its 3x3 neighbourhood, through which
-    /// the glimpse's gradient reaches the scores. For many small objects.
+    /// The highest-scoring cell (with the mask: the best one no earlier
+    /// glimpse covered), then the softmax-weighted mean over its 3x3
+    /// neighbourhood, through which the glimpse's gradient reaches the
+    /// scores. For many small objects. (Drawing the cell from the softmax
+    /// instead, by Gumbel-max, sent most training glimpses onto the noise
+    /// strokes of megapixel MNIST.)
     Peak,
 }
 
@@ -263,10 +265,8 @@ impl Vrnn {
     /// Scores are `<query(h), features of the cell>`: a feature that marks an
     /// object attracts the glimpse wherever it sits in the proxy, so what is
     /// learnt on one image transfers to every position.
-    /// `mask` (`[B, 1, P]`, 0 or [`MASKED`]) is added to the scores. With
-    /// [`Focus::Peak`], `gumbel` (`B * P` values, training only) perturbs
-    /// the choice of the peak cell. Also returns the mean score where the
-    /// glimpse went, `[B, 1]`.
+    /// `mask` (`[B, 1, P]`, 0 or [`MASKED`]) is added to the scores. Also
+    /// returns the mean score where the glimpse went, `[B, 1]`.
     fn attend(
         &self,
         g: &mut Graph,
@@ -274,7 +274,6 @@ impl Vrnn {
         keys: Var,
         h: Var,
         mask: Option<&Tensor>,
-        gumbel: Option<&[f32]>,
     ) -> Result<(Var, Var)> {
         let (b, f) = (g.shape(keys)[0], g.shape(keys)[1]);
         let p = g.shape(keys)[2];
@@ -288,7 +287,7 @@ impl Vrnn {
             scores = g.add(scores, m)?;
         }
         if self.cfg.focus == Focus::Peak {
-            let window = self.peak_window(g.value(scores), gumbel)?;
+            let window = self.peak_window(g.value(scores))?;
             let window = g.constant(window);
             scores = g.add(scores, window)?;
         }
@@ -310,16 +309,15 @@ impl Vrnn {
     }
 
     /// `[B, 1, P]`: 0 on the 3x3 cells around each row's peak of `scores`
-    /// (`[B, 1, P]`, masked cells included at [`MASKED`]) plus `gumbel`,
-    /// [`MASKED`] elsewhere.
-    fn peak_window(&self, scores: &Tensor, gumbel: Option<&[f32]>) -> Result<Tensor> {
+    /// (`[B, 1, P]`, masked cells included at [`MASKED`]), [`MASKED`]
+    /// elsewhere.
+    fn peak_window(&self, scores: &Tensor) -> Result<Tensor> {
         let p = self.cells.dim(0);
         let m = (p as f64).sqrt().round() as usize;
         let v = scores.to_vec()?;
         let mut out = vec![MASKED; v.len()];
-        for (i, (row, o)) in v.chunks(p).zip(out.chunks_mut(p)).enumerate() {
-            let noisy = |k: usize| row[k] + gumbel.map_or(0.0, |gb| gb[i * p + k]);
-            let peak = (0..p).max_by(|&a, &b| noisy(a).total_cmp(&noisy(b))).unwrap_or(0);
+        for (row, o) in v.chunks(p).zip(out.chunks_mut(p)) {
+            let peak = (0..p).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0);
             let (py, px) = (peak / m, peak % m);
             for y in py.saturating_sub(1)..(py + 2).min(m) {
                 for x in px.saturating_sub(1)..(px + 2).min(m) {
@@ -405,8 +403,6 @@ impl Vrnn {
 
     /// Unroll T steps over the proxy. `noise` holds one `[B, 3]` standard
     /// normal tensor per step in training; `None` uses posterior means.
-    /// `gumbel` holds per step `B * P` Gumbel(0, 1) draws for
-    /// [`Focus::Peak`] in training ([`Vrnn::cells`] is P).
     pub fn run(
         &self,
         g: &mut Graph,
@@ -414,7 +410,6 @@ impl Vrnn {
         proxy: Var,
         steps: usize,
         noise: Option<&[Tensor]>,
-        gumbel: Option<&[Vec<f32>]>,
     ) -> Result<VrnnRun> {
         let b = g.shape(proxy)[0];
         let dev = g.value(proxy).device();
@@ -442,8 +437,7 @@ impl Vrnn {
             let xh = g.concat(&[phi_x, h], 1)?;
             let q = self.posterior.forward(g, ps, xh)?;
             let mu_s = g.slice(q, 1, 0, 1)?;
-            let (mu_xy, score) =
-                self.attend(g, ps, keys, h, mask.as_ref(), gumbel.map(|gb| gb[t].as_slice()))?;
+            let (mu_xy, score) = self.attend(g, ps, keys, h, mask.as_ref())?;
             scores.push(score);
             let mu_q = g.concat(&[mu_s, mu_xy], 1)?;
             let logvar_q = match self.cfg.fixed_variance {
@@ -599,7 +593,7 @@ mod tests {
                 .unwrap();
             let mut g = Graph::inference();
             let x = g.constant(proxy.clone());
-            let run = v.run(&mut g, &ps, x, 2, None, None).unwrap();
+            let run = v.run(&mut g, &ps, x, 2, None).unwrap();
             let xy = |t: usize| g.value(run.z[t]).to_vec().unwrap()[1..].to_vec();
             steps.push((xy(0), xy(1)));
         }
@@ -641,7 +635,7 @@ mod tests {
             assert!((ink[9] - 1.001f32.ln()).abs() < 1e-5 && (ink[0] - 0.001f32.ln()).abs() < 1e-5);
             let mut g = Graph::inference();
             let x = g.constant(proxy.clone());
-            let run = v.run(&mut g, &ps, x, 1, None, None).unwrap();
+            let run = v.run(&mut g, &ps, x, 1, None).unwrap();
             let z = g.value(run.z[0]).to_vec().unwrap();
             centres.push((z[1].tanh(), z[2].tanh()));
         }
