@@ -360,6 +360,9 @@ def convstack_rows(stage, cin, side, plan, n, stored):
 
 def saccade_rows(m):
     C, J, T, L = m["channels"], m["proxy_size"], m["glimpses"], m["crop"]
+    # The decoder reconstructs the proxy average-pooled by decoder_pool
+    # (1 in checkpoints from before the field).
+    R = J // m.get("decoder_pool", 1)
     w, E, Hd, f = m["enc_width"], m["embed"], m["hidden"], m["classifier_width"]
     pool = m.get("glimpse_pool", "mean")
     position = bool(m.get("glimpse_position", False))
@@ -389,11 +392,11 @@ def saccade_rows(m):
         Row(st, "reparameterize, KL", shp(3), shp(3), 0, 30, T),
         lin("phi_z + ELU", 3, E, ELEMENTWISE["elu"] * E),
         lin("decoder.0 + ELU", E + Hd, E, ELEMENTWISE["elu"] * E),
-        lin("decoder.1 (proxy logits)", E, C * J * J, 4 * C * J * J),  # + BCE with logits
+        lin("decoder.1 (proxy logits)", E, C * R * R, 4 * C * R * R),  # + BCE with logits
         Row(st, "GRU cell", shp(2 * E) + " , " + shp(Hd), shp(Hd), 3 * Hd * (2 * E + Hd),
             6 * Hd + ELEMENTWISE["gru_gates"] * Hd, T, 3 * Hd * (2 * E + Hd) + 6 * Hd),
     ]
-    stored[0] += T * (2 * C * J * J + 6 * E + 6 * Hd + 2 * P)  # decoder logits+probs dominate
+    stored[0] += T * (2 * C * R * R + 6 * E + 6 * Hd + 2 * P)  # decoder logits+probs dominate
     rows.append(Row("crops", "bilinear crop read", shp(C, "H", "W"), shp(C, L, L), 0, BILINEAR_FLOPS * C * L * L, T))
     stored[0] += T * C * L * L
     cls, F, _ = convstack_rows("crop classifier", C, L, [(f, 1), (2 * f, 2), (4 * f, 2), (4 * f, 2)], T, stored)

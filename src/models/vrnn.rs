@@ -265,8 +265,13 @@ impl Vrnn {
     /// Scores are `<query(h), features of the cell>`: a feature that marks an
     /// object attracts the glimpse wherever it sits in the proxy, so what is
     /// learnt on one image transfers to every position.
-    /// `mask` (`[B, 1, P]`, 0 or [`MASKED`]) is added to the scores. Also
-    /// returns the mean score where the glimpse went, `[B, 1]`.
+    /// `mask` (`[B, 1, P]`, 0 or [`MASKED`]) is added to the scores. With
+    /// [`Focus::Peak`] and the proxy's values (`ink`, `[B, C, J, J]` on the
+    /// host: the ink prior's), the point is the centre of the ink around the
+    /// peak cell, the window's attention mean carrying its gradient (a cell
+    /// is 47 px of a 1500² image, as wide as a glimpse: the mean over cell
+    /// centres cut the digits at the crop's edge). Also returns the mean
+    /// score where the glimpse went, `[B, 1]`, and the peak cells.
     fn attend(
         &self,
         g: &mut Graph,
@@ -274,7 +279,8 @@ impl Vrnn {
         keys: Var,
         h: Var,
         mask: Option<&Tensor>,
-    ) -> Result<(Var, Var)> {
+        ink: Option<&[f32]>,
+    ) -> Result<(Var, Var, Vec<usize>)> {
         let (b, f) = (g.shape(keys)[0], g.shape(keys)[1]);
         let p = g.shape(keys)[2];
         let q = self.query.forward(g, ps, h)?;
@@ -286,10 +292,12 @@ impl Vrnn {
             let m = g.constant(m.clone());
             scores = g.add(scores, m)?;
         }
+        let mut peaks = Vec::new();
         if self.cfg.focus == Focus::Peak {
-            let window = self.peak_window(g.value(scores))?;
+            let (window, at) = self.peak_window(g.value(scores))?;
             let window = g.constant(window);
             scores = g.add(scores, window)?;
+            peaks = at;
         }
         let weights = g.softmax(scores)?;
         // [B, P] @ [P, 2]: the expected (x, y).
@@ -298,26 +306,77 @@ impl Vrnn {
         let weighted = g.mul(weights, flat)?;
         let score = g.sum(weighted, &[1], true)?;
         let cells = g.constant(self.cells.clone());
-        let xy = g.matmul(weights, cells)?;
+        let mut xy = g.matmul(weights, cells)?;
+        if let (Some(ink), false) = (ink, peaks.is_empty()) {
+            // Straight through: the value of the ink's centre, the gradient
+            // of the attention mean.
+            let soft = g.value(xy).to_vec()?;
+            let shift: Vec<f32> = self
+                .ink_centres(ink, &peaks)
+                .iter()
+                .zip(soft.chunks(2))
+                .flat_map(|(c, s)| [c[0] - s[0], c[1] - s[1]])
+                .collect();
+            let shift = g.constant(Tensor::from_vec(shift, &[b, 2], &g.value(xy).device())?);
+            xy = g.add(xy, shift)?;
+        }
         // atanh(c) = (ln(1 + c) - ln(1 - c)) / 2; |c| < 1, finite.
         let up = g.affine(xy, 1.0, 1.0)?;
         let up = g.log(up)?;
         let down = g.affine(xy, -1.0, 1.0)?;
         let down = g.log(down)?;
         let diff = g.sub(up, down)?;
-        Ok((g.affine(diff, 0.5, 0.0)?, score))
+        Ok((g.affine(diff, 0.5, 0.0)?, score, peaks))
+    }
+
+    /// Per image, `[x, y]` (normalized) of the ink-weighted centre of the
+    /// proxy pixels within one stride of its peak cell's pixel (the cell and
+    /// half of each neighbour), or the cell's centre where there is no ink;
+    /// kept off the edge so that atanh stays finite.
+    fn ink_centres(&self, proxy: &[f32], peaks: &[usize]) -> Vec<[f32; 2]> {
+        let (p, r, j) = (self.cells.dim(0), self.enc_convs.stride(), self.cfg.proxy_size);
+        let m = (p as f64).sqrt().round() as usize;
+        let per = proxy.len() / peaks.len();
+        let norm = |v: f32| (2.0 * (v + 0.5) / j as f32 - 1.0).clamp(-0.999, 0.999);
+        peaks
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| {
+                let img = &proxy[i * per..(i + 1) * per];
+                let (cy, cx) = (r * (k / m), r * (k % m));
+                let (mut sum, mut sy, mut sx) = (0.0f32, 0.0f32, 0.0f32);
+                for plane in img.chunks(j * j) {
+                    for y in cy.saturating_sub(r)..(cy + r + 1).min(j) {
+                        for x in cx.saturating_sub(r)..(cx + r + 1).min(j) {
+                            let v = plane[y * j + x];
+                            sum += v;
+                            sy += v * y as f32;
+                            sx += v * x as f32;
+                        }
+                    }
+                }
+                if sum > 1e-6 {
+                    [norm(sx / sum), norm(sy / sum)]
+                } else {
+                    [norm(cx as f32), norm(cy as f32)]
+                }
+            })
+            .collect()
     }
 
     /// `[B, 1, P]`: 0 on the 3x3 cells around each row's peak of `scores`
     /// (`[B, 1, P]`, masked cells included at [`MASKED`]), [`MASKED`]
     /// elsewhere.
-    fn peak_window(&self, scores: &Tensor) -> Result<Tensor> {
+    /// Also returns each row's peak cell.
+    fn peak_window(&self, scores: &Tensor) -> Result<(Tensor, Vec<usize>)> {
         let p = self.cells.dim(0);
         let m = (p as f64).sqrt().round() as usize;
         let v = scores.to_vec()?;
         let mut out = vec![MASKED; v.len()];
+        let mut peaks = Vec::with_capacity(v.len() / p);
         for (row, o) in v.chunks(p).zip(out.chunks_mut(p)) {
             let peak = (0..p).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0);
+            peaks.push(peak);
             let (py, px) = (peak / m, peak % m);
             for y in py.saturating_sub(1)..(py + 2).min(m) {
                 for x in px.saturating_sub(1)..(px + 2).min(m) {
@@ -325,7 +384,7 @@ impl Vrnn {
                 }
             }
         }
-        Tensor::from_vec(out, scores.shape(), &scores.device())
+        Ok((Tensor::from_vec(out, scores.shape(), &scores.device())?, peaks))
     }
 
     /// Flag the cells whose centres lie inside the glimpse each row of `z`
@@ -422,10 +481,13 @@ impl Vrnn {
         let mut h = g.constant(Tensor::zeros(&[b, self.cfg.hidden], &dev));
         let (mut zs, mut nll_kl, mut kls, mut scores) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut attended = vec![false; b * self.cells.dim(0)];
-        let ink = if self.cfg.ink_prior {
-            Some(self.ink_scores(g.value(proxy))?)
+        let (ink, pixels) = if self.cfg.ink_prior {
+            (
+                Some(self.ink_scores(g.value(proxy))?),
+                Some(g.value(proxy).to_vec()?),
+            )
         } else {
-            None
+            (None, None)
         };
         for t in 0..steps {
             let masked = self.cfg.mask_attended && t > 0;
@@ -437,7 +499,7 @@ impl Vrnn {
             let xh = g.concat(&[phi_x, h], 1)?;
             let q = self.posterior.forward(g, ps, xh)?;
             let mu_s = g.slice(q, 1, 0, 1)?;
-            let (mu_xy, score) = self.attend(g, ps, keys, h, mask.as_ref())?;
+            let (mu_xy, score, peaks) = self.attend(g, ps, keys, h, mask.as_ref(), pixels.as_deref())?;
             scores.push(score);
             let mu_q = g.concat(&[mu_s, mu_xy], 1)?;
             let logvar_q = match self.cfg.fixed_variance {
@@ -463,6 +525,11 @@ impl Vrnn {
             h = self.gru.forward(g, ps, xz, h)?;
             if self.cfg.mask_attended && t + 1 < steps {
                 self.mark_attended(g.value(z), &mut attended)?;
+                // The peak cell too, when the glimpse's box left its centre out.
+                let p = self.cells.dim(0);
+                for (i, &k) in peaks.iter().enumerate() {
+                    attended[i * p + k] = true;
+                }
             }
             zs.push(z);
         }
