@@ -288,36 +288,35 @@ pub fn images_of(batch: &Batch) -> Images<'_> {
 /// Each row's answer to `task`, as a label (see [`crate::data::Sample::labels`]):
 /// the argmax, or for a multi-label task the bitmask of positive logits.
 pub fn answers(task: &TaskSpec, logits: &Tensor) -> Result<Vec<usize>> {
-    if !task.multi_label {
-        return argmax_rows(logits);
-    }
     let k = logits.shape()[1];
     Ok(logits
         .to_vec()?
         .chunks(k)
         .map(|r| {
-            r.iter()
-                .enumerate()
-                .filter(|(_, &v)| v > 0.0)
-                .map(|(c, _)| 1 << c)
-                .sum()
+            if task.multi_label {
+                r.iter()
+                    .enumerate()
+                    .filter(|(_, &v)| v > 0.0)
+                    .map(|(c, _)| 1 << c)
+                    .sum()
+            } else {
+                argmax(r)
+            }
         })
         .collect())
 }
 
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<usize>> {
     let k = logits.shape()[1];
-    Ok(logits
-        .to_vec()?
-        .chunks(k)
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(i, _)| i)
-                .unwrap_or(0)
-        })
-        .collect())
+    Ok(logits.to_vec()?.chunks(k).map(argmax).collect())
+}
+
+fn argmax(r: &[f32]) -> usize {
+    r.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap_or(0)
 }
 
 /// One training batch's loss terms, predictions and gradients.
