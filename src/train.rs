@@ -306,11 +306,6 @@ pub fn answers(task: &TaskSpec, logits: &Tensor) -> Result<Vec<usize>> {
         .collect())
 }
 
-pub fn argmax_rows(logits: &Tensor) -> Result<Vec<usize>> {
-    let k = logits.shape()[1];
-    Ok(logits.to_vec()?.chunks(k).map(argmax).collect())
-}
-
 fn argmax(r: &[f32]) -> usize {
     r.iter()
         .enumerate()
