@@ -27,9 +27,10 @@ pub(super) enum Preset {
     /// images, batch 100, Adam 1e-4 constant, gradient values clipped to 0.25.
     Paper,
     /// Many small objects on a large canvas (the default for megapixel-mnist): 10 glimpses of
-    /// 32x32 at 0.035-0.06 of the side, each on the best proxy cell not yet covered starting
-    /// from cells with ink, pooled by attention beside a max with their places; 12 epochs,
-    /// batch 32, Adam 1e-3 WSD, gradient values clipped to 1.
+    /// 32x32 at 0.035-0.06 of the side, each on the best proxy cell with ink not yet covered,
+    /// pooled by attention (proxy scores plus a score of what each glimpse saw, which the proxy
+    /// learns) beside a max with their places; 12 epochs, batch 32, Adam 1e-3 WSD, gradient
+    /// values clipped to 1.
     ManyObjects,
 }
 

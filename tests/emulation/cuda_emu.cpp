@@ -1,10 +1,16 @@
 // The scheduler behind cuda_emu.h: runs one launch on the calling thread,
 // block after block, the threads of a block as fibers that switch only at
 // barriers. Linked into every emulated kernel library.
+//
+// A fiber is made once (ucontext, which costs system calls) and then lives
+// on: it runs the kernel's body for one block after another, and switches
+// with _setjmp/_longjmp, which save no signal mask. swapcontext's two
+// system calls per switch took 85% of an emulated training step.
 
 #include "cuda_emu.h"
 
 #include <cxxabi.h>
+#include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -24,17 +30,20 @@ namespace {
 // Kernel threads keep small arrays at most; an overflow hits a guard page.
 const size_t STACK = 256 * 1024, GUARD = 4096;
 
+// Runnable: resumes into the body (or into it anew, from Done at a block's
+// start); Done: finished its block, parked in `park`.
 enum class State { Runnable, AtBlockBarrier, AtWarpBarrier, Done };
 
 struct Fiber {
-    ucontext_t ctx;
-    char* stack;  // GUARD + STACK bytes from mmap, the guard at the low end
+    jmp_buf at;    // where it continues
+    char* stack;   // GUARD + STACK bytes from mmap, the guard at the low end
     State state;
+    bool started;  // it has entered `fiber_main` (and so `at` is set)
 };
 
 // The launch in progress on this OS thread.
 struct Scheduler {
-    ucontext_t home;              // the scheduler's own context
+    jmp_buf home;                 // the scheduler's side of every switch
     std::vector<Fiber> fibers;    // grows to the largest block seen
     int threads = 0;              // per block
     int current = -1;             // linear index of the running thread; -1 between fibers
@@ -57,17 +66,43 @@ struct Scheduler {
 };
 thread_local Scheduler sched;
 
-void enter() {
-    sched.body(sched.ctx);
-    sched.fibers[sched.current].state = State::Done;
-    // Returning resumes `home` through uc_link.
+// Save this fiber's place, mark it `s` and go back to the scheduler.
+void switch_home(State s) {
+    Fiber& f = sched.fibers[sched.current];
+    f.state = s;
+    if (_setjmp(f.at) == 0) _longjmp(sched.home, 1);
+}
+
+// A fiber's whole life: one block's body after another.
+void fiber_main() {
+    for (;;) {
+        sched.body(sched.ctx);
+        switch_home(State::Done);
+    }
 }
 
 void yield(State s) {
     if (sched.current < 0) abort();  // a barrier outside a kernel thread
-    Fiber& f = sched.fibers[sched.current];
-    f.state = s;
-    swapcontext(&f.ctx, &sched.home);
+    switch_home(s);
+}
+
+// Run fiber `t` until its next switch home.
+void resume(int t) {
+    Fiber& f = sched.fibers[t];
+    sched.current = t;
+    if (_setjmp(sched.home) == 0) {
+        if (f.started) _longjmp(f.at, 1);
+        // First run: onto its own stack, once (setcontext's system call).
+        f.started = true;
+        ucontext_t uc;
+        getcontext(&uc);
+        uc.uc_stack.ss_sp = f.stack + GUARD;
+        uc.uc_stack.ss_size = STACK;
+        uc.uc_link = nullptr;  // fiber_main never returns
+        makecontext(&uc, fiber_main, 0);
+        setcontext(&uc);
+    }
+    sched.current = -1;
 }
 
 // Why `l` would not launch on a GPU, or null.
@@ -83,18 +118,10 @@ const char* check_limits(const Launch& l) {
 }
 
 // Run the current block; false with `why` set when threads wait at barriers
-// that can never complete.
+// that can never complete (the fibers are then made anew at the next launch).
 bool run_block(std::string& why) {
     int n = sched.threads;
-    for (int t = 0; t < n; ++t) {
-        Fiber& f = sched.fibers[t];
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack + GUARD;
-        f.ctx.uc_stack.ss_size = STACK;
-        f.ctx.uc_link = &sched.home;
-        makecontext(&f.ctx, enter, 0);
-        f.state = State::Runnable;
-    }
+    for (int t = 0; t < n; ++t) sched.fibers[t].state = State::Runnable;
     std::vector<int> order(n);
     for (int t = 0; t < n; ++t) order[t] = t;
     for (;;) {
@@ -102,12 +129,9 @@ bool run_block(std::string& why) {
         // order each time, so results that depend on it (a missing barrier) show.
         for (int i = n - 1; i > 0; --i) std::swap(order[i], order[sched.random() % (i + 1)]);
         for (int t : order) {
-            Fiber& f = sched.fibers[t];
-            if (f.state != State::Runnable) continue;
+            if (sched.fibers[t].state != State::Runnable) continue;
             threadIdx = {t % blockDim.x, t / blockDim.x % blockDim.y, t / (blockDim.x * blockDim.y)};
-            sched.current = t;
-            swapcontext(&sched.home, &f.ctx);
-            sched.current = -1;
+            resume(t);
         }
         int done = 0, at_block = 0, at_warp = 0;
         for (int t = 0; t < n; ++t) {
@@ -155,7 +179,7 @@ int launch(const Launch& l, void (*body)(void*), void* ctx, char* err, size_t er
                        -1, 0);
         if (p == MAP_FAILED) return fail("out of memory for thread stacks");
         mprotect(p, GUARD, PROT_NONE);
-        sched.fibers.push_back(Fiber{{}, static_cast<char*>(p), State::Done});
+        sched.fibers.push_back(Fiber{{}, static_cast<char*>(p), State::Done, false});
     }
     sched.threads = n;
     sched.body = body;
@@ -172,9 +196,12 @@ int launch(const Launch& l, void (*body)(void*), void* ctx, char* err, size_t er
                 // Shared memory starts as garbage on a GPU; NaN here.
                 memset(sched.dyn.data(), 0xff, sched.dyn.size());
                 std::string why;
-                if (!run_block(why))
+                if (!run_block(why)) {
+                    // Threads stuck at barriers: abandon them mid-body.
+                    for (Fiber& f : sched.fibers) f.started = false;
                     return fail("block (" + std::to_string(x) + ", " + std::to_string(y) + ", " +
                                 std::to_string(z) + "): " + why);
+                }
             }
     return 0;
 }
