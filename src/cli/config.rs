@@ -169,6 +169,7 @@ fn apply_flags(a: &TrainArgs, cfg: &mut TrainConfig) {
     m.ink_prior |= a.ink_prior;
     m.beta = a.beta.unwrap_or(m.beta);
     m.policy_warmup = a.policy_warmup.unwrap_or(m.policy_warmup);
+    m.policy_gradient &= !a.no_policy_gradient;
     m.glimpse_pool = a.glimpse_pool.unwrap_or(m.glimpse_pool);
     m.classifier_width = a.classifier_width.unwrap_or(m.classifier_width);
     m.multiplicative |= a.multiplicative;
@@ -350,6 +351,7 @@ fn flag_of(field: &str) -> &'static str {
         "fixed_variance" => "--fixed-variance",
         "mask_attended" => "--no-mask",
         "policy_warmup" => "--policy-warmup",
+        "policy_gradient" => "--no-policy-gradient",
         "glimpse_pool" => "--glimpse-pool",
         "classifier_width" => "--classifier-width",
         "batch_size" => "--batch-size",

@@ -110,6 +110,10 @@ pub(super) struct TrainArgs {
     /// follow it. Default 40000 for the small preset, 0 (off) for paper.
     #[arg(long)]
     pub(super) policy_warmup: Option<usize>,
+    /// Never let the classification loss move the glimpses (the many-objects preset's default:
+    /// its glimpses learn where to look from the relevance pool).
+    #[arg(long)]
+    pub(super) no_policy_gradient: bool,
     /// How the glimpses' features are pooled into one: mean (the paper, default), max, or
     /// attention (max beside a mean weighted by the glimpses' attention scores).
     #[arg(long, value_enum)]
