@@ -4,13 +4,13 @@
 //
 // A fiber is made once (ucontext, which costs system calls) and then lives
 // on: it runs the kernel's body for one block after another, and switches
-// with _setjmp/_longjmp, which save no signal mask. swapcontext's two
+// with GCC's __builtin_setjmp/__builtin_longjmp (stack and frame pointer,
+// resume address; no signal mask, no cleanup handlers). swapcontext's two
 // system calls per switch took 85% of an emulated training step.
 
 #include "cuda_emu.h"
 
 #include <cxxabi.h>
-#include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -35,7 +35,7 @@ const size_t STACK = 256 * 1024, GUARD = 4096;
 enum class State { Runnable, AtBlockBarrier, AtWarpBarrier, Done };
 
 struct Fiber {
-    jmp_buf at;    // where it continues
+    void* at[5];   // where it continues (a __builtin_setjmp buffer)
     char* stack;   // GUARD + STACK bytes from mmap, the guard at the low end
     State state;
     bool started;  // it has entered `fiber_main` (and so `at` is set)
@@ -43,7 +43,7 @@ struct Fiber {
 
 // The launch in progress on this OS thread.
 struct Scheduler {
-    jmp_buf home;                 // the scheduler's side of every switch
+    void* home[5];                // the scheduler's side of every switch
     std::vector<Fiber> fibers;    // grows to the largest block seen
     int threads = 0;              // per block
     int current = -1;             // linear index of the running thread; -1 between fibers
@@ -67,10 +67,12 @@ struct Scheduler {
 thread_local Scheduler sched;
 
 // Save this fiber's place, mark it `s` and go back to the scheduler.
-void switch_home(State s) {
-    Fiber& f = sched.fibers[sched.current];
+// (Not inlined: a __builtin_longjmp must not land in its own function.)
+__attribute__((noinline)) void switch_home(State s) {
+    Scheduler& sc = sched;
+    Fiber& f = sc.fibers[sc.current];
     f.state = s;
-    if (_setjmp(f.at) == 0) _longjmp(sched.home, 1);
+    if (__builtin_setjmp(f.at) == 0) __builtin_longjmp(sc.home, 1);
 }
 
 // A fiber's whole life: one block's body after another.
@@ -87,11 +89,12 @@ void yield(State s) {
 }
 
 // Run fiber `t` until its next switch home.
-void resume(int t) {
-    Fiber& f = sched.fibers[t];
-    sched.current = t;
-    if (_setjmp(sched.home) == 0) {
-        if (f.started) _longjmp(f.at, 1);
+__attribute__((noinline)) void resume(int t) {
+    Scheduler& sc = sched;
+    Fiber& f = sc.fibers[t];
+    sc.current = t;
+    if (__builtin_setjmp(sc.home) == 0) {
+        if (f.started) __builtin_longjmp(f.at, 1);
         // First run: onto its own stack, once (setcontext's system call).
         f.started = true;
         ucontext_t uc;
@@ -102,7 +105,7 @@ void resume(int t) {
         makecontext(&uc, fiber_main, 0);
         setcontext(&uc);
     }
-    sched.current = -1;
+    sc.current = -1;
 }
 
 // Why `l` would not launch on a GPU, or null.
@@ -120,22 +123,23 @@ const char* check_limits(const Launch& l) {
 // Run the current block; false with `why` set when threads wait at barriers
 // that can never complete (the fibers are then made anew at the next launch).
 bool run_block(std::string& why) {
-    int n = sched.threads;
-    for (int t = 0; t < n; ++t) sched.fibers[t].state = State::Runnable;
+    Scheduler& sc = sched;
+    int n = sc.threads;
+    for (int t = 0; t < n; ++t) sc.fibers[t].state = State::Runnable;
     std::vector<int> order(n);
     for (int t = 0; t < n; ++t) order[t] = t;
     for (;;) {
         // Every runnable thread up to its next barrier or its end, in a new
         // order each time, so results that depend on it (a missing barrier) show.
-        for (int i = n - 1; i > 0; --i) std::swap(order[i], order[sched.random() % (i + 1)]);
+        for (int i = n - 1; i > 0; --i) std::swap(order[i], order[sc.random() % (i + 1)]);
         for (int t : order) {
-            if (sched.fibers[t].state != State::Runnable) continue;
+            if (sc.fibers[t].state != State::Runnable) continue;
             threadIdx = {t % blockDim.x, t / blockDim.x % blockDim.y, t / (blockDim.x * blockDim.y)};
             resume(t);
         }
         int done = 0, at_block = 0, at_warp = 0;
         for (int t = 0; t < n; ++t) {
-            State s = sched.fibers[t].state;
+            State s = sc.fibers[t].state;
             done += s == State::Done;
             at_block += s == State::AtBlockBarrier;
             at_warp += s == State::AtWarpBarrier;
@@ -143,14 +147,14 @@ bool run_block(std::string& why) {
         if (done == n) return true;
         bool released = false;
         if (at_block == n) {
-            for (int t = 0; t < n; ++t) sched.fibers[t].state = State::Runnable;
+            for (int t = 0; t < n; ++t) sc.fibers[t].state = State::Runnable;
             released = true;
         }
         for (int w = 0; w < n; w += 32) {
             int end = w + 32 < n ? w + 32 : n, waiting = 0;
-            for (int t = w; t < end; ++t) waiting += sched.fibers[t].state == State::AtWarpBarrier;
+            for (int t = w; t < end; ++t) waiting += sc.fibers[t].state == State::AtWarpBarrier;
             if (waiting < end - w) continue;
-            for (int t = w; t < end; ++t) sched.fibers[t].state = State::Runnable;
+            for (int t = w; t < end; ++t) sc.fibers[t].state = State::Runnable;
             released = true;
         }
         if (!released) {
