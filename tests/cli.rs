@@ -271,6 +271,76 @@ fn huge_crops_proxies_and_batches_are_refused_not_allocated() {
     );
 }
 
+/// `--minutes` that no clock can hold is a usage error, not a panic.
+#[test]
+fn minutes_beyond_a_year_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    for m in ["inf", "1e300", "-1", "NaN"] {
+        let o = train(dir.path(), &[&format!("--minutes={m}"), "--out", "M"]);
+        assert_eq!(o.status.code(), Some(2), "--minutes {m}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("--minutes must be positive"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(!dir.path().join("M").exists(), "--minutes {m} left a run folder");
+    }
+}
+
+/// SIGTERM (schedulers, `timeout`, `docker stop`) mid-training stops as
+/// Ctrl-C does: a checkpoint of the partial epoch, the resume command, 130.
+#[cfg(unix)]
+#[test]
+fn sigterm_while_training_saves_a_checkpoint_like_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["train"];
+    args.extend(&TINY[..2]);
+    args.extend([
+        "--train-size",
+        "800",
+        "--valid-size",
+        "16",
+        "--test-size",
+        "16",
+    ]);
+    args.extend(["--device", "cpu", "--batch-size", "8", "--out", "T"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_saccade"))
+        .current_dir(dir.path())
+        .args(&args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(" step ") {
+            break;
+        }
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    for line in lines {
+        seen.push_str(&line.unwrap());
+        seen.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.contains("stopping: writing a checkpoint"), "{seen}");
+    assert!(seen.contains("saccade train --resume"), "{seen}");
+    assert!(dir.path().join("T/checkpoint.safetensors").is_file(), "{seen}");
+}
+
 /// Ctrl-C after training, during the test evaluation: the checkpoint is
 /// already written, so say so, exit 130 and name the eval command.
 #[cfg(unix)]

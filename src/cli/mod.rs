@@ -173,6 +173,8 @@ static STOP: AtomicBool = AtomicBool::new(false);
 static AFTER_TRAINING: Mutex<Option<String>> = Mutex::new(None);
 
 /// Install the Ctrl-C handler, once: `bench learning` trains several runs.
+/// SIGTERM and SIGHUP take the same path (ctrlc's `termination`): job
+/// schedulers, `timeout` and `docker stop` send TERM.
 fn handle_ctrlc() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {

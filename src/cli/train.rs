@@ -196,8 +196,12 @@ pub(super) fn run_train(a: TrainArgs) -> Result<RunSummary, Failure> {
 
 /// The checks on flags alone, before anything is read.
 pub(super) fn check_train_flags(a: &TrainArgs) -> Result<(), Failure> {
-    if a.minutes.is_some_and(|m| m.is_nan() || m <= 0.0) {
-        return Err(usage(anyhow::anyhow!("--minutes must be positive")));
+    // A year at most: Duration cannot hold inf or 1e300 minutes.
+    if a.minutes.is_some_and(|m| !(m > 0.0 && m <= 525_600.0)) {
+        return Err(usage(anyhow::anyhow!(
+            "--minutes must be positive and at most 525600 (a year), got {}",
+            a.minutes.unwrap_or_default()
+        )));
     }
     for (flag, v) in [
         ("--epochs", a.epochs),
