@@ -200,8 +200,9 @@ pub struct EvalReport {
     /// when every class's presence is (IPS's protocol).
     pub tasks: Vec<TaskAccuracy>,
     pub samples: usize,
-    /// Of the first task, when it is single-label (else empty).
-    pub per_class_accuracy: Vec<f64>,
+    /// Of the first task, when it is single-label (else empty); None for a
+    /// class without test images.
+    pub per_class_accuracy: Vec<Option<f64>>,
     /// `confusion[true][predicted]` counts, of the same task.
     pub confusion: Vec<Vec<usize>>,
     pub class_names: Vec<String>,
@@ -953,7 +954,10 @@ pub fn evaluate<M: Model>(
     let per_class_accuracy = confusion
         .iter()
         .enumerate()
-        .map(|(i, row)| row[i] as f64 / row.iter().sum::<usize>().max(1) as f64)
+        .map(|(i, row)| {
+            let n = row.iter().sum::<usize>();
+            (n > 0).then(|| row[i] as f64 / n as f64)
+        })
         .collect();
     let tasks: Vec<TaskAccuracy> = tasks
         .iter()

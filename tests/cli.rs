@@ -298,14 +298,7 @@ fn sigterm_while_training_saves_a_checkpoint_like_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     let mut args = vec!["train"];
     args.extend(&TINY[..2]);
-    args.extend([
-        "--train-size",
-        "800",
-        "--valid-size",
-        "16",
-        "--test-size",
-        "16",
-    ]);
+    args.extend(["--train-size", "800", "--valid-size", "16", "--test-size", "16"]);
     args.extend(["--device", "cpu", "--batch-size", "8", "--out", "T"]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_saccade"))
         .current_dir(dir.path())
@@ -706,4 +699,49 @@ fn import_with_a_labels_csv_and_inspect_shows_its_tasks() {
     ] {
         assert!(e.contains(needle), "{needle}: {e}");
     }
+}
+
+/// `eval` on fewer images than classes: the classes without a test image
+/// are left out of "lowest per-class accuracy" (they were listed at 0.0%)
+/// and null in `--json`.
+#[test]
+fn eval_leaves_classes_without_test_images_out_of_the_per_class_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = Path::new(env!("CARGO_MANIFEST_DIR")).join("pretrained/cluttered-mnist/model.safetensors");
+    let ck = ck.to_str().unwrap();
+    let o = saccade_in(
+        dir.path(),
+        &["eval", "--checkpoint", ck, "--test-size", "4", "--device", "cpu"],
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.contains("class(es) without test images left out"), "{out}");
+    let listed = out
+        .lines()
+        .skip_while(|l| !l.starts_with("lowest per-class"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .count();
+    assert!((1..=4).contains(&listed), "{out}");
+    let o = saccade_in(
+        dir.path(),
+        &[
+            "eval",
+            "--checkpoint",
+            ck,
+            "--test-size",
+            "4",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(o.stdout.split(|&b| b == b'\n').rfind(|l| !l.is_empty()).unwrap()).unwrap();
+    let per_class = json["report"]["per_class_accuracy"].as_array().unwrap();
+    assert_eq!(per_class.len(), 55);
+    assert!(
+        per_class.iter().filter(|v| v.is_null()).count() >= 51,
+        "{per_class:?}"
+    );
 }

@@ -310,9 +310,20 @@ fn eval_model<M: Model>(a: EvalArgs) -> Result<(), Failure> {
     if let Some(c) = &r.coverage {
         println!("{}", coverage_line(c));
     }
-    let mut worst: Vec<(usize, f64)> = r.per_class_accuracy.iter().copied().enumerate().collect();
+    let mut worst: Vec<(usize, f64)> = r
+        .per_class_accuracy
+        .iter()
+        .enumerate()
+        .filter_map(|(c, a)| a.map(|a| (c, a)))
+        .collect();
     worst.sort_by(|a, b| a.1.total_cmp(&b.1));
-    println!("lowest per-class accuracy ({}):", r.tasks[0].name);
+    let absent = r.per_class_accuracy.len() - worst.len();
+    let note = if absent > 0 {
+        format!("; {absent} class(es) without test images left out")
+    } else {
+        String::new()
+    };
+    println!("lowest per-class accuracy ({}{note}):", r.tasks[0].name);
     for (c, acc) in worst.iter().take(5) {
         println!("  {:>8}  {:.1}%", r.class_names[*c], 100.0 * acc);
     }
