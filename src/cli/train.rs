@@ -114,8 +114,9 @@ pub(super) struct TrainArgs {
     /// its glimpses learn where to look from the relevance pool).
     #[arg(long)]
     pub(super) no_policy_gradient: bool,
-    /// How the glimpses' features are pooled into one: mean (the paper, default), max, or
-    /// attention (max beside a mean weighted by the glimpses' attention scores).
+    /// How the glimpses' features are pooled into one: mean (the paper, default), max,
+    /// attention (max beside a mean weighted by the glimpses' attention scores), or relevance
+    /// (attention plus a score of what each crop showed, which the proxy's scores learn).
     #[arg(long, value_enum)]
     pub(super) glimpse_pool: Option<GlimpsePool>,
     /// Channels of the crop classifier's first conv (then 2x and 4x): 16 for the small preset,
