@@ -287,22 +287,22 @@ fn minutes_beyond_a_year_are_refused_before_any_work() {
     }
 }
 
-/// SIGTERM (schedulers, `timeout`, `docker stop`) mid-training stops as
-/// Ctrl-C does: a checkpoint of the partial epoch, the resume command, 130.
+/// Run `saccade args` in `dir`, send it `signal` once a line of its stderr
+/// satisfies `at` (after `wait`), and return its exit code and all stderr.
 #[cfg(unix)]
-#[test]
-fn sigterm_while_training_saves_a_checkpoint_like_ctrl_c() {
+fn signal_when(
+    dir: &Path,
+    args: &[&str],
+    at: impl Fn(&str) -> bool,
+    wait: u64,
+    signal: &str,
+) -> (Option<i32>, String) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut args = vec!["train"];
-    args.extend(&TINY[..2]);
-    args.extend(["--train-size", "800", "--valid-size", "16", "--test-size", "16"]);
-    args.extend(["--device", "cpu", "--batch-size", "8", "--out", "T"]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_saccade"))
-        .current_dir(dir.path())
-        .args(&args)
+        .current_dir(dir)
+        .args(args)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -313,13 +313,14 @@ fn sigterm_while_training_saves_a_checkpoint_like_ctrl_c() {
         let line = line.unwrap();
         seen.push_str(&line);
         seen.push('\n');
-        if line.contains(" step ") {
+        if at(&line) {
             break;
         }
     }
+    std::thread::sleep(std::time::Duration::from_millis(wait));
     let pid = child.id().to_string();
     assert!(Command::new("kill")
-        .args(["-TERM", &pid])
+        .args([signal, &pid])
         .status()
         .unwrap()
         .success());
@@ -327,8 +328,21 @@ fn sigterm_while_training_saves_a_checkpoint_like_ctrl_c() {
         seen.push_str(&line.unwrap());
         seen.push('\n');
     }
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{seen}");
+    (child.wait().unwrap().code(), seen)
+}
+
+/// SIGTERM (schedulers, `timeout`, `docker stop`) mid-training stops as
+/// Ctrl-C does: a checkpoint of the partial epoch, the resume command, 130.
+#[cfg(unix)]
+#[test]
+fn sigterm_while_training_saves_a_checkpoint_like_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["train"];
+    args.extend(&TINY[..2]);
+    args.extend(["--train-size", "800", "--valid-size", "16", "--test-size", "16"]);
+    args.extend(["--device", "cpu", "--batch-size", "8", "--out", "T"]);
+    let (code, seen) = signal_when(dir.path(), &args, |l| l.contains(" step "), 0, "-TERM");
+    assert_eq!(code, Some(130), "{seen}");
     assert!(seen.contains("stopping: writing a checkpoint"), "{seen}");
     assert!(seen.contains("saccade train --resume"), "{seen}");
     assert!(dir.path().join("T/checkpoint.safetensors").is_file(), "{seen}");
@@ -339,9 +353,6 @@ fn sigterm_while_training_saves_a_checkpoint_like_ctrl_c() {
 #[cfg(unix)]
 #[test]
 fn ctrl_c_during_the_test_evaluation_says_the_run_is_saved_and_exits_130() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-
     let dir = tempfile::tempdir().unwrap();
     let mut args = vec!["train"];
     args.extend(&TINY[..6]);
@@ -355,37 +366,9 @@ fn ctrl_c_during_the_test_evaluation_says_the_run_is_saved_and_exits_130() {
         "--out",
         "I",
     ]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_saccade"))
-        .current_dir(dir.path())
-        .args(&args)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = String::new();
     // "epoch 1: ..." comes after the epoch's checkpoint, as the test evaluation starts.
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.starts_with("epoch 1:") {
-            break;
-        }
-    }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
-    for line in lines {
-        seen.push_str(&line.unwrap());
-        seen.push('\n');
-    }
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{seen}");
+    let (code, seen) = signal_when(dir.path(), &args, |l| l.starts_with("epoch 1:"), 300, "-INT");
+    assert_eq!(code, Some(130), "{seen}");
     assert!(seen.contains("interrupted during the test evaluation"), "{seen}");
     assert!(
         seen.contains("saccade eval --checkpoint I/checkpoint.safetensors"),
