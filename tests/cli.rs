@@ -331,6 +331,24 @@ fn signal_when(
     (child.wait().unwrap().code(), seen)
 }
 
+/// A proxy noise that is not a finite standard deviation is refused before
+/// any work, naming the flag (`inf` used to fail after the run folder was
+/// made); the same in a dataset spec.
+#[test]
+fn proxy_noise_must_be_finite() {
+    let dir = tempfile::tempdir().unwrap();
+    for n in ["inf", "NaN", "-0.5"] {
+        let o = train(dir.path(), &[&format!("--proxy-noise={n}"), "--out", "N"]);
+        assert_eq!(o.status.code(), Some(2), "--proxy-noise {n}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--proxy-noise must be"), "{}", stderr(&o));
+        assert!(
+            !dir.path().join("N").exists(),
+            "--proxy-noise {n} left a run folder"
+        );
+    }
+    assert!(saccade::data::spec::DatasetSpec::parse("cluttered-mnist,noise=inf").is_err());
+}
+
 /// SIGTERM (schedulers, `timeout`, `docker stop`) mid-training stops as
 /// Ctrl-C does: a checkpoint of the partial epoch, the resume command, 130.
 #[cfg(unix)]

@@ -204,6 +204,12 @@ pub(super) fn check_train_flags(a: &TrainArgs) -> Result<(), Failure> {
             a.minutes.unwrap_or_default()
         )));
     }
+    if a.proxy_noise.is_some_and(|n| !(n.is_finite() && n >= 0.0)) {
+        return Err(usage(anyhow::anyhow!(
+            "--proxy-noise must be a finite standard deviation >= 0, got {}",
+            a.proxy_noise.unwrap_or_default()
+        )));
+    }
     for (flag, v) in [
         ("--epochs", a.epochs),
         ("--batch-size", a.batch_size),

@@ -123,7 +123,7 @@ impl DatasetSpec {
                         .trim()
                         .parse()
                         .ok()
-                        .filter(|&s: &f32| s >= 0.0)
+                        .filter(|&s: &f32| s.is_finite() && s >= 0.0)
                         .ok_or_else(bad)?
                 }
                 "digit" => digit = Some(v.trim().parse().map_err(|_| bad())?),
