@@ -349,6 +349,24 @@ fn proxy_noise_must_be_finite() {
     assert!(saccade::data::spec::DatasetSpec::parse("cluttered-mnist,noise=inf").is_err());
 }
 
+/// `--resume` of a weights-only checkpoint (exported, shipped) is refused:
+/// it would restart Adam's state silently. Nothing is written.
+#[test]
+fn resuming_a_weights_only_checkpoint_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("pretrained/cluttered-mnist/model.safetensors");
+    let ck = dir.path().join("model.safetensors");
+    fs::copy(&shipped, &ck).unwrap();
+    let o = saccade_in(
+        dir.path(),
+        &["train", "--resume", "model.safetensors", "--device", "cpu"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("holds weights only"), "{}", stderr(&o));
+    assert_eq!(fs::read(&ck).unwrap(), fs::read(&shipped).unwrap());
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "files were written");
+}
+
 /// SIGTERM (schedulers, `timeout`, `docker stop`) mid-training stops as
 /// Ctrl-C does: a checkpoint of the partial epoch, the resume command, 130.
 #[cfg(unix)]

@@ -237,6 +237,16 @@ fn baseline(
 /// The checkpoint's configuration, refusing flags that would change it;
 /// --epochs may (a run can be extended, see `resumed`).
 pub(super) fn resume_config(a: &TrainArgs, path: &Path) -> Result<TrainConfig, Failure> {
+    // Resuming weights alone would restart Adam from zero mid-run, silently.
+    if crate::checkpoint::Checkpoint::load(path)?.adam_step.is_none() {
+        return Err(usage(anyhow::anyhow!(
+            "{} holds weights only (an exported or shipped model, without the optimizer's state), \
+             so it cannot resume a run: resume from the run's checkpoint.safetensors, or evaluate \
+             it with `saccade eval --checkpoint {}`",
+            path.display(),
+            path.display()
+        )));
+    }
     let saved = checkpoint_config(path)?;
     let mut want = saved.clone();
     apply_flags(a, &mut want);
