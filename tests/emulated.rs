@@ -62,20 +62,20 @@ fn rel_err(got: &[f32], want: &[f32]) -> f32 {
     }
 }
 
-/// The first batch of `data` (in order) on `dev`.
-fn first_batch(data: &Arc<dyn Dataset>, size: usize, dev: &Device) -> Batch {
+/// Batches of `data` in order, made on the calling thread, on `dev`.
+fn loader(data: &Arc<dyn Dataset>, size: usize, dev: &Device) -> Loader {
     let cfg = LoaderConfig {
         batch_size: size,
         shuffle: false,
         workers: 0,
         ..Default::default()
     };
-    Loader::new(data.clone(), cfg, dev)
-        .unwrap()
-        .epoch(0)
-        .next()
-        .unwrap()
-        .unwrap()
+    Loader::new(data.clone(), cfg, dev).unwrap()
+}
+
+/// The first batch of `data` (in order) on `dev`.
+fn first_batch(data: &Arc<dyn Dataset>, size: usize, dev: &Device) -> Batch {
+    loader(data, size, dev).epoch(0).next().unwrap().unwrap()
 }
 
 /// One training step of `cfg`'s model on the CPU and on `gpu` from the same
@@ -184,17 +184,7 @@ fn whole_step<M: Model>(
             eps: 1e-4,
             ..Default::default()
         });
-        let loader = Loader::new(
-            data.clone(),
-            LoaderConfig {
-                batch_size: cfg.batch_size,
-                shuffle: false,
-                workers: 0,
-                ..Default::default()
-            },
-            dev,
-        )
-        .unwrap();
+        let loader = loader(data, cfg.batch_size, dev);
         for epoch in 1.. {
             for batch in loader.epoch(epoch) {
                 if losses.len() == steps {

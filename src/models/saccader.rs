@@ -630,10 +630,18 @@ impl Saccader {
             feats = g.add(feats, p)?;
         }
         let proxy_scores = g.concat(&run.scores, 1)?;
-        let weights = match (self.cfg.glimpse_pool, relevance) {
-            (GlimpsePool::Relevance, Some(c)) => Some(g.add(proxy_scores, c)?),
-            (GlimpsePool::Attention, _) => Some(proxy_scores),
-            _ => None,
+        // Relevance: the crops' scores join the proxy's, which are taught
+        // the softmax of the sum (a fixed target: the proxy learns from the
+        // crops, not the crops' scores from the proxy).
+        let (weights, target) = match relevance {
+            Some(c) => {
+                let w = g.add(proxy_scores, c)?;
+                (Some(w), Some(softmax(g.value(w))?))
+            }
+            None => (
+                (self.cfg.glimpse_pool == GlimpsePool::Attention).then_some(proxy_scores),
+                None,
+            ),
         };
         let pooled = pool_glimpses(g, feats, self.cfg.glimpse_pool, weights)?;
         let h = self.head1.forward(g, ps, pooled)?;
@@ -661,10 +669,7 @@ impl Saccader {
         } else {
             g.add(ce, scaled)?
         };
-        if let (Some(w), true) = (weights, relevance.is_some()) {
-            // The target is fixed: the proxy learns from the crops, not the
-            // crops' scores from the proxy.
-            let target = softmax(g.value(w))?;
+        if let Some(target) = target {
             let distill = soft_cross_entropy(g, proxy_scores, &target)?;
             per_sample = g.add(per_sample, distill)?;
         }
