@@ -15,13 +15,16 @@ will not import without its nvidia-* / cuda-toolkit dependencies)::
 
 Commands (from the repository root, saccade built with `cargo build --release`)::
 
-    # throughput of forward + backward + Adam, median of the timed steps. On a
-    # shared machine prefix OMP_WAIT_POLICY=PASSIVE: PyTorch's spinning OpenMP
-    # threads otherwise lose 2-5x to contention (BENCHMARKS.md)
-    /tmp/torchenv/bin/python benches/torch_step.py --preset small --batch-size 32 --steps 30 --threads 2
-    /tmp/torchenv/bin/python benches/torch_step.py --preset paper --json
-    # ...and saccade's own figure, same machine, same minute
+    # the fair protocol (BENCHMARKS.md, "Against PyTorch"): on an idle
+    # machine, 3 alternated rounds of PyTorch eager (default OpenMP, and
+    # OMP_WAIT_POLICY=PASSIVE), torch.compile (default, max-autotune) and
+    # `saccade bench --step`, each the median step on one batch with the
+    # glimpses' gradient on; then saccade's epoch with its loader
     /tmp/torchenv/bin/python benches/torch_step.py --compare-saccade target/release/saccade
+    /tmp/torchenv/bin/python benches/torch_step.py --compare-saccade target/release/saccade --preset paper --batch-size 32
+    # one PyTorch figure alone (median of the timed steps of forward + backward + Adam)
+    /tmp/torchenv/bin/python benches/torch_step.py --preset small --batch-size 32 --steps 30 --threads 2
+    /tmp/torchenv/bin/python benches/torch_step.py --preset small --compile default --json
     # the large-image baseline: ResNet18 over 12x12 tiles of 224^2 of a 2528^2 image
     /tmp/torchenv/bin/python benches/torch_step.py --model tiled-resnet18 --size 2528 --batch-size 2 --steps 2
 
@@ -61,6 +64,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import resource
 import statistics
 import struct
@@ -534,27 +538,66 @@ def train_step_fn(model, opt, batch, clip_value, mask):
 
 
 def time_steps(step, warmup, steps):
+    """(timed step seconds, their losses, seconds of the first warm-up step:
+    with torch.compile, the compilation)."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         step()
+    first = time.perf_counter() - t0
     times, losses = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
-    return times, losses
+    return times, losses, first
 
 
 def summarize(times, b):
     med, mean = statistics.median(times), statistics.fmean(times)
     return dict(median_step_s=med, mean_step_s=mean, min_step_s=min(times), max_step_s=max(times),
                 samples_per_s=b / med, samples_per_s_at_mean=b / mean, samples_per_s_at_min=b / min(times),
-                steps=len(times), loadavg_1min_after=os.getloadavg()[0],
+                steps=len(times), loadavg_1min_after=os.getloadavg()[0], cpu=cpu_description(),
                 peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
+def cpu_description():
+    """The CPU model and the vector extensions that decide GEMM speed."""
+    model, flags = platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == platform.machine():
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    vec = ("AVX-512" if "avx512f" in flags else "AVX2+FMA, no AVX-512" if {"avx2", "fma"} <= flags
+           else "no AVX2")
+    return f"{model} ({vec})"
+
+
+def run_saccade_step(binary, preset, batch_size, threads, steps, mask):
+    """saccade's step on one batch, as this script times PyTorch's: `saccade
+    bench --step` (median of `steps` steps after a warm-up, the glimpses'
+    gradient on, as in the replica)."""
+    cmd = [binary, "bench", "--step", "--preset", preset, "--batch-size", str(batch_size),
+           "--steps", str(steps), "--threads", str(threads), "--json"]
+    if not mask:
+        raise SystemExit("--no-mask: `saccade bench --step` times the presets as they are (mask on)")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return dict(command=" ".join(cmd), error=r.stderr[-2000:])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return dict(command=" ".join(cmd), **res)
+
+
 def run_saccade_train(binary, preset, batch_size, threads, train_size, out, mask):
-    """saccade's own figure: one epoch of `saccade train` (includes its loader)."""
-    cmd = [binary, "train", "--preset", preset, *([] if mask else ["--no-mask"]), "--batch-size", str(batch_size),
+    """saccade's epoch with its loader: one epoch of `saccade train`, the
+    glimpses' gradient on from the first image (`--policy-warmup 0`) as in
+    the replica."""
+    cmd = [binary, "train", "--preset", preset, *([] if mask else ["--no-mask"]), "--policy-warmup", "0",
+           "--batch-size", str(batch_size),
            "--train-size", str(train_size), "--valid-size", "64", "--test-size", "64",
            "--epochs", "1", "--out", out, "--device", "cpu", "--threads", str(threads), "--json"]
     t0 = time.perf_counter()
@@ -590,7 +633,7 @@ def bench(args):
             return loss.item()
 
         warm = args.warmup if args.warmup is not None else 1
-        times, losses = time_steps(step, warm, args.steps)
+        times, losses, _ = time_steps(step, warm, args.steps)
         res = dict(model="tiled-resnet18", size=size, batch_size=b, tiles_per_image=len(tile_starts(size, 224)) ** 2,
                    tile_chunk=args.tile_chunk, checkpointing=args.checkpointing, params=num_params(model), threads=args.threads,
                    torch=torch.__version__, warmup=warm, data="random", **summarize(times, b))
@@ -610,10 +653,13 @@ def bench(args):
     else:
         batch = random_batch(b, cfg["channels"], size, cfg["proxy_size"], cfg["num_classes"], args.seed)
         data = f"random {b}x1x{size}x{size} images, area proxies, random labels"
+    if args.compile != "none":
+        model = torch.compile(model, mode=None if args.compile == "default" else args.compile)
     step = train_step_fn(model, opt, batch, preset["clip_value"], args.mask)
     warm = args.warmup if args.warmup is not None else 3
-    times, losses = time_steps(step, warm, args.steps)
+    times, losses, warm_s = time_steps(step, warm, args.steps)
     res = dict(model="saccade", preset=args.preset, mask=args.mask, batch_size=b, image_size=size,
+               compile=args.compile, warmup_s=warm_s,
                params=num_params(model), threads=args.threads, torch=torch.__version__,
                warmup=warm, data=data, lr=preset["lr"], clip_value=preset["clip_value"],
                first_loss=losses[0], last_loss=losses[-1], **summarize(times, b))
@@ -785,11 +831,17 @@ def main():
     ap.add_argument("--checkpointing", action="store_true",
                     help="tiled: recompute each chunk of tiles in backward (saccade's --checkpointing)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--compile", choices=["none", "default", "max-autotune-no-cudagraphs"], default="none",
+                    help="torch.compile the model (inductor) in this mode; the first warm-up step's time "
+                         "(compilation included) is reported as warmup_s")
     ap.add_argument("--compare-saccade", metavar="BIN",
-                    help="also run `BIN train` for one epoch of --saccade-images images, same preset/batch/threads")
-    ap.add_argument("--saccade-images", type=int, default=3200)
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="repeat (torch timing, then saccade's epoch with --compare-saccade) this many times")
+                    help="the fair protocol: per round each of --opponents (fresh processes), then `BIN bench "
+                         "--step`, same preset/batch/threads/steps; then one `BIN train` epoch of "
+                         "--saccade-images images with its loader")
+    ap.add_argument("--opponents", default="eager,eager-passive,compile,compile-max",
+                    help=f"with --compare-saccade, comma-separated from {', '.join(OPPONENTS)}")
+    ap.add_argument("--saccade-images", type=int, default=3200, help="0: no epoch")
+    ap.add_argument("--rounds", type=int, default=3, help="with --compare-saccade: alternated rounds")
     ap.add_argument("--verify", action="store_true", help="compare with saccade (needs --saccade)")
     ap.add_argument("--saccade", default="target/release/saccade", help="saccade binary for --verify")
     ap.add_argument("--workdir", help="--verify: folder for the generated data and checkpoint (default: a temp dir)")
@@ -820,41 +872,96 @@ def main():
         print("MATCH" if res["match"] else "MISMATCH")
         sys.exit(0 if res["match"] else 1)
 
-    rounds = []
-    for r in range(max(args.rounds, 1)):
-        load_before = os.getloadavg()[0]
-        res = bench(args)
-        res["loadavg_1min_before"] = load_before
-        if args.compare_saccade:
-            if args.model != "saccade":
-                res["saccade"] = dict(note="use `saccade bench --size 2528` for the tiled baseline")
-            else:
-                with tempfile.TemporaryDirectory(prefix="saccade_cmp_") as d:
-                    res["saccade"] = run_saccade_train(args.compare_saccade, args.preset, res["batch_size"],
-                                                       args.threads, args.saccade_images, d, args.mask)
-        res["env"] = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")
-                      if k in os.environ}
-        rounds.append(res)
-        if not args.json:
-            sac = res.get("saccade", {}).get("samples_per_s")
-            print(f"round {r + 1}: torch median {res['median_step_s']:.3f} s/step = {res['samples_per_s']:.1f} "
-                  f"samples/s (mean {res['samples_per_s_at_mean']:.1f}, best {res['samples_per_s_at_min']:.1f})"
-                  + (f"; saccade epoch {sac:.1f} samples/s" if sac else "")
-                  + f"; load {res['loadavg_1min_before']:.1f}", flush=True)
-    if len(rounds) > 1:
-        res = dict(rounds=rounds, median_over_rounds=dict(
-            torch_samples_per_s=statistics.median(x["samples_per_s"] for x in rounds),
-            torch_samples_per_s_at_mean=statistics.median(x["samples_per_s_at_mean"] for x in rounds),
-            torch_samples_per_s_at_min=statistics.median(x["samples_per_s_at_min"] for x in rounds)))
-        sac = [x["saccade"]["samples_per_s"] for x in rounds if "samples_per_s" in x.get("saccade", {})]
-        if sac:
-            res["median_over_rounds"]["saccade_samples_per_s"] = statistics.median(sac)
+    if args.compare_saccade:
+        res = compare_rounds(args)
+        if args.json:
+            print(json.dumps(res))
+        return
+    res = bench(args)
+    res["env"] = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")
+                  if k in os.environ}
     if args.json:
         print(json.dumps(res))
     else:
         for k, v in res.items():
             print(f"{k}: {v}")
 
+
+# How each opponent runs: torch.compile mode and extra environment.
+OPPONENTS = {
+    "eager": ("none", {}),
+    "eager-passive": ("none", {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "compile": ("default", {}),
+    "compile-max": ("max-autotune-no-cudagraphs", {}),
+}
+
+
+def torch_worker(args, opponent):
+    """One PyTorch timing in a fresh process (OpenMP reads its environment
+    once, at import)."""
+    mode, extra = OPPONENTS[opponent]
+    cmd = [sys.executable, os.path.abspath(__file__), "--preset", args.preset, "--steps", str(args.steps),
+           "--threads", str(args.threads), "--seed", str(args.seed), "--compile", mode, "--json"]
+    for flag, v in (("--batch-size", args.batch_size), ("--size", args.size), ("--warmup", args.warmup),
+                    ("--data", args.data)):
+        if v is not None:
+            cmd += [flag, str(v)]
+    if not args.mask:
+        cmd.append("--no-mask")
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **extra})
+    if r.returncode != 0:
+        raise RuntimeError(f"{opponent}: {' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def compare_rounds(args):
+    """The fair protocol (BENCHMARKS.md): per round, each PyTorch opponent and
+    then saccade time the same model's step on one batch, same preset, batch
+    and threads, the glimpses' gradient on both sides; rounds alternate so
+    that drift in the machine hits every side alike. Then saccade's epoch
+    with its loader, separately."""
+    opponents = args.opponents.split(",")
+    for o in opponents:
+        if o not in OPPONENTS:
+            raise SystemExit(f"--opponents: unknown `{o}`; choose from {', '.join(OPPONENTS)}")
+    rounds = []
+    for r in range(max(args.rounds, 1)):
+        rnd = {"loadavg_1min_before": os.getloadavg()[0]}
+        for o in opponents:
+            rnd[o] = torch_worker(args, o)
+        rnd["saccade"] = run_saccade_step(args.compare_saccade, args.preset, rnd[opponents[0]]["batch_size"],
+                                          args.threads, args.steps, args.mask)
+        rounds.append(rnd)
+        if not args.json:
+            line = ", ".join(f"{o} {rnd[o]['samples_per_s']:.1f}" for o in opponents)
+            sac = rnd["saccade"].get("samples_per_s")
+            print(f"round {r + 1} (load {rnd['loadavg_1min_before']:.1f}): samples/s {line}, saccade "
+                  + (f"{sac:.1f}" if sac else f"failed: {rnd['saccade'].get('error')}"), flush=True)
+    b = rounds[0][opponents[0]]["batch_size"]
+    med = {o: statistics.median(x[o]["samples_per_s"] for x in rounds) for o in opponents + ["saccade"]
+           if all("samples_per_s" in x[o] for x in rounds)}
+    res = dict(preset=args.preset, batch_size=b, threads=args.threads, cpu=cpu_description(),
+               torch=torch.__version__, rounds=rounds, median_samples_per_s=med,
+               saccade_over={o: med["saccade"] / med[o] for o in opponents if "saccade" in med and o in med})
+    compiled = [o for o in opponents if OPPONENTS[o][0] != "none"]
+    if compiled:
+        res["compile_s"] = {o: [x[o]["warmup_s"] for x in rounds] for o in compiled}
+    if args.saccade_images > 0:
+        with tempfile.TemporaryDirectory(prefix="saccade_cmp_") as d:
+            res["saccade_epoch"] = run_saccade_train(args.compare_saccade, args.preset, b, args.threads,
+                                                     args.saccade_images, d, args.mask)
+    if not args.json:
+        print(f"{res['cpu']}, {args.threads} threads, torch {res['torch']}, preset {args.preset}, batch {b}, "
+              f"{len(rounds)} rounds: median samples/s " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))
+        print("saccade / opponent: " + ", ".join(f"{k} {v:.2f}x" for k, v in res["saccade_over"].items()))
+        for o, c in res.get("compile_s", {}).items():
+            print(f"{o}: warm-up steps incl. compilation " + ", ".join(f"{x:.0f} s" for x in c))
+        ep = res.get("saccade_epoch")
+        if ep:
+            print(f"saccade epoch with its loader: " + (f"{ep['samples_per_s']:.1f} samples/s "
+                  f"({ep['images']} images, {ep['epoch_seconds']:.0f} s)" if "samples_per_s" in ep
+                  else f"failed: {ep['error']}"))
+    return res
 
 if __name__ == "__main__":
     main()

@@ -342,45 +342,106 @@ pub fn machine_limits() -> (f64, f64) {
     )
 }
 
-/// A per-op profile (see [`crate::profile`]) of `steps` training steps of
-/// the saccade model on the CPU after one warm-up step, as Markdown: the
-/// per-op table plus the loader and the work outside the tape (loss
-/// readout, clipping, Adam), step time and peak tensor memory.
-pub fn profile(cfg: TrainConfig, data: &Arc<dyn Dataset>, steps: usize) -> Result<String> {
+/// The CPU as a reader needs it beside a time: its model, the vector
+/// extensions the GEMM and our loops run on, and the threads used.
+pub fn cpu_description() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    #[cfg(target_arch = "x86_64")]
+    let vector = if std::arch::is_x86_feature_detected!("avx512f") {
+        "AVX-512"
+    } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        "AVX2+FMA, no AVX-512"
+    } else {
+        "no AVX2"
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let vector = std::env::consts::ARCH;
+    format!("{model} ({vector}), {} threads", rayon::current_num_threads())
+}
+
+/// `steps` training steps of the saccade model on the CPU, each on the same
+/// batch (the first of `data`), after one warm-up step.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepTiming {
+    pub batch_size: usize,
+    pub steps: usize,
+    pub median_step_s: f64,
+    pub samples_per_s: f64,
+    pub peak_tensor_mib: f64,
+    pub cpu: String,
+}
+
+/// Time `steps` steps (see [`StepTiming`]); with `per_op`, also the per-op
+/// profile (see [`crate::profile`]) as Markdown: the per-op table plus the
+/// work outside the tape (loss readout, clipping, Adam). The loader is not
+/// in the step: `saccade train` reports the epoch with it.
+pub fn time_steps(
+    cfg: TrainConfig,
+    data: &Arc<dyn Dataset>,
+    steps: usize,
+    per_op: bool,
+) -> Result<(StepTiming, Option<String>)> {
     let batch_size = cfg.batch_size;
-    let title = data.describe();
     let dev = Device::cpu();
-    let mut trainer = Trainer::<Saccader>::new(cfg, dev.clone())?;
-    let mut batches = loader(data, batch_size, &dev)?.epoch(0);
-    dev.enable_profile();
+    let (mut trainer, batch) = prepare::<Saccader>(cfg, data, &dev)?;
+    if per_op {
+        dev.enable_profile();
+    }
     let mut step_times = Vec::new();
     for i in 0..=steps {
         dev.profile_mark();
-        let batch = batches
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("profile: too few batches"))??;
-        dev.profile_lap("loader");
         if i == 0 {
             dev.reset_peak();
         }
         let t = Instant::now();
         trainer.step(&batch)?;
-        dev.profile_lap("optimizer and step glue");
+        if per_op {
+            dev.profile_lap("optimizer and step glue");
+        }
         step_times.push(t.elapsed().as_secs_f64());
-        if i == 0 {
+        if i == 0 && per_op {
             dev.take_profile();
         }
     }
-    let prof = dev.take_profile().expect("profiling is on");
-    let (gflops, gbytes) = machine_limits();
     let step = median(&step_times[1..]);
-    Ok(format!(
-        "saccade on {title}, batch {batch_size}, {steps} steps on {dev}: median step {:.1} ms \
-         ({:.0} samples/s), peak tensor memory {:.1} MiB\n{}",
-        1e3 * step,
-        batch_size as f64 / step,
-        dev.memory().peak_bytes as f64 / (1 << 20) as f64,
+    let timing = StepTiming {
+        batch_size,
+        steps,
+        median_step_s: step,
+        samples_per_s: batch_size as f64 / step,
+        peak_tensor_mib: dev.memory().peak_bytes as f64 / (1 << 20) as f64,
+        cpu: cpu_description(),
+    };
+    let table = per_op.then(|| {
+        let prof = dev.take_profile().expect("profiling is on");
+        let (gflops, gbytes) = machine_limits();
         prof.table(steps, gflops, gbytes)
+    });
+    Ok((timing, table))
+}
+
+/// [`time_steps`] with the per-op profile, as Markdown under a line that
+/// names the data, the step time, the peak tensor memory and the CPU.
+pub fn profile(cfg: TrainConfig, data: &Arc<dyn Dataset>, steps: usize) -> Result<String> {
+    let (t, table) = time_steps(cfg, data, steps, true)?;
+    Ok(format!(
+        "saccade on {}, batch {}, {steps} steps on the same batch, {}: median step {:.1} ms \
+         ({:.0} samples/s), peak tensor memory {:.1} MiB\n{}",
+        data.describe(),
+        t.batch_size,
+        t.cpu,
+        1e3 * t.median_step_s,
+        t.samples_per_s,
+        t.peak_tensor_mib,
+        table.unwrap_or_default()
     ))
 }
 

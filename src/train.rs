@@ -362,13 +362,17 @@ impl EpochSums {
         self.seen += images;
     }
 
-    /// The progress bar's line after `seconds` of the epoch.
-    fn status(&self, seconds: f64) -> String {
+    /// The progress bar's line after `seconds` of the epoch, with the time
+    /// the run's `steps_left` training steps will take at this epoch's pace
+    /// (validation and test not counted).
+    fn status(&self, seconds: f64, steps_left: usize) -> String {
+        let left = seconds / self.steps.max(1) as f64 * steps_left as f64;
         format!(
-            "loss {:.3} acc {:.1}% {:.0} samples/s",
+            "loss {:.3} acc {:.1}% {:.0} samples/s, run {} left",
             self.loss / self.steps.max(1) as f64,
             100.0 * self.correct as f64 / self.answers.max(1) as f64,
-            self.seen as f64 / seconds
+            self.seen as f64 / seconds,
+            duration(left)
         )
     }
 
@@ -809,8 +813,15 @@ impl<M: Model> Trainer<M> {
                 self.step_failed(e, ck_path)
             })?;
             sums.add(figures, batch.len(), batch.targets.len());
-            let status = sums.status(t0.elapsed().as_secs_f64());
             let step = self.progress.step;
+            let mut steps_left = (steps * epochs).saturating_sub(epoch * steps + step);
+            if let Some(d) = self.deadline {
+                // The budget ends the run first when the pace says so.
+                let pace = t0.elapsed().as_secs_f64() / sums.steps as f64;
+                let fit = d.saturating_duration_since(Instant::now()).as_secs_f64() / pace;
+                steps_left = steps_left.min(fit as usize);
+            }
+            let status = sums.status(t0.elapsed().as_secs_f64(), steps_left);
             if show_progress
                 && !std::io::stderr().is_terminal()
                 && step.is_multiple_of(steps.div_ceil(10).max(1))
@@ -885,6 +896,16 @@ fn loader_config(batch_size: usize, shuffle_seed: Option<u64>) -> LoaderConfig {
         shuffle: shuffle_seed.is_some(),
         seed: shuffle_seed.unwrap_or(0),
         ..LoaderConfig::default()
+    }
+}
+
+/// `s` seconds as `1h05m`, `12m30s` or `45s`.
+pub fn duration(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, min, sec) => format!("{min}m{sec:02}s"),
+        (h, min, _) => format!("{h}h{min:02}m"),
     }
 }
 
@@ -980,7 +1001,15 @@ pub fn evaluate<M: Model>(
 
 #[cfg(test)]
 mod tests {
-    use super::LrSchedule;
+    use super::{duration, LrSchedule};
+
+    #[test]
+    fn durations_read_as_hours_minutes_seconds() {
+        assert_eq!(duration(-3.0), "0s");
+        assert_eq!(duration(44.6), "45s");
+        assert_eq!(duration(750.0), "12m30s");
+        assert_eq!(duration(3900.0), "1h05m");
+    }
 
     /// Both schedules warm up over the first 2% of steps and end at zero;
     /// cosine is at half the rate midway, WSD holds the full rate until 80%

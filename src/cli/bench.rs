@@ -3,7 +3,7 @@
 
 use clap::{Args, Subcommand};
 
-use super::config::Preset;
+use super::config::{preset_run, probe, Preset};
 use super::train::{check_train_flags, new_run_dir, run_train, RunSummary, TrainArgs};
 use super::{usage, DeviceArgs, DeviceChoice, Failure};
 
@@ -22,15 +22,22 @@ pub(super) struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     steps: usize,
     /// Instead of the comparison, print a per-op profile of the saccade
-    /// model's training step on the CPU (at --size, default 100).
+    /// model's training step on the CPU (on cluttered MNIST at --size,
+    /// default 100; many-objects on megapixel MNIST).
     #[arg(long)]
     profile: bool,
-    /// The saccade preset --profile runs.
+    /// Instead of the comparison, time the saccade model's training step on
+    /// the CPU without the per-op profile (the figure benches/torch_step.py
+    /// sets beside PyTorch's): the same batch every step, the glimpses'
+    /// gradient on as in PyTorch's replica.
+    #[arg(long, conflicts_with = "profile")]
+    step: bool,
+    /// The saccade preset --profile and --step run.
     #[arg(long, value_enum, default_value_t = Preset::Small)]
     preset: Preset,
-    /// With --profile: profile the configuration of this checkpoint, on its dataset, instead of
-    /// a preset's (e.g. runs/latest/checkpoint.safetensors).
-    #[arg(long, value_name = "CKPT", requires = "profile")]
+    /// With --profile or --step: the configuration of this checkpoint, on its dataset, instead
+    /// of a preset's (e.g. runs/latest/checkpoint.safetensors).
+    #[arg(long, value_name = "CKPT")]
     config_of: Option<std::path::PathBuf>,
     /// Training images per epoch for the epoch estimate.
     #[arg(long, default_value_t = 100_000)]
@@ -78,28 +85,53 @@ pub(super) fn run_bench(a: BenchArgs) -> Result<(), Failure> {
     if let Some(BenchCommand::Learning(l)) = a.what {
         return run_learning(l);
     }
-    let batch_size = a.batch_size.unwrap_or(if a.profile { 32 } else { 2 });
+    let single = a.profile || a.step;
+    if a.config_of.is_some() && !single {
+        return Err(usage(anyhow::anyhow!("--config-of needs --profile or --step")));
+    }
+    let batch_size = a.batch_size.unwrap_or(if single { 32 } else { 2 });
     if batch_size == 0 || a.steps == 0 || a.tile_chunk == 0 {
         return Err(usage(anyhow::anyhow!(
             "need --batch-size, --steps and --tile-chunk >= 1"
         )));
     }
-    if a.profile {
-        let n = (a.steps + 1) * batch_size;
-        let (cfg, data) = match &a.config_of {
-            Some(path) => {
-                let mut cfg = crate::train::checkpoint_config(path)?;
-                cfg.batch_size = batch_size;
-                let data = crate::bench::dataset_of(&cfg.dataset, n)?;
-                (cfg, data)
-            }
+    if single {
+        let mut cfg = match &a.config_of {
+            Some(path) => crate::train::checkpoint_config(path)?,
             None => {
-                let data = crate::bench::dataset(a.size.unwrap_or(100), n)?;
-                let cfg = crate::bench::saccade_config(a.preset == Preset::Paper, data.as_ref(), batch_size);
-                (cfg, data)
+                let spec = match (a.preset, a.size) {
+                    (Preset::ManyObjects, None) => crate::data::megapixel::NAME.to_string(),
+                    (_, None | Some(100)) => "cluttered-mnist".to_string(),
+                    (_, Some(s)) => format!("cluttered-mnist@{s}"),
+                };
+                let mut cfg = preset_run(a.preset, spec.clone(), probe(&spec)?.as_ref())?;
+                // The work PyTorch's replica does every step.
+                cfg.model.policy_warmup = 0;
+                cfg
             }
         };
-        print!("{}", crate::bench::profile(cfg, &data, a.steps)?);
+        cfg.batch_size = batch_size;
+        let data = crate::bench::dataset_of(&cfg.dataset, batch_size)?;
+        if a.profile {
+            print!("{}", crate::bench::profile(cfg, &data, a.steps)?);
+        } else {
+            let (t, _) = crate::bench::time_steps(cfg, &data, a.steps, false)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&t).map_err(anyhow::Error::from)?);
+            } else {
+                println!(
+                    "saccade step on {}, batch {}: median {:.1} ms ({:.0} samples/s) over {} steps, \
+                     peak tensor memory {:.1} MiB; {}",
+                    data.describe(),
+                    t.batch_size,
+                    1e3 * t.median_step_s,
+                    t.samples_per_s,
+                    t.steps,
+                    t.peak_tensor_mib,
+                    t.cpu
+                );
+            }
+        }
         return Ok(());
     }
     if a.device.device == DeviceChoice::Cuda && !a.no_gpu {

@@ -12,7 +12,7 @@ use super::train::TrainArgs;
 use super::{usage, Failure};
 use crate::data::spec::DatasetSpec;
 use crate::data::{self, Split, SplitSizes};
-use crate::models::saccader::decoder_pool_for;
+use crate::models::saccader::{decoder_pool_for, summary_pool_for};
 use crate::models::{ResNetConfig, SaccadeConfig, TiledConfig};
 use crate::train::{checkpoint_config, Baseline, LrSchedule, TrainConfig};
 
@@ -27,7 +27,8 @@ pub(super) enum Preset {
     /// images, batch 100, Adam 1e-4 constant, gradient values clipped to 0.25.
     Paper,
     /// Many small objects on a large canvas (the default for megapixel-mnist): 10 glimpses of
-    /// 32x32 at 0.035-0.06 of the side, each on the best proxy cell with ink not yet covered,
+    /// 32x32 at 0.035-0.06 of the side, each on the best proxy cell (one learnt ranking) with
+    /// ink not yet covered,
     /// pooled by attention (proxy scores plus a score of what each glimpse saw, which the proxy
     /// learns) beside a max with their places; 12 epochs, batch 32, Adam 1e-3 WSD, gradient
     /// values clipped to 1.
@@ -139,20 +140,28 @@ pub(super) fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     let preset = a
         .preset
         .unwrap_or(if many { Preset::ManyObjects } else { Preset::Small });
+    let mut cfg = preset_run(preset, spec, probe.as_ref())?;
+    apply_flags(a, &mut cfg);
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// `preset` on the dataset `spec`, before any flag, with what the data says
+/// filled in (`probe`: its test split): split sizes of a benchmark, proxy
+/// size and the pools that follow from it, class names, task heads.
+pub(super) fn preset_run(preset: Preset, spec: String, probe: &dyn data::Dataset) -> Result<TrainConfig> {
     let mut cfg = preset.config(spec, probe.channels(), probe.num_classes());
-    // A benchmark's own split sizes replace the preset's; flags still win.
     if let Some(s) = data::spec::DatasetSpec::parse(&cfg.dataset)?.default_sizes() {
         cfg.sizes = [s.train, s.valid, s.test];
     }
     cfg.model.proxy_size = probe.proxy_shape().1;
     cfg.model.decoder_pool = decoder_pool_for(cfg.model.proxy_size);
+    cfg.model.summary_pool = summary_pool_for(cfg.model.proxy_size);
     cfg.class_names = probe.class_names();
     let tasks = probe.tasks();
     if tasks.len() > 1 || tasks[0].multi_label {
         cfg.model.task_heads = tasks;
     }
-    apply_flags(a, &mut cfg);
-    cfg.validate()?;
     Ok(cfg)
 }
 
@@ -167,6 +176,7 @@ fn apply_flags(a: &TrainArgs, cfg: &mut TrainConfig) {
     m.focus = a.focus.unwrap_or(m.focus);
     m.glimpse_position |= a.glimpse_position;
     m.ink_prior |= a.ink_prior;
+    m.fixed_query |= a.fixed_query;
     m.beta = a.beta.unwrap_or(m.beta);
     m.policy_warmup = a.policy_warmup.unwrap_or(m.policy_warmup);
     m.policy_gradient &= !a.no_policy_gradient;
@@ -262,6 +272,7 @@ pub(super) fn resume_config(a: &TrainArgs, path: &Path) -> Result<TrainConfig, F
             model: SaccadeConfig {
                 proxy_size: m.proxy_size,
                 decoder_pool: m.decoder_pool,
+                summary_pool: m.summary_pool,
                 task_heads: m.task_heads.clone(),
                 ..p.model(m.channels, m.num_classes)
             },
@@ -356,6 +367,7 @@ fn flag_of(field: &str) -> &'static str {
         "focus" => "--focus",
         "glimpse_position" => "--glimpse-position",
         "ink_prior" => "--ink-prior",
+        "fixed_query" => "--fixed-query",
         "beta" => "--beta",
         "multiplicative" => "--multiplicative",
         "fixed_variance" => "--fixed-variance",

@@ -95,6 +95,10 @@ pub(super) struct TrainArgs {
     /// glimpses start on what is drawn rather than on empty background.
     #[arg(long)]
     pub(super) ink_prior: bool,
+    /// Rank the proxy's cells by one learnt query for every glimpse instead of a query from the
+    /// recurrent state (many objects of one kind: what marks one marks all).
+    #[arg(long)]
+    pub(super) fixed_query: bool,
     /// Weight of the VRNN terms (proxy NLL + KL) against the classification loss.
     #[arg(long)]
     pub(super) beta: Option<f32>,

@@ -108,6 +108,16 @@ pub struct VrnnConfig {
     /// the proxy itself): a 128² proxy's decoder would cost more than the
     /// rest of the model.
     pub decoder_pool: usize,
+    /// phi_x reads the feature map average-pooled by this factor (1: the
+    /// map itself): a 128² proxy's 32² map made its dense layer 4.2M
+    /// weights, 90% of the model.
+    pub summary_pool: usize,
+    /// One learnt query for every step instead of one from the state: the
+    /// cells are ranked once by what marks an object, and with the mask and
+    /// [`Focus::Peak`] the glimpses take the best cells in turn (IPS's
+    /// top-k). For many objects of one kind, where what was learnt for one
+    /// glimpse holds for all.
+    pub fixed_query: bool,
 }
 
 /// How the attention scores over the proxy's cells become a glimpse centre.
@@ -128,6 +138,14 @@ pub enum Focus {
     /// instead, by Gumbel-max, sent most training glimpses onto the noise
     /// strokes of megapixel MNIST.)
     Peak,
+}
+
+/// The proxy encoder's conv strides (3x3, pad 1).
+const ENC_STRIDES: [usize; 3] = [2, 2, 1];
+
+/// The side of the proxy encoder's feature map for a proxy of side `j`.
+pub fn map_side(j: usize) -> usize {
+    ENC_STRIDES.iter().fold(j, |n, s| (n - 1) / s + 1)
 }
 
 /// Two dense layers with an ELU between.
@@ -197,7 +215,11 @@ impl Vrnn {
             ps,
             "vrnn.enc",
             cfg.channels,
-            &[(w, 2), (2 * w, 2), (2 * w, 1)],
+            &[
+                (w, ENC_STRIDES[0]),
+                (2 * w, ENC_STRIDES[1]),
+                (2 * w, ENC_STRIDES[2]),
+            ],
             rng,
             dev,
         );
@@ -205,6 +227,7 @@ impl Vrnn {
         let cells_host = cell_centres(side, enc_convs.stride(), cfg.proxy_size);
         let e = cfg.embed;
         let h = cfg.hidden;
+        let summary = side / cfg.summary_pool;
         let recon = cfg.proxy_size / cfg.decoder_pool;
         let proxy_values = cfg.channels * recon * recon;
         // The posterior starts at N(0, e^INIT_LOGVAR) for every image: the
@@ -227,14 +250,16 @@ impl Vrnn {
         )
         .expect("same shape");
         // The query starts at zero: uniform attention, glimpses at the centre.
-        let query = Linear::new(ps, "vrnn.query", h, enc_convs.out_channels, rng, dev);
-        ps.set(query.w, Tensor::zeros(&[enc_convs.out_channels, h], dev))
+        // A fixed query is read from a constant 1 instead of the state.
+        let q_in = if cfg.fixed_query { 1 } else { h };
+        let query = Linear::new(ps, "vrnn.query", q_in, enc_convs.out_channels, rng, dev);
+        ps.set(query.w, Tensor::zeros(&[enc_convs.out_channels, q_in], dev))
             .expect("same shape");
         Vrnn {
             enc_fc: Linear::new(
                 ps,
                 "vrnn.enc.fc",
-                enc_convs.out_channels * side * side,
+                enc_convs.out_channels * summary * summary,
                 e,
                 rng,
                 dev,
@@ -264,7 +289,9 @@ impl Vrnn {
         let b = g.shape(proxy)[0];
         let map = self.enc_convs.forward(g, ps, proxy)?;
         let (f, m) = (g.shape(map)[1], g.shape(map)[2]);
-        let x = g.reshape(map, &[b, f * m * m])?;
+        let k = self.cfg.summary_pool;
+        let summary = if k > 1 { g.avg_pool2d(map, k, k)? } else { map };
+        let x = g.reshape(summary, &[b, f * (m / k) * (m / k)])?;
         let x = self.enc_fc.forward(g, ps, x)?;
         let phi_x = g.elu(x)?;
         Ok((phi_x, g.reshape(map, &[b, f, m * m])?))
@@ -294,7 +321,12 @@ impl Vrnn {
     ) -> Result<(Var, Var, Vec<usize>)> {
         let (b, f) = (g.shape(keys)[0], g.shape(keys)[1]);
         let p = g.shape(keys)[2];
-        let q = self.query.forward(g, ps, h)?;
+        let q_in = if self.cfg.fixed_query {
+            g.constant(Tensor::full(&[b, 1], 1.0, &g.value(h).device()))
+        } else {
+            h
+        };
+        let q = self.query.forward(g, ps, q_in)?;
         let q = g.reshape(q, &[b, 1, f])?;
         // [B, 1, F] @ [B, F, P]: one batched product (a broadcast multiply
         // and a sum took 5% of the default step).
@@ -578,6 +610,8 @@ mod tests {
             focus: Focus::Mean,
             ink_prior: false,
             decoder_pool: 1,
+            summary_pool: 1,
+            fixed_query: false,
         };
         Vrnn::new(
             &mut ParamStore::new(),
