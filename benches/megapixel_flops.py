@@ -58,9 +58,10 @@ saccade (src/models/{saccader,vrnn,classifier}.rs)
   groups) -> ELU; output side (n-1)//stride + 1.
 * VRNN (once per image): proxy C x J x J -> ConvStack
   [(w,2),(2w,2),(2w,1)] -> map 2w x m x m (m = J/4 rounded up, P = m^2
-  cells) -> enc_fc (2w*m*m -> E) + ELU = phi_x.
+  cells) -> average pool by summary_pool k -> enc_fc (2w*(m/k)^2 -> E)
+  + ELU = phi_x.
 * VRNN (per glimpse step, T times): posterior MLP (E+H -> E -> 4),
-  attention (query H -> 2w, scores [1,2w]@[2w,P], softmax, [1,P]@[P,2] for
+  attention (query H -> 2w, or 1 -> 2w with fixed_query, scores [1,2w]@[2w,P], softmax, [1,P]@[P,2] for
   the centre), prior MLP (H -> E -> 6), phi_z (3 -> E), decoder MLP
   (E+H -> E -> C*J*J, Bernoulli logits of the whole proxy, every step), GRU
   cell (input 2E, hidden H: 3H(2E) + 3H*H multiply-adds).
@@ -69,7 +70,7 @@ saccade (src/models/{saccader,vrnn,classifier}.rs)
   then global average pooling, F = 4f features.
 * Optional `place` Linear(3 -> F) per glimpse (glimpse_position), pooling
   (mean / max / attention: weighted mean [1,T]@[T,F] beside the max,
-  2F), head.0 Linear(F or 2F -> F) + ELU, one Linear(F -> K_task) per task.
+  2F; relevance: attention plus a Linear(F -> 1) score per glimpse), head.0 Linear(F or 2F -> F) + ELU, one Linear(F -> K_task) per task.
 * Training = 3 x forward (the whole model is under autograd).
 
 Hand checks (example config: --example-config)
@@ -81,7 +82,8 @@ Hand checks (example config: --example-config)
   Encoder per patch = 52,570,176 MACs = 105.14 MFLOP; x900 = 94.6 GFLOP.
 * saccade, J = 128, w = 16: enc convs at 64^2, 32^2, 32^2:
   64*64*16*9 = 589,824; 32*32*32*16*9 = 4,718,592; 32*32*32*32*9 =
-  9,437,184 MACs. enc_fc 32*32*32 -> 128 = 4,194,304 MACs. The decoder's
+  9,437,184 MACs. enc_fc 32*32*32 -> 128 = 4,194,304 MACs (summary_pool
+  4: 8*8*32 -> 128 = 262,144). The decoder's
   last layer 128 -> 16384 = 2,097,152 MACs per step, the largest per-step
   term (x10 steps). Classifier (f = 16, L = 32): 32^2*16*9 + 16^2*32*16*9
   + 8^2*64*32*9 + 4^2*64*64*9 = 147,456 + 1,179,648 + 1,179,648 + 589,824
@@ -371,8 +373,15 @@ def saccade_rows(m):
     enc, fe, side = convstack_rows("vrnn: proxy encoder", C, J, [(w, 2), (2 * w, 2), (2 * w, 1)], 1, stored)
     rows += enc
     P = side * side
-    rows.append(Row("vrnn: proxy encoder", "enc_fc + ELU", shp(fe * P), shp(E), fe * P * E,
-                    (1 + ELEMENTWISE["elu"]) * E, 1, fe * P * E + E))
+    # phi_x reads the map average-pooled by summary_pool (1 in checkpoints
+    # from before the field).
+    k = m.get("summary_pool", 1)
+    S = (side // k) ** 2
+    if k > 1:
+        rows.append(Row("vrnn: proxy encoder", f"avg pool {k}x{k}", shp(fe, side, side), shp(fe, side // k, side // k),
+                        0, fe * P, 1))
+    rows.append(Row("vrnn: proxy encoder", "enc_fc + ELU", shp(fe * S), shp(E), fe * S * E,
+                    (1 + ELEMENTWISE["elu"]) * E, 1, fe * S * E + E))
     if m.get("ink_prior"):
         rows.append(Row("vrnn: proxy encoder", "ink prior (cell sums, ln)", shp(C, J, J), shp(P), 0, C * J * J + 2 * P))
     st = "vrnn: per step"
@@ -383,7 +392,7 @@ def saccade_rows(m):
     rows += [
         lin("posterior.0 + ELU", E + Hd, E, ELEMENTWISE["elu"] * E),
         lin("posterior.1", E, 4),
-        lin("query", Hd, fe),
+        lin("query", 1 if m.get("fixed_query") else Hd, fe),
         Row(st, "scores [1,F]@[F,P] + softmax", shp(1, fe) + " @ " + shp(fe, P), shp(1, P), fe * P,
             (ELEMENTWISE["softmax"] + 3) * P, T),  # + mask, weighted score sum
         Row(st, "centre [1,P]@[P,2] + atanh", shp(1, P) + " @ " + shp(P, 2), shp(2), 2 * P, 8, T),
@@ -406,7 +415,11 @@ def saccade_rows(m):
     ht = "heads"
     if position:
         rows.append(Row(ht, "place Linear(3->F) + tanh", shp(3), shp(F), 3 * F, F + F + 3, T, 3 * F + F))
-    if pool == "attention":
+    if pool == "relevance":
+        # A score of each glimpse's features, added to its proxy score; the
+        # proxy scores' soft cross-entropy against the weights is O(T).
+        rows.append(Row(ht, "relevance Linear(F->1)", shp(F), shp(1), F, 1, T, F + 1))
+    if pool in ("attention", "relevance"):
         rows.append(Row(ht, "pool: weighted mean [1,T]@[T,F]", shp(1, T) + " @ " + shp(T, F), shp(F), T * F,
                         ELEMENTWISE["softmax"] * T + 2 * T * F))
         pooled = 2 * F
@@ -453,17 +466,21 @@ EXAMPLE = {
         "proxy_size": 128,
         "glimpses": 10,
         "crop": 32,
-        "scale_min": 0.02,
-        "scale_max": 0.1,
+        "scale_min": 0.035,
+        "scale_max": 0.06,
         "beta": 0.01,
         "multiplicative": False,
-        "fixed_variance": None,
+        "fixed_variance": 1e-5,
         "mask_attended": True,
         "policy_warmup": 0,
-        "glimpse_pool": "attention",
-        "focus": "mean",
+        "policy_gradient": False,
+        "glimpse_pool": "relevance",
+        "focus": "peak",
         "glimpse_position": True,
-        "ink_prior": False,
+        "ink_prior": True,
+        "decoder_pool": 4,
+        "summary_pool": 4,
+        "fixed_query": True,
         "enc_width": 16,
         "embed": 128,
         "hidden": 128,
@@ -476,11 +493,11 @@ EXAMPLE = {
         ],
     },
     "dataset": "megapixel-mnist",
-    "epochs": 10,
-    "batch_size": 16,
+    "epochs": 12,
+    "batch_size": 32,
     "lr": 0.001,
-    "lr_schedule": "constant",
-    "clip_value": 0.0,
+    "lr_schedule": "wsd",
+    "clip_value": 1.0,
     "clip_norm": 0.0,
     "seed": 0,
     "sizes": [5000, 0, 1000],
