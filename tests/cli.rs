@@ -191,6 +191,19 @@ fn resume_refuses_conflicting_flags_and_continues_in_the_checkpoints_folder() {
         stderr(&o)
     );
 
+    // A finished run has nothing to resume: refused, its checkpoint untouched
+    // (it printed "resuming at epoch 3" and rewrote the checkpoint).
+    let before = fs::read(dir.path().join(ck)).unwrap();
+    let o = saccade_in(dir.path(), &["train", "--resume", ck, "--json"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("has finished all 2 of its epochs: give --epochs 3 or more"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(o.stdout.is_empty());
+    assert_eq!(fs::read(dir.path().join(ck)).unwrap(), before);
+
     // A copy beside the run is not that run: resuming it must not replace R's checkpoint.
     fs::copy(dir.path().join(ck), dir.path().join("R/copy.safetensors")).unwrap();
     let o = saccade_in(

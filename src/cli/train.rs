@@ -390,6 +390,17 @@ fn resumed<M: Model>(path: &Path, epochs: Option<usize>, device: Device) -> Resu
         }
         t.cfg.epochs = e;
     }
+    if t.progress.epoch >= t.cfg.epochs {
+        // Nothing to train: resuming would only rewrite the checkpoint.
+        return Err(usage(anyhow::anyhow!(
+            "{} has finished all {} of its epochs: give --epochs {} or more to train on, or \
+             evaluate it with `saccade eval --checkpoint {}`",
+            path.display(),
+            t.cfg.epochs,
+            t.cfg.epochs + 1,
+            path.display()
+        )));
+    }
     eprintln!(
         "resuming {} at epoch {} step {}",
         path.display(),

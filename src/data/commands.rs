@@ -459,6 +459,13 @@ impl InspectArgs {
             self.count > 0 && self.cell >= 16,
             "--count must be positive and --cell at least 16"
         );
+        // As `export` and `--viz`: a picture never replaces a file (it once
+        // replaced an exported checkpoint).
+        ensure!(
+            !self.out.exists(),
+            "--out {} exists; choose a new file",
+            self.out.display()
+        );
         let (w, h) = grid_size(self.count, self.cell);
         ensure!(
             w.saturating_mul(h) <= MAX_GRID_PIXELS,
@@ -625,6 +632,26 @@ mod tests {
             let e = args(count, cell).check().unwrap_err().to_string();
             assert!(e.contains("fewer images or smaller cells"), "{count} {cell}: {e}");
         }
+    }
+
+    /// `inspect --out` onto an existing file is refused before any work and
+    /// leaves the file as it was (it replaced an exported checkpoint).
+    #[test]
+    fn inspect_refuses_to_replace_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("model.safetensors");
+        std::fs::write(&out, b"weights").unwrap();
+        let args = super::InspectArgs {
+            dataset: "cluttered-mnist".into(),
+            out: out.clone(),
+            count: 4,
+            split: super::Split::Test,
+            seed: 1,
+            cell: 64,
+        };
+        let e = args.check().unwrap_err().to_string();
+        assert!(e.contains("exists; choose a new file"), "{e}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"weights");
     }
 
     use super::*;
