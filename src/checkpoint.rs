@@ -101,12 +101,14 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     pub fn load(path: &Path) -> Result<Checkpoint> {
-        let bytes = fs::read(path).with_context(|| {
-            format!(
-                "cannot read checkpoint {} (check the --checkpoint/--resume path)",
-                path.display()
-            )
-        })?;
+        let bytes = crate::files::ensure_regular(path)
+            .and_then(|()| Ok(fs::read(path)?))
+            .with_context(|| {
+                format!(
+                    "cannot read checkpoint {} (check the --checkpoint/--resume path)",
+                    path.display()
+                )
+            })?;
         let bad = || {
             format!(
                 "{} is not a saccade checkpoint (damaged or another format)",

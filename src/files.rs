@@ -37,6 +37,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Refuse what is not a regular file (following links) before it is
+/// opened: opening a FIFO blocks until a writer comes, a device never ends.
+pub fn ensure_regular(path: &Path) -> Result<()> {
+    let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    anyhow::ensure!(
+        meta.is_file(),
+        "{} is not a regular file (a folder, FIFO, socket or device): give the path of a file",
+        path.display()
+    );
+    Ok(())
+}
+
 /// Write `img` as a PNG whole or not at all (encoded in memory, then
 /// [`write_atomic`]): a full disk or a kill
 /// never leaves a truncated picture. The error names the file.

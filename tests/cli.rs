@@ -777,3 +777,56 @@ fn eval_leaves_classes_without_test_images_out_of_the_per_class_list() {
         "{per_class:?}"
     );
 }
+
+/// A FIFO where a file is expected (an image, a checkpoint, an image to
+/// import) is refused at once, naming it: opening one blocked `predict`,
+/// `eval` and `data import` until a writer came, that is, forever.
+#[cfg(unix)]
+#[test]
+fn fifos_where_files_are_expected_are_refused_not_waited_on() {
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("imgs/a")).unwrap();
+    for f in ["x.png", "ck.safetensors", "imgs/a/y.png"] {
+        let made = Command::new("mkfifo").arg(dir.path().join(f)).status().unwrap();
+        assert!(made.success(), "mkfifo {f}");
+    }
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("pretrained/cluttered-mnist/model.safetensors");
+    let cases: [&[&str]; 3] = [
+        &[
+            "predict",
+            "--checkpoint",
+            shipped.to_str().unwrap(),
+            "x.png",
+            "--device",
+            "cpu",
+        ],
+        &["eval", "--checkpoint", "ck.safetensors", "--device", "cpu"],
+        &["data", "import", "--folder", "imgs", "--out", "S"],
+    ];
+    for args in cases {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_saccade"))
+            .current_dir(dir.path())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if t0.elapsed().as_secs() > 60 {
+                child.kill().unwrap();
+                panic!("{args:?} still waiting after a minute");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{args:?}: {err}");
+        assert!(err.contains("is not a regular file"), "{args:?}: {err}");
+    }
+}

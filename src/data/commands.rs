@@ -305,9 +305,8 @@ fn import_shape(files: &[Listed], size: Option<usize>) -> Result<(bool, (usize, 
     let mut color = false;
     let mut sizes = Vec::new();
     for Listed { path: p, .. } in files {
-        let dec = ImageReader::open(p)
-            .and_then(|r| r.with_guessed_format())
-            .map_err(anyhow::Error::from)
+        let dec = crate::files::ensure_regular(p)
+            .and_then(|()| Ok(ImageReader::open(p)?.with_guessed_format()?))
             .and_then(|r| Ok(r.into_decoder()?))
             .with_context(|| format!("cannot read image {}", p.display()))?;
         use image::ImageDecoder;

@@ -53,6 +53,7 @@ pub fn has_image_ext(path: &Path) -> bool {
 /// [`MAX_DECODE_BYTES`]; a truncated JPEG is an error. Errors do not repeat
 /// the path: the caller names the file.
 pub fn decode_file(path: &Path) -> Result<DynamicImage> {
+    crate::files::ensure_regular(path)?;
     let mut reader = ImageReader::open(path)
         .context("cannot open")?
         .with_guessed_format()

@@ -306,6 +306,8 @@ impl TiledImage {
     /// Map `path` and check its header; tiles are checked as they are read.
     pub fn open(path: &Path) -> Result<TiledImage> {
         let fix = "re-create it with `saccade data import` or `saccade data generate`";
+        crate::files::ensure_regular(path)
+            .with_context(|| format!("tiled image {}; {fix}", path.display()))?;
         let file = File::open(path).with_context(|| format!("cannot open tiled image {}", path.display()))?;
         // SAFETY: store files are written once (atomically renamed) and only read afterwards.
         let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
@@ -515,7 +517,9 @@ impl Manifest {
 
     pub fn read(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST);
-        let text = fs::read_to_string(&path).with_context(|| {
+        let text = crate::files::ensure_regular(&path)
+            .and_then(|()| Ok(fs::read_to_string(&path)?))
+            .with_context(|| {
             format!(
                 "{} is not a saccade store: cannot read {}; make one with `saccade data import` or `saccade data generate`",
                 dir.display(),
