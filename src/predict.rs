@@ -110,6 +110,8 @@ fn single_batch(model: &Saccader, source: Arc<dyn ImageSource>, proxy: Vec<f32>)
 /// One image to predict: a file, or an image of a store with its class.
 pub struct Input {
     pub path: PathBuf,
+    /// A store's tiled image, not an image file.
+    pub tiled: bool,
     /// The true class name (images of a store).
     pub truth: Option<String>,
 }
@@ -133,6 +135,7 @@ pub fn collect_inputs(
         if !arg.is_dir() {
             out.push(Ok(Input {
                 path: arg.clone(),
+                tiled: false,
                 truth: None,
             }));
             continue;
@@ -187,7 +190,11 @@ fn walk(
         if kind.is_dir() {
             walk(&path, split, channels, out, skipped);
         } else if has_image_ext(&path) && path.is_file() {
-            out.push(Ok(Input { path, truth: None }));
+            out.push(Ok(Input {
+                path,
+                tiled: false,
+                truth: None,
+            }));
         } else {
             *skipped += 1;
         }
@@ -208,6 +215,7 @@ fn store_inputs(dir: &Path, split: Option<Split>, channels: usize) -> Result<Vec
         .filter(|e| split.is_none_or(|s| e.split == s))
         .map(|e| Input {
             path: dir.join(&e.file),
+            tiled: true,
             truth: Some(m.tasks[0].describe_label(e.labels[0])),
         })
         .collect();
@@ -237,7 +245,7 @@ pub struct Prediction {
 /// [`crate::data::decode`], or a store's tiled image) and predict it.
 pub fn predict_input(model: &Saccader, input: &Input) -> Result<Prediction> {
     let c = &model.cfg;
-    let source: Arc<dyn ImageSource> = if input.truth.is_some() {
+    let source: Arc<dyn ImageSource> = if input.tiled {
         Arc::new(TiledImage::open(&input.path)?)
     } else {
         open_image_file(&input.path, c.channels)?

@@ -117,6 +117,40 @@ fn folders_are_walked_recursively_in_sorted_order() {
     assert_eq!(predicted(&o).len(), 1);
 }
 
+/// A store whose classes the model does not have (one-digit labels "0".."9"
+/// against the pairs "0+1"...): said once, and its images get no verdict
+/// (it printed "0 of 2 images ... predicted right" without a word).
+#[test]
+fn a_store_with_classes_the_model_lacks_is_noted_and_not_scored() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let g = saccade_in(
+        d,
+        &[
+            "data",
+            "generate",
+            "--dataset",
+            "cluttered-mnist-1",
+            "--out",
+            "store",
+            "--train",
+            "1",
+            "--valid",
+            "1",
+            "--test",
+            "2",
+        ],
+    );
+    assert!(g.status.success(), "{}", text(&g.stderr));
+    let o = predict(d, &["store", "--split", "test"]);
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(err.contains("classes this model does not have"), "{err}");
+    assert_eq!(predicted(&o).len(), 2, "{out}");
+    assert!(!out.contains("predicted right"), "{out}");
+    assert!(!out.contains(" (true "), "{out}");
+}
+
 #[test]
 fn a_store_input_shows_true_classes_and_its_accuracy() {
     let dir = tempfile::tempdir().unwrap();

@@ -382,6 +382,14 @@ fn ranked(probs: &[f32], names: &[String]) -> Vec<(String, f32)> {
         .collect()
 }
 
+/// Up to five names, then how many more.
+fn preview(names: &[String]) -> String {
+    match names.len() {
+        0..=5 => names.join(", "),
+        n => format!("{}, … ({n} in all)", names[..5].join(", ")),
+    }
+}
+
 pub(super) fn run_predict(a: PredictArgs) -> Result<(), Failure> {
     if a.top == 0 {
         return Err(usage(anyhow::anyhow!("--top must be at least 1")));
@@ -396,7 +404,26 @@ pub(super) fn run_predict(a: PredictArgs) -> Result<(), Failure> {
         SplitArg::Valid => Split::Valid,
         SplitArg::Test => Split::Test,
     });
-    let (inputs, skipped) = crate::predict::collect_inputs(&a.images, split, t.model.cfg.channels);
+    let (mut inputs, skipped) = crate::predict::collect_inputs(&a.images, split, t.model.cfg.channels);
+    // A store's true class the model does not know can be neither right nor
+    // wrong: say so, and show no verdict (it printed "0 of 2 right").
+    let mut unknown: Vec<String> = Vec::new();
+    for input in inputs.iter_mut().flatten() {
+        if let Some(truth) = input.truth.take_if(|t| !names.contains(t)) {
+            if !unknown.contains(&truth) {
+                unknown.push(truth);
+            }
+        }
+    }
+    if !unknown.is_empty() {
+        unknown.sort();
+        eprintln!(
+            "note: the stores given label images with classes this model does not have ({}; the model's: {}): \
+             those images are predicted without a verdict",
+            unknown.join(", "),
+            preview(&names)
+        );
+    }
     if skipped > 0 {
         eprintln!(
             "skipped {skipped} files in the folders given that are not PNG, JPEG or TIFF by their extension"
