@@ -6,8 +6,24 @@ use std::path::Path;
 
 use saccade::data::{open_dataset, DataConfig, Split, SplitSizes};
 use saccade::models::Saccader;
-use saccade::train::Trainer;
+use saccade::train::{EvalReport, Trainer};
 use saccade::Device;
+
+/// The checkpoint's figures on the first `n` test images of its dataset
+/// drawn with seed 99, a seed neither checkpoint was evaluated on.
+fn evaluate_seed_99(t: &mut Trainer<Saccader>, n: usize) -> EvalReport {
+    let cfg = DataConfig {
+        seed: 99,
+        sizes: SplitSizes {
+            train: 1,
+            valid: 1,
+            test: n,
+        },
+        mnist_dir: None,
+    };
+    let test = open_dataset(&t.cfg.dataset, Split::Test, &cfg).unwrap();
+    t.evaluate(&test, false).unwrap()
+}
 
 /// 300 test images drawn with a seed the checkpoint was not evaluated on
 /// (test digits come from MNIST's test set whatever the seed). Its full
@@ -22,17 +38,7 @@ fn shipped_checkpoint_classifies_cluttered_mnist() {
     let mut t = Trainer::<Saccader>::from_checkpoint(&path, Device::cpu()).unwrap();
     assert_eq!(t.cfg.class_names.len(), 55);
     assert_eq!(t.cfg.class_names[1], "0+1");
-    let cfg = DataConfig {
-        seed: 99,
-        sizes: SplitSizes {
-            train: 1,
-            valid: 1,
-            test: 300,
-        },
-        mnist_dir: None,
-    };
-    let test = open_dataset(&t.cfg.dataset, Split::Test, &cfg).unwrap();
-    let r = t.evaluate(&test, false).unwrap();
+    let r = evaluate_seed_99(&mut t, 300);
     let c = r.coverage.unwrap();
     println!(
         "accuracy {:.1}%, both digits inside a glimpse {:.1}%",
@@ -60,17 +66,7 @@ fn shipped_checkpoint_reads_megapixel_mnist() {
     let mut t = Trainer::<Saccader>::from_checkpoint(&path, Device::cpu()).unwrap();
     let tasks: Vec<String> = t.cfg.model.tasks().iter().map(|k| k.name.clone()).collect();
     assert_eq!(tasks, ["majority", "max", "top", "multi"]);
-    let cfg = DataConfig {
-        seed: 99,
-        sizes: SplitSizes {
-            train: 1,
-            valid: 1,
-            test: 100,
-        },
-        mnist_dir: None,
-    };
-    let test = open_dataset(&t.cfg.dataset, Split::Test, &cfg).unwrap();
-    let r = t.evaluate(&test, false).unwrap();
+    let r = evaluate_seed_99(&mut t, 100);
     let c = r.coverage.unwrap();
     let by_task: Vec<String> = r
         .tasks
