@@ -93,14 +93,18 @@ pub struct BenchReport {
     pub skipped: Vec<String>,
 }
 
-/// The generated cluttered-MNIST task at `size`, `n` training images.
-pub fn dataset(size: usize, n: usize) -> Result<Arc<dyn Dataset>> {
-    let spec = if size == 100 {
+/// The spec of generated cluttered MNIST at side `size`.
+pub fn cluttered_spec(size: usize) -> String {
+    if size == 100 {
         "cluttered-mnist".to_string()
     } else {
         format!("cluttered-mnist@{size}")
-    };
-    dataset_of(&spec, n)
+    }
+}
+
+/// The generated cluttered-MNIST task at `size`, `n` training images.
+pub fn dataset(size: usize, n: usize) -> Result<Arc<dyn Dataset>> {
+    dataset_of(&cluttered_spec(size), n)
 }
 
 /// The first `n` training images of the dataset `spec`.

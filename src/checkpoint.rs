@@ -6,7 +6,6 @@
 //! have none), and a check that every value is finite catch damage.
 
 use std::collections::HashMap;
-use std::fs;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -101,14 +100,12 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     pub fn load(path: &Path) -> Result<Checkpoint> {
-        let bytes = crate::files::ensure_regular(path)
-            .and_then(|()| Ok(fs::read(path)?))
-            .with_context(|| {
-                format!(
-                    "cannot read checkpoint {} (check the --checkpoint/--resume path)",
-                    path.display()
-                )
-            })?;
+        let bytes = crate::files::read_regular(path).with_context(|| {
+            format!(
+                "cannot read checkpoint {} (check the --checkpoint/--resume path)",
+                path.display()
+            )
+        })?;
         let bad = || {
             format!(
                 "{} is not a saccade checkpoint (damaged or another format)",
@@ -213,6 +210,7 @@ impl Checkpoint {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+    use std::fs;
 
     fn store(dev: &Device, nan: bool) -> ParamStore {
         let mut p = ParamStore::new();

@@ -49,6 +49,13 @@ pub fn ensure_regular(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The bytes of `path`, refused first if it is not a regular file (see
+/// [`ensure_regular`]).
+pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
+    ensure_regular(path)?;
+    fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
 /// Write `img` as a PNG whole or not at all (encoded in memory, then
 /// [`write_atomic`]): a full disk or a kill
 /// never leaves a truncated picture. The error names the file.

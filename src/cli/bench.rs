@@ -101,8 +101,7 @@ pub(super) fn run_bench(a: BenchArgs) -> Result<(), Failure> {
             None => {
                 let spec = match (a.preset, a.size) {
                     (Preset::ManyObjects, None) => crate::data::megapixel::NAME.to_string(),
-                    (_, None | Some(100)) => "cluttered-mnist".to_string(),
-                    (_, Some(s)) => format!("cluttered-mnist@{s}"),
+                    (_, s) => crate::bench::cluttered_spec(s.unwrap_or(100)),
                 };
                 let mut cfg = preset_run(a.preset, spec.clone(), probe(&spec)?.as_ref())?;
                 // The work PyTorch's replica does every step.

@@ -123,8 +123,7 @@ struct Row {
 /// the column.
 pub fn from_csv(csv: &Path, folder: &Path) -> Result<Listing> {
     let at = |line: u64, column: &str| format!("{} line {line}, column `{column}`", csv.display());
-    let bytes = crate::files::ensure_regular(csv)
-        .and_then(|()| Ok(fs::read(csv)?))
+    let bytes = crate::files::read_regular(csv)
         .with_context(|| format!("cannot read labels file {}", csv.display()))?;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)

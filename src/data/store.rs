@@ -517,8 +517,8 @@ impl Manifest {
 
     pub fn read(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST);
-        let text = crate::files::ensure_regular(&path)
-            .and_then(|()| Ok(fs::read_to_string(&path)?))
+        let text = crate::files::read_regular(&path)
+            .and_then(|b| Ok(String::from_utf8(b)?))
             .with_context(|| {
             format!(
                 "{} is not a saccade store: cannot read {}; make one with `saccade data import` or `saccade data generate`",
