@@ -142,6 +142,7 @@ pub fn saccade_config(paper: bool, data: &dyn Dataset, batch_size: usize) -> Tra
         clip_norm: 0.0,
         seed: 0,
         sizes: [data.len(), 1, 1],
+        augment: false,
         class_names: Vec::new(),
     }
 }

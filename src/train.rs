@@ -95,6 +95,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Images in the train, valid and test splits of generated datasets.
     pub sizes: [usize; 3],
+    /// Vary the training images each epoch where the dataset can
+    /// ([`crate::data::Dataset::varies`]); absent in older checkpoints: off.
+    #[serde(default)]
+    pub augment: bool,
     /// The dataset's class names, so a checkpoint names its predictions
     /// without the dataset (absent in older checkpoints).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -794,7 +798,10 @@ impl<M: Model> Trainer<M> {
         let (epoch, epochs, bs) = (self.progress.epoch, self.cfg.epochs, self.cfg.batch_size);
         let loader = Loader::new(
             train.clone(),
-            loader_config(bs, Some(self.cfg.seed)),
+            LoaderConfig {
+                augment: self.cfg.augment,
+                ..loader_config(bs, Some(self.cfg.seed))
+            },
             &self.device,
         )?;
         let steps = loader.num_batches();

@@ -39,6 +39,7 @@ fn short_run(seed: u64) -> Outcome {
         clip_norm: 0.0,
         seed,
         sizes: [TRAIN, 1, TEST],
+        augment: false,
         class_names: Vec::new(),
         baseline: None,
     };

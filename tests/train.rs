@@ -26,6 +26,7 @@ fn config(epochs: usize, train: usize) -> TrainConfig {
         clip_norm: 0.0,
         seed: 5,
         sizes: [train, 64, 256],
+        augment: false,
         class_names: Vec::new(),
         baseline: None,
     }

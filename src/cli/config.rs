@@ -65,6 +65,7 @@ impl Preset {
                 // 750k images: about 9 minutes on 2 cores (BENCHMARKS.md,
                 // "The default run"), 1.7 points above 500k at the median.
                 sizes: [150_000, 1_000, 2_000],
+                augment: false,
                 class_names: Vec::new(),
             },
             Preset::Paper => TrainConfig {
@@ -79,6 +80,7 @@ impl Preset {
                 clip_norm: 0.0,
                 seed: 1,
                 sizes: [100_000, 10_000, 10_000],
+                augment: false,
                 class_names: Vec::new(),
             },
             Preset::ManyObjects => TrainConfig {
@@ -88,6 +90,7 @@ impl Preset {
                 // The dataset's own sizes replace these (megapixel-mnist:
                 // the peers' 5000 training images).
                 sizes: [5_000, 1_000, 1_000],
+                augment: false,
                 ..Preset::Small.config(dataset, channels, num_classes)
             },
         }
@@ -194,6 +197,7 @@ fn apply_flags(a: &TrainArgs, cfg: &mut TrainConfig) {
     cfg.lr_schedule = a.lr_schedule.unwrap_or(cfg.lr_schedule);
     cfg.clip_value = a.clip_value.unwrap_or(cfg.clip_value);
     cfg.seed = a.seed.unwrap_or(cfg.seed);
+    cfg.augment = (cfg.augment || a.augment) && !a.no_augment;
     for (s, v) in cfg
         .sizes
         .iter_mut()
@@ -381,6 +385,7 @@ fn flag_of(field: &str) -> &'static str {
         "lr_schedule" => "--lr-schedule",
         "clip_value" => "--clip-value",
         "seed" => "--seed",
+        "augment" => "--augment",
         "width" => "--resnet-width",
         "tile" => "--tile",
         "chunk" => "--tile-chunk",

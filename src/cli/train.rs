@@ -114,6 +114,13 @@ pub(super) struct TrainArgs {
     /// follow it. Default 40000 for the small preset, 0 (off) for paper.
     #[arg(long)]
     pub(super) policy_warmup: Option<usize>,
+    /// Vary the training images each epoch, labels kept (megapixel MNIST: the layout mirrored
+    /// left-right or not and shifted on the canvas); the many-objects preset's default.
+    #[arg(long, conflicts_with = "no_augment")]
+    pub(super) augment: bool,
+    /// Train on the images exactly as they are every epoch.
+    #[arg(long)]
+    pub(super) no_augment: bool,
     /// Never let the classification loss move the glimpses (the many-objects preset's default:
     /// its glimpses learn where to look from the relevance pool).
     #[arg(long)]
@@ -367,6 +374,11 @@ fn open_splits(cfg: &TrainConfig) -> Result<[Arc<dyn data::Dataset>; 3], Failure
     let valid_set = data::open_dataset(spec, Split::Valid, &data_cfg)?;
     let test_set = data::open_dataset(spec, Split::Test, &data_cfg)?;
     check_compatible(&cfg.model, train_set.as_ref())?;
+    if cfg.augment && !train_set.varies() {
+        return Err(usage(anyhow::anyhow!(
+            "--augment: {spec} has no variations of its images (megapixel-mnist has); leave the flag out"
+        )));
+    }
     for (split, set) in [("train", &train_set), ("valid", &valid_set), ("test", &test_set)] {
         if set.is_empty() {
             return Err(usage(anyhow::anyhow!(

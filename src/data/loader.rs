@@ -20,6 +20,8 @@ use super::{mix_seed, Dataset};
 use crate::device::Device;
 use crate::tensor::Tensor;
 
+const AUGMENT_STREAM: u64 = 0x4155_474d;
+
 #[derive(Clone, Debug)]
 pub struct LoaderConfig {
     pub batch_size: usize,
@@ -34,6 +36,8 @@ pub struct LoaderConfig {
     /// Load whole images into [`Batch::images`] when an image has at most this
     /// many pixels (256² by default: the 100² tasks yes, 2528² no).
     pub max_resident_pixels: usize,
+    /// Vary the samples each epoch ([`Dataset::get_varied`]).
+    pub augment: bool,
 }
 
 impl Default for LoaderConfig {
@@ -46,6 +50,7 @@ impl Default for LoaderConfig {
             prefetch: 2,
             drop_last: false,
             max_resident_pixels: 256 * 256,
+            augment: false,
         }
     }
 }
@@ -155,6 +160,10 @@ impl Loader {
             h * w <= self.cfg.max_resident_pixels
         };
         let batches = Arc::new(batches);
+        let draw = self
+            .cfg
+            .augment
+            .then(|| mix_seed(&[self.cfg.seed, epoch as u64, AUGMENT_STREAM]));
         let mut receivers = Vec::new();
         let mut handles = Vec::new();
         let workers = self.cfg.workers.min(total);
@@ -163,7 +172,7 @@ impl Loader {
             let (ds, batches) = (self.dataset.clone(), batches.clone());
             handles.push(std::thread::spawn(move || {
                 for b in (w..batches.len()).step_by(workers) {
-                    let batch = make_batch(ds.as_ref(), &batches[b], resident);
+                    let batch = make_batch(ds.as_ref(), &batches[b], resident, draw);
                     let failed = batch.is_err();
                     // The consumer hung up: stop.
                     if tx.send(batch).is_err() || failed {
@@ -179,6 +188,7 @@ impl Loader {
             dataset: self.dataset.clone(),
             batches,
             resident,
+            draw,
             shape: {
                 let ds = &self.dataset;
                 let ((h, w), (pc, j)) = (ds.image_size(), ds.proxy_shape());
@@ -191,7 +201,7 @@ impl Loader {
     }
 }
 
-fn make_batch(ds: &dyn Dataset, indices: &[usize], resident: bool) -> Result<HostBatch> {
+fn make_batch(ds: &dyn Dataset, indices: &[usize], resident: bool, draw: Option<u64>) -> Result<HostBatch> {
     let c = ds.channels();
     let (h, w) = ds.image_size();
     let (pc, j) = ds.proxy_shape();
@@ -203,7 +213,10 @@ fn make_batch(ds: &dyn Dataset, indices: &[usize], resident: bool) -> Result<Hos
         indices: indices.to_vec(),
     };
     for (k, &i) in indices.iter().enumerate() {
-        let s = ds.get(i)?;
+        let s = match draw {
+            Some(d) => ds.get_varied(i, d)?,
+            None => ds.get(i)?,
+        };
         ensure!(
             s.proxy.len() == pc * j * j && s.image.channels() == c && s.image.size() == (h, w),
             "{}: sample {i} does not have the dataset's image or proxy shape",
@@ -237,6 +250,8 @@ pub struct Epoch {
     dataset: Arc<dyn Dataset>,
     batches: Arc<Vec<Vec<usize>>>,
     resident: bool,
+    /// The epoch's variation of the samples, when augmenting.
+    draw: Option<u64>,
     /// Image channels, height, width; proxy channels, side.
     shape: (usize, usize, usize, usize, usize),
     next: usize,
@@ -280,7 +295,7 @@ impl Iterator for Epoch {
         let k = self.next;
         self.next += 1;
         let host = if self.receivers.is_empty() {
-            make_batch(self.dataset.as_ref(), &self.batches[k], self.resident)
+            make_batch(self.dataset.as_ref(), &self.batches[k], self.resident, self.draw)
         } else {
             let rx = &self.receivers[k % self.receivers.len()];
             rx.recv()

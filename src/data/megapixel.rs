@@ -124,6 +124,32 @@ impl Scene {
         ]
     }
 
+    /// The same boxes mirrored left-right (`mirror`, the sprites unmirrored)
+    /// and then moved by one offset that keeps every box on the canvas:
+    /// every label holds (rows keep their order; the top digit's tie break
+    /// is by box order). A training augmentation.
+    pub fn moved(&self, side: usize, mirror: bool, rng: &mut ChaCha8Rng) -> Scene {
+        let last = side - DIGIT;
+        let mut boxes = self.boxes.clone();
+        if mirror {
+            boxes.iter_mut().for_each(|b| b.x = last - b.x);
+        }
+        let offset = |rng: &mut ChaCha8Rng, at: &dyn Fn(&Placed) -> usize| {
+            let lo = boxes.iter().map(at).min().unwrap() as i64;
+            let hi = boxes.iter().map(at).max().unwrap() as i64;
+            rng.random_range(-lo..=last as i64 - hi)
+        };
+        let (dy, dx) = (offset(rng, &|b| b.y), offset(rng, &|b| b.x));
+        for b in &mut boxes {
+            b.y = (b.y as i64 + dy) as usize;
+            b.x = (b.x as i64 + dx) as usize;
+        }
+        Scene {
+            boxes,
+            digit_labels: self.digit_labels,
+        }
+    }
+
     /// The digits' centres `[x, y]` in normalized coordinates (`[-1, 1]`).
     pub fn digit_centres(&self, side: usize) -> Vec<[f32; 2]> {
         let c = |o: usize| (2 * o + DIGIT) as f32 / side as f32 - 1.0;
@@ -459,6 +485,22 @@ impl MegapixelDataset {
         }
     }
 
+    /// Sample `i` drawn as `scene`.
+    fn sample(&self, i: usize, scene: &Scene) -> Result<Sample> {
+        ensure!(
+            i < self.len,
+            "sample {i} out of range: {} has {} samples",
+            self.describe(),
+            self.len
+        );
+        let image = self.image_of(scene);
+        Ok(Sample {
+            proxy: self.proxy.make(i, &image)?,
+            labels: scene.labels(),
+            image: Arc::new(image),
+        })
+    }
+
     /// The image of `scene`.
     pub fn image_of(&self, scene: &Scene) -> MegapixelImage {
         MegapixelImage::new(scene, self.side, |s| self.pixels(s))
@@ -501,19 +543,19 @@ impl Dataset for MegapixelDataset {
     }
 
     fn get(&self, i: usize) -> Result<Sample> {
-        ensure!(
-            i < self.len,
-            "sample {i} out of range: {} has {} samples",
-            self.describe(),
-            self.len
-        );
-        let scene = self.scene(i);
-        let image = self.image_of(&scene);
-        Ok(Sample {
-            proxy: self.proxy.make(i, &image)?,
-            labels: scene.labels(),
-            image: Arc::new(image),
-        })
+        self.sample(i, &self.scene(i))
+    }
+
+    /// Sample `i` mirrored left-right or not and moved ([`Scene::moved`]).
+    fn get_varied(&self, i: usize, draw: u64) -> Result<Sample> {
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(&[self.seed, self.split as u64, i as u64, draw]));
+        let mirror = rng.random_bool(0.5);
+        let scene = self.scene(i).moved(self.side, mirror, &mut rng);
+        self.sample(i, &scene)
+    }
+
+    fn varies(&self) -> bool {
+        true
     }
 
     fn describe(&self) -> String {
@@ -683,6 +725,44 @@ mod tests {
         assert!(top_ties > 0);
         // Train and valid draw from disjoint MNIST digits.
         assert!(train.pool.end <= valid.pool.start);
+    }
+
+    #[test]
+    fn varied_samples_keep_their_labels_and_layout_on_the_canvas() {
+        let side = 200;
+        let ds = dataset(side, Split::Train, 30, 16);
+        let (mut moved, mut mirrored) = (0, 0);
+        for i in 0..30 {
+            let scene = ds.scene(i);
+            let s = ds.get_varied(i, 7).unwrap();
+            assert_eq!(s.labels, scene.labels());
+            assert_ne!(
+                s.proxy,
+                ds.get_varied(i, 8).unwrap().proxy,
+                "sample {i}: draws 7 and 8 alike"
+            );
+            for mirror in [false, true] {
+                let m = scene.moved(side, mirror, &mut ChaCha8Rng::seed_from_u64(i as u64));
+                assert_eq!(m.labels(), scene.labels());
+                assert!(m.boxes.iter().all(|b| b.y <= side - DIGIT && b.x <= side - DIGIT));
+                let sign = if mirror { -1 } else { 1 };
+                let d = |p: &Placed, q: &Placed, sign: i64| {
+                    (p.y as i64 - q.y as i64, sign * (p.x as i64 - q.x as i64))
+                };
+                for (a, b) in scene.boxes.iter().zip(&m.boxes).skip(1) {
+                    assert_eq!(
+                        d(a, &scene.boxes[0], 1),
+                        d(b, &m.boxes[0], sign),
+                        "the layout changed"
+                    );
+                    assert_eq!(a.sprite, b.sprite);
+                }
+                moved += (m.boxes[0].y != scene.boxes[0].y) as usize;
+                mirrored += mirror as usize;
+            }
+        }
+        assert!(moved > 30 && mirrored == 30);
+        assert!(ds.varies());
     }
 
     #[test]

@@ -171,6 +171,17 @@ pub trait Dataset: Send + Sync {
     /// Sample `i`; the same `i` gives the same sample every time.
     fn get(&self, i: usize) -> Result<Sample>;
 
+    /// Sample `i` varied by `draw` (training augmentation), its labels
+    /// unchanged; `get(i)` where the dataset has no variations.
+    fn get_varied(&self, i: usize, _draw: u64) -> Result<Sample> {
+        self.get(i)
+    }
+
+    /// Whether [`Dataset::get_varied`] varies anything.
+    fn varies(&self) -> bool {
+        false
+    }
+
     /// One line saying what this is, for logs.
     fn describe(&self) -> String;
 
