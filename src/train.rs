@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::autograd::{Gradients, Graph};
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{mix_seed, Batch, Dataset, Loader, LoaderConfig, TaskSpec};
+use crate::device::cuda::OutOfMemory;
 use crate::device::Device;
 use crate::models::{Images, ResNet18, ResNetConfig, SaccadeConfig, Saccader, TiledConfig, TiledResNet18};
 use crate::nn::ParamStore;
@@ -850,16 +851,26 @@ impl<M: Model> Trainer<M> {
         Ok((sums, EpochEnd::Complete))
     }
 
-    /// The error of a failed training step, saying where training stopped
-    /// and which checkpoint is the last good one.
+    /// The error of a failed training step, saying where training stopped,
+    /// which checkpoint is the last good one and what to change.
     fn step_failed(&self, e: anyhow::Error, ck_path: &Path) -> anyhow::Error {
         let last = if ck_path.exists() {
             format!("the last good checkpoint is {}", ck_path.display())
         } else {
             "no checkpoint was written yet".to_string()
         };
+        let bs = self.cfg.batch_size;
+        let advice = if e.chain().any(|c| c.is::<OutOfMemory>()) {
+            format!(
+                "A batch of {bs} does not fit in the GPU's memory: lower --batch-size (say {}) in a new run, \
+                 or train with --device cpu.",
+                (bs / 2).max(1)
+            )
+        } else {
+            "Try a lower --lr or a tighter --clip-value.".to_string()
+        };
         anyhow::anyhow!(
-            "training stopped at epoch {} step {}: {e:#}; {last}. Try a lower --lr or a tighter --clip-value.",
+            "training stopped at epoch {} step {}: {e:#}; {last}. {advice}",
             self.progress.epoch + 1,
             self.progress.step
         )

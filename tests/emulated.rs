@@ -17,12 +17,15 @@
 
 mod emulation;
 
-use std::sync::Arc;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use clap::Parser;
 use emulation::Emu;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use saccade::cli::Cli;
 use saccade::data::{Batch, Dataset, Loader, LoaderConfig};
 use saccade::models::{ResNet18, ResNetConfig, Saccader, TiledConfig, TiledResNet18};
 use saccade::optim::{Adam, AdamConfig};
@@ -339,4 +342,187 @@ fn emulated_memory_is_flat_over_50_steps() {
         dev_peak <= cpu_peak,
         "peak bytes: the device {dev_peak}, the cpu {cpu_peak}"
     );
+}
+
+/// Held by a test while it has `--device cuda` open the emulated GPU
+/// ([`saccade::device::set_cuda_stand_in`] is one per process).
+static STAND_IN: Mutex<()> = Mutex::new(());
+
+/// `saccade …` in this process, its exit code.
+fn saccade(args: &[&str]) -> ExitCode {
+    saccade::cli::run(Cli::parse_from(
+        std::iter::once("saccade").chain(args.iter().copied()),
+    ))
+}
+
+/// A tiny run's flags: a small saccade model, two steps of 4 images an epoch.
+const TINY: &[&str] = &[
+    "--dataset",
+    "cluttered-mnist",
+    "--train-size",
+    "8",
+    "--valid-size",
+    "4",
+    "--test-size",
+    "4",
+    "--batch-size",
+    "4",
+    "--glimpses",
+    "2",
+    "--crop",
+    "8",
+    "--classifier-width",
+    "4",
+    "--policy-warmup",
+    "0",
+];
+
+/// The commands a user runs, with `--device cuda` on the emulated GPU: a
+/// tiny run (data, steps, validation, checkpoint, test, picture), its
+/// resumption, eval and predict of an image file. The checkpoint matches a
+/// CPU run's with the same flags tensor for tensor: names, shapes, and all
+/// but 0.1% of the values within 1e-5. Adam's first steps move a weight by
+/// about lr = 1e-3 whatever its gradient's size, so a gradient near 0 whose
+/// sign differs between the devices moves it apart by up to 2 lr a step: 9
+/// of the 32768 weights of one layer differed by 1e-5 to 8e-5 (the rest by
+/// under 1e-5; a tensor written garbled differs everywhere); 4e-3 bounds
+/// the two steps.
+#[test]
+fn emulated_cli_train_resume_eval_predict() {
+    let Some(emu) = Emu::get() else { return };
+    let _alone = STAND_IN.lock().unwrap_or_else(|e| e.into_inner());
+    let Device::Cuda(cuda) = emu.device().0 else {
+        unreachable!()
+    };
+    saccade::device::set_cuda_stand_in(Some(cuda));
+    let dir = tempfile::tempdir().unwrap();
+    let at = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
+    for device in ["cpu", "cuda"] {
+        let out = at(device);
+        let mut args = vec!["train", "--device", device, "--epochs", "1", "--out", &out];
+        args.extend(TINY);
+        let clock = Instant::now();
+        assert_eq!(saccade(&args), ExitCode::SUCCESS, "train --device {device}");
+        println!("train --device {device}: {:.1} s", clock.elapsed().as_secs_f64());
+    }
+    let ck = |d: &str| {
+        let path = dir.path().join(d).join("checkpoint.safetensors");
+        Trainer::<Saccader>::from_checkpoint(&path, Device::cpu()).unwrap()
+    };
+    let (c, g) = (ck("cpu"), ck("cuda"));
+    let (pc, pg) = (c.model.params(), g.model.params());
+    assert_eq!(pc.iter().count(), pg.iter().count(), "tensors in the checkpoints");
+    for ((_, a), (_, b)) in pc.iter().zip(pg.iter()) {
+        assert_eq!((&a.name, a.value.shape()), (&b.name, b.value.shape()));
+        let d: Vec<f32> = vals(&b.value)
+            .iter()
+            .zip(vals(&a.value))
+            .map(|(p, q)| (p - q).abs())
+            .collect();
+        let far = d.iter().filter(|&&v| v > 1e-5).count();
+        let max = d.iter().fold(0f32, |m, &v| m.max(v));
+        assert!(
+            max <= 4e-3 && far * 1000 <= d.len(),
+            "{}: {far} of {} values differ by over 1e-5 between the devices, at most {max:.2e}",
+            a.name,
+            d.len()
+        );
+    }
+    let cuda_ck = at("cuda/checkpoint.safetensors");
+    let resume = ["train", "--device", "cuda", "--resume", &cuda_ck, "--epochs", "2"];
+    assert_eq!(saccade(&resume), ExitCode::SUCCESS, "train --resume");
+    let metrics = std::fs::read_to_string(at("cuda/metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().count(),
+        2,
+        "two epochs in metrics.jsonl:\n{metrics}"
+    );
+    let eval = [
+        "eval",
+        "--device",
+        "cuda",
+        "--checkpoint",
+        &cuda_ck,
+        "--test-size",
+        "8",
+    ];
+    assert_eq!(saccade(&eval), ExitCode::SUCCESS, "eval");
+    let img = at("digit.png");
+    image::GrayImage::from_fn(100, 100, |x, y| {
+        image::Luma([if (x / 9 + y / 13) % 4 == 0 { 255 } else { 0 }])
+    })
+    .save(&img)
+    .unwrap();
+    let viz = at("seen.png");
+    let predict = [
+        "predict",
+        "--device",
+        "cuda",
+        "--checkpoint",
+        &cuda_ck,
+        &img,
+        "--viz",
+        &viz,
+    ];
+    assert_eq!(saccade(&predict), ExitCode::SUCCESS, "predict");
+    assert!(
+        std::path::Path::new(&viz).exists(),
+        "predict --viz wrote no picture"
+    );
+    saccade::device::set_cuda_stand_in(None);
+}
+
+/// A batch larger than the GPU's memory: a clean error naming
+/// --batch-size, exit code 1, no checkpoint, and the out folder's other
+/// files untouched. The emulated GPU holds the model, Adam and a third of
+/// what a step needs on top.
+#[test]
+fn emulated_out_of_memory_names_the_batch_size() {
+    let Some(emu) = Emu::get() else { return };
+    let d = data("cluttered-mnist", 8);
+    let mut cfg = bench::saccade_config(false, d.as_ref(), 4);
+    (cfg.model.glimpses, cfg.model.crop, cfg.model.classifier_width) = (2, 8, 4);
+    let full = emu.device().0;
+    let mut t = Trainer::<Saccader>::new(cfg.clone(), full.clone()).unwrap();
+    t.step(&first_batch(&d, 4, &full)).unwrap();
+    let live = full.memory().live_bytes;
+    let need = full.memory().peak_bytes - live;
+    let capacity = live + need / 3;
+
+    let Device::Cuda(small) = emu.device_with_capacity(capacity).0 else {
+        unreachable!()
+    };
+    let dev = Device::Cuda(small.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Trainer::<Saccader>::new(cfg, dev).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let e = t
+        .fit(&d, None, dir.path(), false, &stop)
+        .err()
+        .expect("a step larger than the GPU trained");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("out of GPU memory")
+            && msg.contains("lower --batch-size (say 2")
+            && !msg.contains("--lr"),
+        "{msg}"
+    );
+    assert!(!dir.path().join("checkpoint.safetensors").exists());
+
+    let _alone = STAND_IN.lock().unwrap_or_else(|e| e.into_inner());
+    saccade::device::set_cuda_stand_in(Some(small));
+    let out = dir.path().join("run");
+    let mut args = vec![
+        "train",
+        "--device",
+        "cuda",
+        "--epochs",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(TINY);
+    assert_eq!(saccade(&args), ExitCode::from(1));
+    assert!(!out.join("checkpoint.safetensors").exists());
+    saccade::device::set_cuda_stand_in(None);
 }

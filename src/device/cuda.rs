@@ -283,9 +283,36 @@ struct Gpu {
 
 enum Backend {
     Gpu(Box<Gpu>),
-    /// Host memory, and launches handed to the maker's [`Launcher`].
-    Emulated(Box<Launcher>),
+    /// Host memory (at most `capacity` bytes live), and launches handed to
+    /// the maker's [`Launcher`].
+    Emulated {
+        launcher: Box<Launcher>,
+        capacity: usize,
+    },
 }
+
+/// A buffer the GPU's memory cannot hold, even with the pool emptied.
+#[derive(Debug)]
+pub struct OutOfMemory {
+    pub requested: usize,
+    /// Bytes in live tensors.
+    pub live: usize,
+    /// What the driver reports free and in all.
+    pub free: usize,
+    pub total: usize,
+}
+
+impl fmt::Display for OutOfMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "out of GPU memory allocating {} bytes: {} bytes live in tensors, {} of {} bytes free",
+            self.requested, self.live, self.free, self.total
+        )
+    }
+}
+
+impl std::error::Error for OutOfMemory {}
 
 struct Inner {
     backend: Backend,
@@ -330,7 +357,13 @@ impl CudaDevice {
     /// unwritten GPU memory is garbage), and whose kernels `launcher` runs:
     /// the launchers' code runs unchanged, without a GPU.
     pub fn emulated(launcher: Box<Launcher>) -> CudaDevice {
-        CudaDevice::with(Backend::Emulated(launcher), false)
+        CudaDevice::emulated_with_capacity(launcher, usize::MAX)
+    }
+
+    /// [`CudaDevice::emulated`] with `capacity` bytes of memory: a larger
+    /// allocation fails as on a full GPU ([`OutOfMemory`]).
+    pub fn emulated_with_capacity(launcher: Box<Launcher>, capacity: usize) -> CudaDevice {
+        CudaDevice::with(Backend::Emulated { launcher, capacity }, false)
     }
 
     fn with(backend: Backend, poison: bool) -> CudaDevice {
@@ -352,7 +385,7 @@ impl CudaDevice {
     fn gpu(&self) -> Option<&Gpu> {
         match &self.inner.backend {
             Backend::Gpu(g) => Some(g),
-            Backend::Emulated(_) => None,
+            Backend::Emulated { .. } => None,
         }
     }
 
@@ -420,12 +453,13 @@ impl CudaDevice {
                 self.synchronize()?;
                 fresh().map_err(|e| {
                     let (free, total) = self.mem_get_info().unwrap_or((0, 0));
-                    anyhow!(
-                        "out of GPU memory allocating {} bytes ({e}): {} bytes live in tensors, \
-                         driver reports {free} of {total} bytes free",
-                        class * 4,
-                        self.mem.stats().live_bytes
-                    )
+                    anyhow::Error::new(OutOfMemory {
+                        requested: class * 4,
+                        live: self.mem.stats().live_bytes,
+                        free,
+                        total,
+                    })
+                    .context(format!("cuMemAlloc: {e}"))
                 })?
             }
         };
@@ -433,12 +467,35 @@ impl CudaDevice {
         Ok(slice)
     }
 
+    /// Fails as a full GPU would when `n` more floats exceed the emulated
+    /// device's capacity.
+    fn emulated_room(&self, n: usize) -> Result<()> {
+        if let Backend::Emulated { capacity, .. } = self.inner.backend {
+            let live = self.mem.stats().live_bytes;
+            let requested = n * 4;
+            if live.saturating_add(requested) > capacity {
+                let free = capacity.saturating_sub(live);
+                return Err(OutOfMemory {
+                    requested,
+                    live,
+                    free,
+                    total: capacity,
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
     /// Storage for `n` floats whose contents the caller's kernel will write
     /// (NaN when poisoning is on).
     pub(crate) fn alloc(&self, n: usize) -> Result<CudaStorage> {
         let buf = match self.gpu() {
             Some(g) => Buf::Gpu(self.raw_alloc(g, n)?),
-            None => Buf::Host(vec![f32::NAN; n]),
+            None => {
+                self.emulated_room(n)?;
+                Buf::Host(vec![f32::NAN; n])
+            }
         };
         let mut s = CudaStorage::new(buf, n, self.clone());
         if self.inner.poison.load(Ordering::Relaxed) {
@@ -450,7 +507,10 @@ impl CudaDevice {
     /// Copy host values into new storage.
     pub(crate) fn upload(&self, data: &[f32]) -> Result<CudaStorage> {
         let buf = match self.gpu() {
-            None => Buf::Host(data.to_vec()),
+            None => {
+                self.emulated_room(data.len())?;
+                Buf::Host(data.to_vec())
+            }
             Some(g) => {
                 let mut slice = self.raw_alloc(g, data.len())?;
                 if !data.is_empty() {
@@ -475,7 +535,7 @@ impl CudaDevice {
         args: &mut [KernelArg],
     ) -> Result<()> {
         let g = match &self.inner.backend {
-            Backend::Emulated(launcher) => return launcher(module, kernel, cfg, args),
+            Backend::Emulated { launcher, .. } => return launcher(module, kernel, cfg, args),
             Backend::Gpu(g) => g,
         };
         let f = g.function(module, kernel)?;

@@ -67,6 +67,15 @@ pub struct MemStats {
     pub peak_bytes: usize,
 }
 
+/// What [`Device::cuda`] gives instead of opening a GPU, when set.
+static CUDA_STAND_IN: Mutex<Option<CudaDevice>> = Mutex::new(None);
+
+/// Make [`Device::cuda`] give `dev` in this process (`None`: open GPUs
+/// again): tests run whole commands (`--device cuda`) on an emulated GPU.
+pub fn set_cuda_stand_in(dev: Option<CudaDevice>) {
+    *CUDA_STAND_IN.lock().unwrap_or_else(|e| e.into_inner()) = dev;
+}
+
 /// Where tensors live. Cloning a device is cheap and shares its counter.
 #[derive(Clone)]
 pub enum Device {
@@ -83,6 +92,9 @@ impl Device {
     /// GPU `ordinal`, or an error naming the missing piece (driver
     /// library, device, NVRTC) and how to fix it.
     pub fn cuda(ordinal: usize) -> anyhow::Result<Device> {
+        if let Some(dev) = CUDA_STAND_IN.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(Device::Cuda(dev));
+        }
         CudaDevice::new(ordinal).map(Device::Cuda)
     }
 

@@ -229,12 +229,18 @@ impl Emu {
     /// in src/ops/*.rs) launch them through [`Emu::run`]. Every launch is
     /// recorded in `launched` as `"file::kernel"`.
     pub fn device(&'static self) -> (Device, Arc<Mutex<BTreeSet<String>>>) {
+        self.device_with_capacity(usize::MAX)
+    }
+
+    /// [`Emu::device`] with `capacity` bytes of memory.
+    pub fn device_with_capacity(&'static self, capacity: usize) -> (Device, Arc<Mutex<BTreeSet<String>>>) {
         let launched = Arc::new(Mutex::new(BTreeSet::new()));
         let log = launched.clone();
-        let dev = CudaDevice::emulated(Box::new(move |file, kernel, cfg, args| {
+        let launcher = Box::new(move |file: &str, kernel: &str, cfg, args: &mut [KernelArg]| {
             log.lock().unwrap().insert(format!("{file}::{kernel}"));
             self.run(file, kernel, cfg, args).map_err(|e| anyhow::anyhow!(e))
-        }));
+        });
+        let dev = CudaDevice::emulated_with_capacity(launcher, capacity);
         (Device::Cuda(dev), launched)
     }
 
