@@ -496,10 +496,9 @@ fn emulated_out_of_memory_names_the_batch_size() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = Trainer::<Saccader>::new(cfg, dev).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let e = t
-        .fit(&d, None, dir.path(), false, &stop)
-        .err()
-        .expect("a step larger than the GPU trained");
+    let Err(e) = t.fit(&d, None, dir.path(), false, &stop) else {
+        panic!("a step larger than the GPU trained");
+    };
     let msg = format!("{e:#}");
     assert!(
         msg.contains("out of GPU memory")
