@@ -38,8 +38,13 @@ const GRAD_TOL: f32 = 2e-3;
 /// Steps of training over which the losses of both devices agree closely.
 const EXACT_STEPS: usize = 5;
 
-/// The emulated GPU, or None (after saying so) without g++.
+/// The emulated GPU, or None (after saying so) without g++; the real GPU
+/// with `SACCADE_REAL_GPU=1` (the GPU bundle's run.sh runs the whole steps
+/// there: `emulated emulated_step_ emulated_memory`).
 fn gpu() -> Option<Device> {
+    if std::env::var("SACCADE_REAL_GPU").is_ok_and(|v| v == "1") {
+        return Some(Device::cuda(0).expect("SACCADE_REAL_GPU=1 but no usable GPU"));
+    }
     Some(Emu::get()?.device().0)
 }
 
