@@ -1369,7 +1369,7 @@ fn emulator_runs_warp_shuffles_votes_and_dynamic_shared_memory() {
 /// A wrong launch through the seam is an error of the op that made it, not
 /// a panic, and names the kernel.
 #[test]
-fn emulated_launch_errors_reach_the_op() {
+fn launch_errors_on_the_emulated_device_reach_the_op() {
     let Some(emu) = Emu::get() else { return };
     let dev = Device::Cuda(CudaDevice::emulated(Box::new(|file, kernel, cfg, args| {
         // Every launch as if the launcher had dropped its last argument.
