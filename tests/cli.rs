@@ -124,6 +124,65 @@ fn zero_epochs_or_split_sizes_are_refused_before_any_work() {
     }
 }
 
+/// Sizes that would wrap a sum or ask for tens of GiB of indices (item 9,
+/// 20, 21 of the hostile probe: an endless generate, panics, an abort) and
+/// a generate of nothing are refused up front, naming the flag.
+#[test]
+fn split_sizes_beyond_a_hundred_million_or_all_zero_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let huge = "18446744073709551615";
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "data", "generate", "--train", huge, "--valid", "2", "--test", "2", "--out", "G",
+            ],
+            "--train must be at most",
+        ),
+        (
+            &[
+                "data", "generate", "--train", "0", "--valid", "0", "--test", "0", "--out", "G",
+            ],
+            "nothing to generate",
+        ),
+        (
+            &[
+                "train",
+                "--device",
+                "cpu",
+                "--train-size",
+                "4294967296",
+                "--out",
+                "Z",
+            ],
+            "--train-size must be at most",
+        ),
+        (
+            &["train", "--device", "cpu", "--valid-size", huge, "--out", "Z"],
+            "--valid-size must be at most",
+        ),
+        (
+            &[
+                "eval",
+                "--checkpoint",
+                "none.safetensors",
+                "--test-size",
+                "4294967296",
+            ],
+            "--test-size must be at most",
+        ),
+    ];
+    for (args, says) in cases {
+        let o = saccade_in(dir.path(), args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "something was written"
+    );
+}
+
 #[test]
 fn an_unwritable_out_or_a_metrics_folder_is_refused_before_training() {
     let dir = tempfile::tempdir().unwrap();

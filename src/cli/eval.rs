@@ -246,6 +246,7 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<(), Failure> {
     if a.test_size == Some(0) {
         return Err(usage(anyhow::anyhow!("--test-size must be at least 1")));
     }
+    crate::data::check_split_size("--test-size", a.test_size.unwrap_or(0)).map_err(usage)?;
     match checkpoint_config(&a.checkpoint)?.baseline {
         None => eval_model::<Saccader>(a),
         Some(Baseline::ResNet18(_)) => eval_model::<ResNet18>(a),

@@ -234,6 +234,13 @@ pub(super) fn check_train_flags(a: &TrainArgs) -> Result<(), Failure> {
             )));
         }
     }
+    for (flag, v) in [
+        ("--train-size", a.train_size),
+        ("--valid-size", a.valid_size),
+        ("--test-size", a.test_size),
+    ] {
+        data::check_split_size(flag, v.unwrap_or(0)).map_err(usage)?;
+    }
     if a.overwrite && a.out.is_none() {
         return Err(usage(anyhow::anyhow!(
             "--overwrite needs --out: without --out every run gets a new folder"

@@ -41,6 +41,14 @@ impl GenerateArgs {
     /// The checks that need no work done (the command line's usage errors):
     /// a generated dataset's spec and an --out free to write.
     pub fn check(&self) -> Result<()> {
+        let s = &self.sizes;
+        for (flag, n) in [("--train", s.train), ("--valid", s.valid), ("--test", s.test)] {
+            super::check_split_size(flag, n)?;
+        }
+        ensure!(
+            s.train + s.valid + s.test > 0,
+            "--train, --valid and --test are all 0: nothing to generate"
+        );
         if let Source::Store(dir) = &DatasetSpec::parse(&self.dataset)?.source {
             bail!(
                 "{} is already a store; generate takes a generated dataset name",
