@@ -177,6 +177,10 @@ pub struct EpochMetrics {
     pub samples: usize,
     pub samples_per_second: f64,
     pub peak_bytes: usize,
+    /// The figures count the epoch's steps from this one on: it was resumed
+    /// from a checkpoint written before checkpoints kept an epoch's sums.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_step: Option<usize>,
 }
 
 impl EpochMetrics {
@@ -343,8 +347,9 @@ pub struct StepFigures {
 }
 
 /// An epoch's running sums of [`StepFigures`], for the progress line and
-/// the epoch's metrics.
-#[derive(Default)]
+/// the epoch's metrics; a checkpoint written mid-epoch holds them, so a
+/// resumed epoch's figures count its steps from the start.
+#[derive(Clone, Default, Serialize, Deserialize)]
 struct EpochSums {
     loss: f64,
     ce: f64,
@@ -354,6 +359,12 @@ struct EpochSums {
     answers: usize,
     seen: usize,
     steps: usize,
+    /// Seconds spent on the epoch's steps (by earlier sessions too).
+    seconds: f64,
+    /// Resumed from a checkpoint without the sums (written before they
+    /// were kept): the figures count the steps from this one on.
+    #[serde(skip)]
+    from_step: Option<usize>,
 }
 
 impl EpochSums {
@@ -367,10 +378,11 @@ impl EpochSums {
         self.seen += images;
     }
 
-    /// The progress bar's line after `seconds` of the epoch, with the time
-    /// the run's `steps_left` training steps will take at this epoch's pace
-    /// (validation and test not counted).
-    fn status(&self, seconds: f64, steps_left: usize) -> String {
+    /// The progress bar's line, with the time the run's `steps_left`
+    /// training steps will take at this epoch's pace (validation and test
+    /// not counted).
+    fn status(&self, steps_left: usize) -> String {
+        let seconds = self.seconds;
         let left = seconds / self.steps.max(1) as f64 * steps_left as f64;
         format!(
             "loss {:.3} acc {:.1}% {:.0} samples/s, run {} left",
@@ -382,8 +394,8 @@ impl EpochSums {
     }
 
     /// The epoch's metrics, validation not yet filled in.
-    fn metrics(&self, epoch: usize, seconds: f64, peak_bytes: usize) -> EpochMetrics {
-        let n = self.steps.max(1) as f64;
+    fn metrics(&self, epoch: usize, peak_bytes: usize) -> EpochMetrics {
+        let (n, seconds) = (self.steps.max(1) as f64, self.seconds);
         EpochMetrics {
             epoch,
             train_loss: self.loss / n,
@@ -396,6 +408,7 @@ impl EpochSums {
             samples: self.seen,
             samples_per_second: self.seen as f64 / seconds,
             peak_bytes,
+            from_step: self.from_step,
         }
     }
 }
@@ -582,6 +595,8 @@ pub struct Trainer<M: Model = Saccader> {
     /// Every whole epoch's metrics, saved in the checkpoint: metrics.jsonl
     /// is rewritten from it with every checkpoint, so the two agree.
     pub history: Vec<serde_json::Value>,
+    /// The current epoch's sums so far, when stopped mid-epoch.
+    partial: EpochSums,
 }
 
 /// What `Trainer::fit` reports.
@@ -619,6 +634,7 @@ impl<M: Model> Trainer<M> {
             device,
             deadline: None,
             history: Vec::new(),
+            partial: EpochSums::default(),
         })
     }
 
@@ -635,6 +651,13 @@ impl<M: Model> Trainer<M> {
         t.progress = progress;
         // Absent in checkpoints from before it: `fit` recovers it from metrics.jsonl.
         t.history = serde_json::from_value(ck.meta["history"].clone()).unwrap_or_default();
+        t.partial = match serde_json::from_value::<EpochSums>(ck.meta["epoch_sums"].clone()) {
+            Ok(sums) => sums,
+            Err(_) => EpochSums {
+                from_step: (progress.step > 0).then_some(progress.step),
+                ..EpochSums::default()
+            },
+        };
         Ok(t)
     }
 
@@ -660,12 +683,16 @@ impl<M: Model> Trainer<M> {
     }
 
     fn meta(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut meta = serde_json::json!({
             "train": self.cfg,
             "progress": self.progress,
             "classes": self.cfg.model.num_classes,
             "history": self.history,
-        })
+        });
+        if self.progress.step > 0 {
+            meta["epoch_sums"] = serde_json::json!(self.partial);
+        }
+        meta
     }
 
     /// One optimizer step on one batch.
@@ -738,10 +765,8 @@ impl<M: Model> Trainer<M> {
         while self.progress.epoch < self.cfg.epochs {
             let epoch = self.progress.epoch;
             self.device.reset_peak();
-            let t0 = Instant::now();
             let (sums, end) = self.run_epoch(train, show_progress, stop, &ck_path)?;
-            let seconds = t0.elapsed().as_secs_f64();
-            let mut m = sums.metrics(epoch + 1, seconds, self.device.memory().peak_bytes);
+            let mut m = sums.metrics(epoch + 1, self.device.memory().peak_bytes);
             match end {
                 EpochEnd::Interrupted => {
                     report.last_checkpoint = Some(self.save_run(out)?);
@@ -810,7 +835,8 @@ impl<M: Model> Trainer<M> {
         let bar = progress_bar(show_progress, steps as u64, &label);
         bar.set_position(self.progress.step as u64);
         let t0 = Instant::now();
-        let mut sums = EpochSums::default();
+        let mut sums = std::mem::take(&mut self.partial);
+        let before = sums.seconds;
         for batch in loader.epoch_from(epoch, self.progress.step) {
             let batch = batch?;
             let done = epoch * steps + self.progress.step;
@@ -821,15 +847,16 @@ impl<M: Model> Trainer<M> {
                 self.step_failed(e, ck_path)
             })?;
             sums.add(figures, batch.len(), batch.targets.len());
+            sums.seconds = before + t0.elapsed().as_secs_f64();
             let step = self.progress.step;
             let mut steps_left = (steps * epochs).saturating_sub(epoch * steps + step);
             if let Some(d) = self.deadline {
                 // The budget ends the run first when the pace says so.
-                let pace = t0.elapsed().as_secs_f64() / sums.steps as f64;
+                let pace = sums.seconds / sums.steps as f64;
                 let fit = d.saturating_duration_since(Instant::now()).as_secs_f64() / pace;
                 steps_left = steps_left.min(fit as usize);
             }
-            let status = sums.status(t0.elapsed().as_secs_f64(), steps_left);
+            let status = sums.status(steps_left);
             if show_progress
                 && !std::io::stderr().is_terminal()
                 && step.is_multiple_of(steps.div_ceil(10).max(1))
@@ -840,10 +867,12 @@ impl<M: Model> Trainer<M> {
             bar.inc(1);
             if stop.load(Ordering::SeqCst) {
                 bar.abandon_with_message("interrupted");
+                self.partial = sums.clone();
                 return Ok((sums, EpochEnd::Interrupted));
             }
             if step < steps && self.deadline.is_some_and(|d| Instant::now() >= d) {
                 bar.finish_and_clear();
+                self.partial = sums.clone();
                 return Ok((sums, EpochEnd::OutOfTime { steps }));
             }
         }

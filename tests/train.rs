@@ -85,6 +85,17 @@ fn resume_equals_an_uninterrupted_run() {
 
     assert_eq!(resumed.adam.step, whole.adam.step);
     assert!(params(&resumed) == params(&whole), "resumed parameters differ");
+    // The interrupted epoch's figures count all its steps, as the whole
+    // run's do (they counted only those after the resume: probe item 4).
+    let lines = |run: &str| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(dir.path().join(run).join("metrics.jsonl")).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (w, p) = (lines("whole"), lines("parts"));
+    for key in ["samples", "train_loss", "train_accuracy", "train_kl"] {
+        assert_eq!(p[0][key], w[0][key], "{key} of the resumed epoch");
+    }
+    assert!(p[0].get("from_step").is_none(), "{}", p[0]);
 }
 
 /// metrics.jsonl used to be appended before the checkpoint was written, so
