@@ -206,6 +206,43 @@ impl Checkpoint {
     }
 }
 
+/// What [`Checkpoint::restore_matching`] did, by parameter name.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub loaded: Vec<String>,
+    /// Kept as initialized, with why (`"[55, 16] in the checkpoint, [2, 16] here"`,
+    /// or `"not in the checkpoint"`).
+    pub fresh: Vec<(String, String)>,
+}
+
+impl Checkpoint {
+    /// Load every parameter whose name and shape the checkpoint has and keep
+    /// the others as they are (fine-tuning: a head for other classes, a
+    /// first layer for other channels); no optimizer state.
+    pub fn restore_matching(&self, params: &mut ParamStore, dev: &Device) -> Result<Restored> {
+        let mut r = Restored::default();
+        let ids: Vec<_> = params.ids().collect();
+        for id in ids {
+            let (name, want) = {
+                let p = params.get(id);
+                (p.name.clone(), p.value.shape().to_vec())
+            };
+            match self.tensors.get(&format!("param/{name}")) {
+                Some((shape, _)) if *shape == want => {
+                    let t = self.tensor(&format!("param/{name}"), dev)?.expect("present");
+                    params.set(id, t)?;
+                    r.loaded.push(name);
+                }
+                Some((shape, _)) => r
+                    .fresh
+                    .push((name, format!("{shape:?} in the checkpoint, {want:?} here"))),
+                None => r.fresh.push((name, "not in the checkpoint".to_string())),
+            }
+        }
+        Ok(r)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -889,3 +889,93 @@ fn fifos_where_files_are_expected_are_refused_not_waited_on() {
         assert!(err.contains("is not a regular file"), "{args:?}: {err}");
     }
 }
+
+/// Fine-tuning: `train --init CKPT` on a dataset with other classes loads
+/// every tensor that fits (here all but the class head), starts the head
+/// fresh and says so; with a learning rate too small to move anything the
+/// new run's loaded tensors equal the checkpoint's. Refused with --resume,
+/// with a baseline --model, and for a missing file (naming --init).
+#[test]
+fn init_loads_what_fits_and_starts_the_new_head_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = [
+        "--device",
+        "cpu",
+        "--train-size",
+        "16",
+        "--valid-size",
+        "4",
+        "--test-size",
+        "4",
+        "--epochs",
+        "1",
+    ];
+    let mut args = vec!["train", "--out", "a"];
+    args.extend(tiny);
+    let o = saccade_in(dir.path(), &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut args = vec![
+        "train",
+        "--init",
+        "a/checkpoint.safetensors",
+        "--dataset",
+        "cluttered-mnist-1",
+        "--lr",
+        "1e-30",
+        "--out",
+        "b",
+    ];
+    args.extend(tiny);
+    let o = saccade_in(dir.path(), &args);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("45 of 47 tensors loaded; starting fresh:"), "{err}");
+    assert!(
+        err.contains("head.1.weight ([55, 64] in the checkpoint, [10, 64] here)"),
+        "{err}"
+    );
+
+    let load = |run: &str| {
+        let path = dir.path().join(run).join("checkpoint.safetensors");
+        saccade::train::Trainer::<saccade::models::Saccader>::from_checkpoint(&path, saccade::Device::cpu())
+            .unwrap()
+    };
+    let (a, b) = (load("a"), load("b"));
+    let mut same = 0;
+    for (_, p) in b.model.params.iter() {
+        let q = a.model.params.iter().find(|(_, q)| q.name == p.name).unwrap().1;
+        if q.value.shape() == p.value.shape() {
+            assert_eq!(q.value.to_vec().unwrap(), p.value.to_vec().unwrap(), "{}", p.name);
+            same += 1;
+        }
+    }
+    assert_eq!(same, 45);
+
+    for (extra, says) in [
+        (
+            &["--resume", "a/checkpoint.safetensors"][..],
+            "cannot be used with",
+        ),
+        (
+            &["--model", "resnet18"][..],
+            "--init fine-tunes the saccade model",
+        ),
+    ] {
+        let mut args = vec!["train", "--init", "a/checkpoint.safetensors", "--out", "c"];
+        args.extend(extra);
+        let o = saccade_in(dir.path(), &args);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}");
+        assert!(stderr(&o).contains(says), "{extra:?}: {}", stderr(&o));
+    }
+    let o = saccade_in(
+        dir.path(),
+        &["train", "--init", "missing.safetensors", "--out", "c"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--init missing.safetensors"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.path().join("c").exists());
+}

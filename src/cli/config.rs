@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
 use clap::ValueEnum;
 
 use super::train::TrainArgs;
@@ -144,9 +144,37 @@ pub(super) fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         .preset
         .unwrap_or(if many { Preset::ManyObjects } else { Preset::Small });
     let mut cfg = preset_run(preset, spec, probe.as_ref())?;
+    if let Some(init) = &a.init {
+        ensure!(
+            a.model.is_none_or(|m| m == ModelChoice::Saccade),
+            "--init fine-tunes the saccade model; leave out --model"
+        );
+        cfg.model = init_model(&cfg.model, init)?;
+    }
     apply_flags(a, &mut cfg);
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The model of `init`'s checkpoint on the data `data` describes: its
+/// architecture with the data's channels, classes, tasks and proxy size
+/// (and the pools that follow from the proxy).
+fn init_model(data: &SaccadeConfig, init: &Path) -> Result<SaccadeConfig> {
+    let from = checkpoint_config(init).with_context(|| format!("--init {}", init.display()))?;
+    ensure!(
+        from.baseline.is_none(),
+        "--init {}: a baseline's checkpoint; --init takes a saccade model's",
+        init.display()
+    );
+    Ok(SaccadeConfig {
+        channels: data.channels,
+        num_classes: data.num_classes,
+        task_heads: data.task_heads.clone(),
+        proxy_size: data.proxy_size,
+        decoder_pool: data.decoder_pool,
+        summary_pool: data.summary_pool,
+        ..from.model
+    })
 }
 
 /// `preset` on the dataset `spec`, before any flag, with what the data says

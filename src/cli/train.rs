@@ -162,6 +162,13 @@ pub(super) struct TrainArgs {
     /// would change its configuration are refused; --epochs may extend it.
     #[arg(long)]
     pub(super) resume: Option<PathBuf>,
+    /// Start a new run from a saccade checkpoint's weights (fine-tuning, e.g.
+    /// pretrained/cluttered-mnist/model.safetensors): its model configuration on this run's
+    /// data; every tensor whose name and shape fit is loaded, the others (a head for other
+    /// classes, a first layer for other channels) start fresh, and the run says which.
+    /// Training settings come from the preset and flags as for any new run.
+    #[arg(long, conflicts_with = "resume")]
+    pub(super) init: Option<PathBuf>,
     /// Print one JSON object with the figures on stdout, as its only line (progress stays
     /// on stderr).
     #[arg(long)]
@@ -269,6 +276,24 @@ fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) ->
         Some(path) => resumed::<M>(path, a.epochs, device.clone())?,
         None => Trainer::<M>::new(cfg, device.clone())?,
     };
+    if let Some(init) = &a.init {
+        let r = crate::checkpoint::Checkpoint::load(init)?
+            .restore_matching(trainer.model.params_mut(), &device)?;
+        eprintln!(
+            "initialized from {}: {} of {} tensors loaded{}",
+            init.display(),
+            r.loaded.len(),
+            r.loaded.len() + r.fresh.len(),
+            if r.fresh.is_empty() {
+                ""
+            } else {
+                "; starting fresh:"
+            }
+        );
+        for (name, why) in &r.fresh {
+            eprintln!("  {name} ({why})");
+        }
+    }
     let spec = trainer.cfg.dataset.clone();
     let [train_set, valid_set, test_set] = open_splits(&trainer.cfg)?;
     // The last check, as it makes the folder.
