@@ -838,7 +838,14 @@ impl<M: Model> Trainer<M> {
         let mut sums = std::mem::take(&mut self.partial);
         let before = sums.seconds;
         for batch in loader.epoch_from(epoch, self.progress.step) {
-            let batch = batch?;
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    bar.abandon();
+                    self.partial = sums;
+                    return Err(self.data_failed(e, ck_path));
+                }
+            };
             let done = epoch * steps + self.progress.step;
             self.adam.config.lr = self.cfg.lr_schedule.rate(self.cfg.lr, done, steps * epochs);
             self.model.set_progress((done * bs) as u64);
@@ -878,6 +885,26 @@ impl<M: Model> Trainer<M> {
         }
         bar.finish_and_clear();
         Ok((sums, EpochEnd::Complete))
+    }
+
+    /// The error of a batch that could not be read (a damaged image or
+    /// tile): the model is sound, so the run so far is saved as at Ctrl-C
+    /// and the error says how to go on.
+    fn data_failed(&self, e: anyhow::Error, ck_path: &Path) -> anyhow::Error {
+        let at = format!(
+            "training stopped at epoch {} step {}: a batch could not be read",
+            self.progress.epoch + 1,
+            self.progress.step
+        );
+        let out = ck_path.parent().unwrap_or(Path::new("."));
+        match self.save_run(out) {
+            Ok(ck) => e.context(format!(
+                "{at}; the run so far is saved (once the file named here reads again, continue \
+                 with saccade train --resume {})",
+                ck.display()
+            )),
+            Err(save) => e.context(format!("{at}; saving the run failed too: {save:#}")),
+        }
     }
 
     /// The error of a failed training step, saying where training stopped,

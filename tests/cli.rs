@@ -972,3 +972,47 @@ fn init_loads_what_fits_and_starts_the_new_head_fresh() {
     }
     assert!(!dir.path().join("c").exists());
 }
+
+/// A training image that cannot be read mid-epoch (probe item 15: the run
+/// folder was left empty, where Ctrl-C at the same point saves): the run so
+/// far is saved, the error names the file and the command that continues,
+/// and once the file reads again the run resumes and counts the whole epoch.
+#[test]
+fn a_damaged_training_image_saves_the_run_so_far_and_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let gen = [
+        "data", "generate", "--train", "8", "--valid", "2", "--test", "2", "--out", "S",
+    ];
+    assert!(saccade_in(d, &gen).status.success());
+    let tile = d.join("S/images/train-0000005.tiles");
+    let good = fs::read(&tile).unwrap();
+    fs::write(&tile, &good[..good.len() / 2]).unwrap();
+    let train = [
+        "train",
+        "--dataset",
+        "S",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--out",
+        "R",
+    ];
+    let o = saccade_in(d, &train);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("train-0000005.tiles")
+            && err.contains("saccade train --resume R/checkpoint.safetensors"),
+        "{err}"
+    );
+    fs::write(&tile, &good).unwrap();
+    let o = saccade_in(d, &["train", "--resume", "R/checkpoint.safetensors"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let metrics = fs::read_to_string(d.join("R/metrics.jsonl")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(line["samples"], 8, "{metrics}");
+}
