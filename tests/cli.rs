@@ -1016,3 +1016,32 @@ fn a_damaged_training_image_saves_the_run_so_far_and_names_the_file() {
     let line: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
     assert_eq!(line["samples"], 8, "{metrics}");
 }
+
+/// A killed `data generate` leaves `.S.partial` (probe item 18): a command
+/// that asks for S says the generate was stopped and how to finish it, and
+/// running the generate again clears the partial folder and writes S.
+#[test]
+fn a_store_left_partial_by_a_killed_generate_is_named_and_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fs::create_dir(d.join(".S.partial")).unwrap();
+    fs::write(d.join(".S.partial/train-0000000.tiles"), b"half").unwrap();
+    let o = saccade_in(d, &["train", "--dataset", "S", "--device", "cpu", "--out", "R"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("was stopped before it finished; run it again"),
+        "{}",
+        stderr(&o)
+    );
+    let gen = [
+        "data", "generate", "--train", "4", "--valid", "2", "--test", "2", "--out", "S",
+    ];
+    let o = saccade_in(d, &gen);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("left by an interrupted run"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!d.join(".S.partial").exists() && d.join("S/manifest.tsv").exists());
+}

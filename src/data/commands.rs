@@ -97,10 +97,12 @@ struct Partial {
 
 impl Partial {
     fn new(out: &Path) -> Result<Partial> {
-        let name = out
-            .file_name()
-            .with_context(|| format!("--out {} names no folder", out.display()))?;
-        let dir = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+        ensure!(
+            out.file_name().is_some(),
+            "--out {} names no folder",
+            out.display()
+        );
+        let dir = partial_of(out);
         if dir.exists() {
             eprintln!("removing {}, left by an interrupted run", dir.display());
             fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
@@ -126,6 +128,13 @@ impl Drop for Partial {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Where a dataset bound for `out` is written first: `.<name>.partial`
+/// beside it ([`Partial`]).
+pub(crate) fn partial_of(out: &Path) -> PathBuf {
+    let name = out.file_name().unwrap_or_default().to_string_lossy();
+    out.with_file_name(format!(".{name}.partial"))
 }
 
 /// Level 0 of an image as 8-bit pixels (HWC).

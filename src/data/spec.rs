@@ -167,6 +167,11 @@ impl DatasetSpec {
                 Source::Generated(cfg)
             }
             None if Path::new(head).is_dir() => Source::Store(PathBuf::from(head)),
+            None if super::commands::partial_of(Path::new(head)).is_dir() => bail!(
+                "{head} is not there, but {} is: a `saccade data generate` or `import` into {head} was \
+                 stopped before it finished; run it again (it clears the partial folder first)",
+                super::commands::partial_of(Path::new(head)).display()
+            ),
             None => bail!(
                 "unknown dataset `{head}`: not one of {}, {} and not a store folder\n\n{SPEC_HELP}",
                 Task::ALL.map(Task::name).join(", "),
