@@ -1045,3 +1045,27 @@ fn a_store_left_partial_by_a_killed_generate_is_named_and_cleared() {
     );
     assert!(!d.join(".S.partial").exists() && d.join("S/manifest.tsv").exists());
 }
+
+/// `train --out` on a folder that holds files but no run (probe item 17:
+/// a user's saccades.png was replaced, run files went into stores) is
+/// refused before any work, even with --overwrite, and the files stay.
+#[test]
+fn an_out_folder_with_other_files_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fs::create_dir(d.join("mine")).unwrap();
+    fs::write(d.join("mine/saccades.png"), b"my picture").unwrap();
+    for extra in [&[][..], &["--overwrite"][..]] {
+        let mut args = vec!["train", "--device", "cpu", "--train-size", "8", "--out", "mine"];
+        args.extend(extra);
+        let o = saccade_in(d, &args);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}");
+        assert!(
+            stderr(&o).contains("holds files that are not a run (such as saccades.png)"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    assert_eq!(fs::read(d.join("mine/saccades.png")).unwrap(), b"my picture");
+    assert_eq!(fs::read_dir(d.join("mine")).unwrap().count(), 1);
+}

@@ -491,6 +491,22 @@ fn prepare_out(a: &TrainArgs) -> Result<PathBuf, Failure> {
         )));
     }
     runs::check_writable(&out).map_err(usage)?;
+    if !continuing && !runs::holds_run(&out) {
+        let other = std::fs::read_dir(&out)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok());
+        if let Some(e) = other {
+            return Err(usage(anyhow::anyhow!(
+                "the output folder {} holds files that are not a run (such as {}): a run writes {}, {} and \
+                 saccades.png there; choose an empty or new --out",
+                out.display(),
+                e.file_name().to_string_lossy(),
+                runs::CHECKPOINT,
+                runs::METRICS
+            )));
+        }
+    }
     if continuing {
         return Ok(own.unwrap_or(out));
     }
