@@ -283,3 +283,64 @@ fn multi_task_heads_add_their_losses_and_learn() {
         .forward(&mut g, &images, &batch.proxies, &targets, None)
         .is_err());
 }
+
+/// With `task_pools` each task weighs the glimpses by the shared attention
+/// plus its own score of their places: zero at first, so the model answers
+/// exactly as without them (every other weight is drawn the same), and the
+/// loss's gradient reaches each task's place score. It needs a weighted pool.
+#[test]
+fn task_pools_start_as_the_shared_pool_and_are_taught_by_their_task() {
+    use saccade::data::TaskSpec;
+    use saccade::models::GlimpsePool;
+    let dev = Device::cpu();
+    let batch = first_batch("cluttered-mnist-1", 3, 8, &dev);
+    let digits = batch.labels().to_vec();
+    let targets = vec![
+        digits.iter().map(|d| d % 2).collect::<Vec<_>>(),
+        digits.iter().map(|d| usize::from(*d > 4)).collect(),
+    ];
+    let mut cfg = SaccadeConfig::small(1, 2);
+    cfg.glimpse_pool = GlimpsePool::Attention;
+    cfg.glimpse_position = true;
+    let two = vec!["a".to_string(), "b".to_string()];
+    cfg.task_heads = vec![
+        TaskSpec::single("parity", two.clone()),
+        TaskSpec::single("big", two),
+    ];
+    let images = Images::Resident(batch.images.as_ref().unwrap());
+    let logits = |m: &Saccader| {
+        let mut g = Graph::new();
+        let out = m
+            .forward(&mut g, &images, &batch.proxies, &targets, None)
+            .unwrap();
+        let v: Vec<Vec<f32>> = out.logits.iter().map(|&l| g.value(l).to_vec().unwrap()).collect();
+        let grads = g.backward(out.loss).unwrap();
+        (v, grads)
+    };
+    let shared = Saccader::new(cfg.clone(), &mut StdRng::seed_from_u64(1), &dev);
+    cfg.task_pools = true;
+    cfg.validate().unwrap();
+    let pooled = Saccader::new(cfg.clone(), &mut StdRng::seed_from_u64(1), &dev);
+    assert_eq!(pooled.params.len(), shared.params.len() + 4);
+    let (want, _) = logits(&shared);
+    let (got, grads) = logits(&pooled);
+    for (w, g) in want.iter().zip(&got) {
+        for (a, b) in w.iter().zip(g) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+    for task in ["parity", "big"] {
+        let id = pooled
+            .params
+            .find(&format!("pool.{task}.weight"))
+            .expect("a pool per task");
+        let grad = grads.param(id).expect("the task's pool has a gradient");
+        assert!(
+            grad.to_vec().unwrap().iter().any(|v| v.abs() > 1e-7),
+            "{task}: the loss does not reach its place score"
+        );
+    }
+    cfg.glimpse_pool = GlimpsePool::Mean;
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("--task-pools") && e.contains("--glimpse-pool"), "{e}");
+}

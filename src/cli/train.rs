@@ -99,6 +99,10 @@ pub(super) struct TrainArgs {
     /// recurrent state (many objects of one kind: what marks one marks all).
     #[arg(long)]
     pub(super) fixed_query: bool,
+    /// Each task weighs the glimpses by its own attention, which may favour glimpses by their
+    /// place (the highest digit); needs --glimpse-pool attention or relevance.
+    #[arg(long)]
+    pub(super) task_pools: bool,
     /// Weight of the VRNN terms (proxy NLL + KL) against the classification loss.
     #[arg(long)]
     pub(super) beta: Option<f32>,

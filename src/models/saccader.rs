@@ -83,6 +83,13 @@ pub struct SaccadeConfig {
     /// `VrnnConfig::fixed_query` (absent in older checkpoints: off).
     #[serde(default)]
     pub fixed_query: bool,
+    /// Each task pools the glimpses with its own weights: the shared
+    /// pooling logits plus a learnt linear score of each glimpse's place
+    /// (zero at first), so a task about positions (the highest digit) can
+    /// weigh the glimpses by where they are, which a sum of features does
+    /// poorly. Needs a weighted pool; absent in older checkpoints: off.
+    #[serde(default)]
+    pub task_pools: bool,
     pub enc_width: usize,
     pub embed: usize,
     pub hidden: usize,
@@ -235,6 +242,7 @@ impl SaccadeConfig {
             decoder_pool: 1,
             summary_pool: 1,
             fixed_query: false,
+            task_pools: false,
             enc_width: 16,
             embed: 128,
             hidden: 128,
@@ -341,6 +349,11 @@ impl SaccadeConfig {
             );
         }
         ensure!(
+            !self.task_pools || self.glimpse_pool.weighted(),
+            "--task-pools weighs glimpses per task: it needs --glimpse-pool attention or relevance, got {:?}",
+            self.glimpse_pool
+        );
+        ensure!(
             self.decoder_pool >= 1 && self.proxy_size.is_multiple_of(self.decoder_pool),
             "decoder_pool must divide the proxy side {}, got {}",
             self.proxy_size,
@@ -408,6 +421,9 @@ pub struct Saccader {
     head1: Linear,
     /// One output layer per task of [`SaccadeConfig::tasks`].
     heads: Vec<Linear>,
+    /// Per task, a glimpse's place to a score added to its pooling logit
+    /// ([`SaccadeConfig::task_pools`]); empty without.
+    task_pools: Vec<Linear>,
     /// How much of the classification loss's gradient reaches the glimpses,
     /// in [0, 1] (see [`SaccadeConfig::policy_warmup`]).
     policy_grad: f32,
@@ -504,6 +520,18 @@ impl Saccader {
                 Linear::new(&mut ps, &name, f, t.num_classes(), rng, dev)
             })
             .collect();
+        // Made last, so that every other weight is what it is without them;
+        // zero at first: every task starts from the shared pooling.
+        let task_pools = tasks
+            .iter()
+            .filter(|_| cfg.task_pools)
+            .map(|t| {
+                let l = Linear::new(&mut ps, &format!("pool.{}", t.name), LATENT, 1, rng, dev);
+                ps.set(l.w, Tensor::zeros(&[1, LATENT], dev)).expect("same shape");
+                ps.set(l.b, Tensor::zeros(&[1], dev)).expect("same shape");
+                l
+            })
+            .collect();
         Saccader {
             cfg,
             params: ps,
@@ -513,6 +541,7 @@ impl Saccader {
             relevance,
             head1,
             heads,
+            task_pools,
             policy_grad,
         }
     }
@@ -651,12 +680,16 @@ impl Saccader {
             None => None,
         };
         let mut feats = g.reshape(feats, &[t_steps, b, f])?;
-        if let Some(place) = &self.place {
-            // tanh(z): the centre itself and a bounded form of the scale.
-            // Detached: the place informs the heads, it is not a second
-            // route for the loss to move the glimpses by.
+        // tanh(z), `[T*B, 3]`: the centre itself and a bounded form of the
+        // scale. Detached: the place informs the heads, it is not a second
+        // route for the loss to move the glimpses by.
+        let places = if self.place.is_some() || !self.task_pools.is_empty() {
             let z = g.concat(&run.z, 0)?;
-            let z = g.constant(unary_forward(g.value(z), Unary::Tanh)?);
+            Some(g.constant(unary_forward(g.value(z), Unary::Tanh)?))
+        } else {
+            None
+        };
+        if let (Some(place), Some(z)) = (&self.place, places) {
             let p = place.forward(g, ps, z)?;
             let p = g.tanh(p)?;
             let p = g.reshape(p, &[t_steps, b, f])?;
@@ -676,12 +709,30 @@ impl Saccader {
                 None,
             ),
         };
-        let pooled = pool_glimpses(g, feats, self.cfg.glimpse_pool, weights)?;
-        let h = self.head1.forward(g, ps, pooled)?;
-        let h = g.elu(h)?;
+        let shared = if self.task_pools.is_empty() {
+            let pooled = pool_glimpses(g, feats, self.cfg.glimpse_pool, weights)?;
+            let h = self.head1.forward(g, ps, pooled)?;
+            Some(g.elu(h)?)
+        } else {
+            None
+        };
         let mut logits = Vec::with_capacity(tasks.len());
         let mut ce: Option<Var> = None;
-        for ((task, head), labels) in tasks.iter().zip(&self.heads).zip(targets) {
+        for (i, ((task, head), labels)) in tasks.iter().zip(&self.heads).zip(targets).enumerate() {
+            let h = match shared {
+                Some(h) => h,
+                None => {
+                    let z = places.expect("places are made whenever there are task pools");
+                    let s = self.task_pools[i].forward(g, ps, z)?;
+                    let s = g.reshape(s, &[t_steps, b])?;
+                    let s = g.permute(s, &[1, 0])?;
+                    let w = weights.expect("task pools need a weighted pool (validated)");
+                    let w = g.add(w, s)?;
+                    let pooled = pool_glimpses(g, feats, self.cfg.glimpse_pool, Some(w))?;
+                    let h = self.head1.forward(g, ps, pooled)?;
+                    g.elu(h)?
+                }
+            };
             let l = head.forward(g, ps, h)?;
             let loss = if task.multi_label {
                 let target = multi_hot(labels, task.num_classes(), &dev)?;
