@@ -26,7 +26,7 @@ fn bench_crop(c: &mut Criterion) {
 
     let store = dir.path().join("image.tiles");
     let t = Instant::now();
-    let bytes = write_tiled(&store, src.as_ref()).expect("store");
+    let bytes = write_tiled(&store, src.as_ref()).expect("store").bytes;
     eprintln!(
         "{size}² store: {:.1} MB written in {:.2?}",
         bytes as f64 / 1e6,

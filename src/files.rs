@@ -65,3 +65,41 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
         .context("encoding a PNG")?;
     write_atomic(path, &png).with_context(|| format!("writing {} (is the folder writable?)", path.display()))
 }
+
+/// A small tmpfs for tests of a full disk.
+#[cfg(test)]
+pub(crate) mod small_disk {
+    use std::path::Path;
+    use std::process::Command;
+
+    /// A tmpfs of `size` (as `mount -o size=` reads it) in a temporary
+    /// folder, unmounted on drop.
+    pub struct SmallDisk(tempfile::TempDir);
+
+    impl SmallDisk {
+        /// `None`, with the reason printed, where mounting needs a root this
+        /// process is not.
+        pub fn mount(size: &str) -> Option<SmallDisk> {
+            let dir = tempfile::tempdir().unwrap();
+            let mounted = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !mounted {
+                println!("skipped: cannot mount a small tmpfs here (needs root)");
+            }
+            mounted.then_some(SmallDisk(dir))
+        }
+
+        pub fn path(&self) -> &Path {
+            self.0.path()
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0.path()).output();
+        }
+    }
+}

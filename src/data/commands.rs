@@ -187,11 +187,11 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             .into_par_iter()
             .map(|i| {
                 let s = ds.get(i)?;
-                let file = match args.format {
+                let (file, identity) = match args.format {
                     OutputFormat::Store => {
                         let file = format!("images/{}-{i:07}.tiles", split.name());
-                        write_tiled(&dir.join(&file), s.image.as_ref())?;
-                        file
+                        let written = write_tiled(&dir.join(&file), s.image.as_ref())?;
+                        (file, Some(written.identity))
                     }
                     OutputFormat::Png => {
                         let file = if csv {
@@ -206,9 +206,15 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                             1 => DynamicImage::ImageLuma8(GrayImage::from_raw(w, h, px).unwrap()),
                             _ => DynamicImage::ImageRgb8(RgbImage::from_raw(w, h, px).unwrap()),
                         };
-                        img.save(&path)
-                            .with_context(|| format!("cannot write {}", path.display()))?;
-                        file
+                        // Encoded in memory, then written with its errors
+                        // checked (into the staging folder): the image
+                        // crate's `save` lost a full disk's errors (exit 0,
+                        // "wrote", 764 of 1 020 PNGs empty).
+                        let mut png = std::io::Cursor::new(Vec::new());
+                        img.write_to(&mut png, image::ImageFormat::Png)?;
+                        fs::write(&path, png.get_ref())
+                            .with_context(|| format!("cannot write {} (disk full?)", path.display()))?;
+                        (file, None)
                     }
                 };
                 bar.inc(1);
@@ -216,6 +222,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                     split: *split,
                     labels: s.labels,
                     file,
+                    identity,
                 })
             })
             .collect::<Result<_>>()?;
@@ -388,9 +395,10 @@ pub fn import_listed(args: &ImportArgs, listing: &Listing) -> Result<()> {
                 data,
             };
             let file = format!("images/{i:07}.tiles");
-            write_tiled(&partial.dir.join(&file), &src)?;
+            let written = write_tiled(&partial.dir.join(&file), &src)?;
             bar.inc(1);
             Ok(Entry {
+                identity: Some(written.identity),
                 split: listed
                     .split
                     .unwrap_or_else(|| split_of(&listed.rel, args.valid_frac, args.test_frac)),
@@ -745,6 +753,33 @@ mod tests {
         .unwrap();
         let img = image::open(&grid).unwrap().into_rgb8();
         assert!(img.width() >= 4 * 2 * 64);
+    }
+
+    /// PNGs onto a full disk: an error naming the cause and no dataset, where
+    /// the image crate's `save` exited 0 with most PNGs empty. Needs a small
+    /// tmpfs, so root; skipped with the reason otherwise.
+    #[test]
+    fn generate_png_onto_a_full_disk_fails_and_leaves_nothing() {
+        let Some(disk) = crate::files::small_disk::SmallDisk::mount("48k") else {
+            return;
+        };
+        let out = disk.path().join("png");
+        let e = generate(&GenerateArgs {
+            dataset: "cluttered-mnist-1".into(),
+            out: out.clone(),
+            seed: 1,
+            sizes: SplitSizes {
+                train: 60,
+                valid: 2,
+                test: 2,
+            },
+            format: OutputFormat::Png,
+            mnist_dir: None,
+        })
+        .expect_err("48 KB cannot hold 64 PNGs of 100x100");
+        assert!(format!("{e:#}").contains("disk full"), "{e:#}");
+        let left: Vec<_> = fs::read_dir(disk.path()).unwrap().collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
     }
 
     /// A dataset of four tasks is written whole: a store holds every

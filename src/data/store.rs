@@ -24,14 +24,18 @@
 //! lines are tab-separated:
 //!
 //! ```text
-//! saccade-store  3  crc32=XXXXXXXX     (version 2: one task, no `task` lines)
+//! saccade-store  4  crc32=XXXXXXXX     (version 2: one task, no `task` lines)
 //! channels       C
 //! size           H  W
-//! task           NAME  single|multi   (version 3; its `class` lines follow)
+//! task           NAME  single|multi   (versions 3-4; its `class` lines follow)
 //! class          NAME
-//! image          SPLIT  LABEL...  FILE (one label per task; a multi-label
-//!                                       task's is the bitmask of its classes)
+//! image          SPLIT  LABEL...  FILE  crc32=XXXXXXXX
 //! ```
+//!
+//! An image line holds one label per task (a multi-label task's is the
+//! bitmask of its classes), the file's path inside the store, and (version
+//! 4) the file's identity: its header CRC, which covers every tile's CRC, so
+//! files swapped or replaced are refused when opened.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
@@ -121,8 +125,8 @@ fn quantize(v: f32) -> u8 {
 /// Write `src` (its level 0; the pyramid is rebuilt here) as a tiled file at
 /// `path`, atomically (temporary file, then rename). Level 0 is read in
 /// bands of one tile row, so memory stays at a few bands whatever the size.
-/// Returns the file size in bytes.
-pub fn write_tiled(path: &Path, src: &dyn ImageSource) -> Result<u64> {
+/// Returns the file's size and identity.
+pub fn write_tiled(path: &Path, src: &dyn ImageSource) -> Result<Written> {
     let tmp = path.with_extension("tiles.tmp");
     let written = write_tiled_to(&tmp, src);
     if written.is_err() {
@@ -147,8 +151,16 @@ fn reserve(file: &mut File, len: u64) -> std::io::Result<()> {
     file.flush()
 }
 
+/// A tiled file written.
+#[derive(Clone, Copy, Debug)]
+pub struct Written {
+    pub bytes: u64,
+    /// [`TiledImage::identity`] of the file.
+    pub identity: u32,
+}
+
 /// [`write_tiled`]'s work, into the temporary file `tmp`.
-fn write_tiled_to(tmp: &Path, src: &dyn ImageSource) -> Result<u64> {
+fn write_tiled_to(tmp: &Path, src: &dyn ImageSource) -> Result<Written> {
     let c = src.channels();
     let (h, w) = src.size();
     let (levels, header_len, total) = layout(c, h, w);
@@ -225,7 +237,10 @@ fn write_tiled_to(tmp: &Path, src: &dyn ImageSource) -> Result<u64> {
     map[..header_len].copy_from_slice(&head);
     map.flush()
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    Ok(total as u64)
+    Ok(Written {
+        bytes: total as u64,
+        identity: crc,
+    })
 }
 
 /// Append `n` rows (per channel) to `level`; write every complete tile row
@@ -299,6 +314,7 @@ pub struct TiledImage {
     channels: usize,
     levels: Vec<Level>,
     crc_table: usize,
+    identity: u32,
     bytes_read: AtomicU64,
 }
 
@@ -364,6 +380,7 @@ impl TiledImage {
             map,
             channels: c,
             crc_table: FIXED_HEADER + LEVEL_ENTRY * levels.len(),
+            identity: stored,
             levels,
             bytes_read: AtomicU64::new(0),
         })
@@ -371,6 +388,12 @@ impl TiledImage {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The header's CRC, which covers every tile's CRC: two files with the
+    /// same identity hold the same pixels (up to CRC collisions).
+    pub fn identity(&self) -> u32 {
+        self.identity
     }
 
     /// The bytes of tile `(ty, tx)` of `level`, after checking its CRC.
@@ -461,6 +484,9 @@ pub struct Entry {
     pub labels: Vec<usize>,
     /// Path relative to the store folder.
     pub file: String,
+    /// The file's [`TiledImage::identity`] (none in manifests before
+    /// version 4, and for images not stored as tiles).
+    pub identity: Option<u32>,
 }
 
 /// A store's `manifest.tsv`.
@@ -488,15 +514,20 @@ impl Manifest {
         crate::files::write_atomic(&path, self.text().as_bytes())
     }
 
-    /// The manifest's text, CRC line first.
+    /// The manifest's text, CRC line first. Version 4, or 2 (readable by
+    /// builds before tasks and identities) for one task without identities.
     fn text(&self) -> String {
+        let version = if self.single_task() && self.entries.iter().all(|e| e.identity.is_none()) {
+            2
+        } else {
+            4
+        };
         let mut s = format!(
             "channels\t{}\nsize\t{}\t{}\n",
             self.channels, self.size.0, self.size.1
         );
-        let single = self.single_task();
         for t in &self.tasks {
-            if !single {
+            if version == 4 {
                 let kind = if t.multi_label { "multi" } else { "single" };
                 s += &format!("task\t{}\t{kind}\n", t.name);
             }
@@ -506,9 +537,14 @@ impl Manifest {
         }
         for e in &self.entries {
             let labels: Vec<String> = e.labels.iter().map(usize::to_string).collect();
-            s += &format!("image\t{}\t{}\t{}\n", e.split.name(), labels.join("\t"), e.file);
+            s += &format!("image\t{}\t{}\t{}", e.split.name(), labels.join("\t"), e.file);
+            if version == 4 {
+                s += &e
+                    .identity
+                    .map_or("\t-".to_string(), |c| format!("\tcrc32={c:08x}"));
+            }
+            s += "\n";
         }
-        let version = if single { 2 } else { 3 };
         format!(
             "{MANIFEST_MAGIC}\t{version}\tcrc32={:08x}\n{s}",
             crc32fast::hash(s.as_bytes())
@@ -529,7 +565,7 @@ impl Manifest {
         let (head, body) = text.split_once('\n').unwrap_or((&text, ""));
         let version = match head.split('\t').collect::<Vec<_>>().as_slice() {
             [MANIFEST_MAGIC, "1"] => 1,
-            [MANIFEST_MAGIC, v @ ("2" | "3"), crc] => {
+            [MANIFEST_MAGIC, v @ ("2" | "3" | "4"), crc] => {
                 let crc = crc
                     .strip_prefix("crc32=")
                     .and_then(|h| u32::from_str_radix(h, 16).ok());
@@ -538,15 +574,11 @@ impl Manifest {
                     "{}: checksum mismatch: the manifest is truncated or corrupt; write the store again",
                     path.display()
                 );
-                if *v == "2" {
-                    2
-                } else {
-                    3
-                }
+                v.parse::<u32>().expect("matched digits")
             }
             _ => bail!(
-                "{}: first line must be `{MANIFEST_MAGIC}<TAB>3<TAB>crc32=XXXXXXXX` (or version 2 or 1), \
-                 is `{}`; this build reads store manifests of versions 1 to 3",
+                "{}: first line must be `{MANIFEST_MAGIC}<TAB>4<TAB>crc32=XXXXXXXX` (or version 3, 2 or 1), \
+                 is `{}`; this build reads store manifests of versions 1 to 4",
                 path.display(),
                 head.replace('\t', "<TAB>")
             ),
@@ -564,7 +596,7 @@ impl Manifest {
             match f.as_slice() {
                 ["channels", c] => m.channels = num(c)?,
                 ["size", h, w] => m.size = (num(h)?, num(w)?),
-                ["task", name, kind @ ("single" | "multi")] if version == 3 => m.tasks.push(TaskSpec {
+                ["task", name, kind @ ("single" | "multi")] if version >= 3 => m.tasks.push(TaskSpec {
                     name: name.to_string(),
                     class_names: Vec::new(),
                     multi_label: *kind == "multi",
@@ -577,11 +609,29 @@ impl Manifest {
                     let task = m.tasks.last_mut().ok_or_else(bad)?;
                     task.class_names.push(name.to_string());
                 }
-                ["image", split, labels @ .., file] if !labels.is_empty() => m.entries.push(Entry {
-                    split: Split::parse(split).map_err(|_| bad())?,
-                    labels: labels.iter().map(|l| num(l)).collect::<Result<_>>()?,
-                    file: file.to_string(),
-                }),
+                ["image", split, rest @ ..] if rest.len() >= 2 + usize::from(version == 4) => {
+                    let (labels, file, identity) = match rest {
+                        [labels @ .., file, id] if version == 4 => {
+                            let id = match *id {
+                                "-" => None,
+                                id => Some(
+                                    id.strip_prefix("crc32=")
+                                        .and_then(|h| u32::from_str_radix(h, 16).ok())
+                                        .ok_or_else(bad)?,
+                                ),
+                            };
+                            (labels, file, id)
+                        }
+                        [labels @ .., file] => (labels, file, None),
+                        [] => return Err(bad()),
+                    };
+                    m.entries.push(Entry {
+                        split: Split::parse(split).map_err(|_| bad())?,
+                        labels: labels.iter().map(|l| num(l)).collect::<Result<_>>()?,
+                        file: file.to_string(),
+                        identity,
+                    })
+                }
                 [""] => {}
                 _ => return Err(bad()),
             }
@@ -625,7 +675,25 @@ impl Manifest {
                 t.num_classes()
             );
         }
+        let mut files = std::collections::HashSet::new();
         for e in &self.entries {
+            let inside = !e.file.is_empty()
+                && Path::new(&e.file)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            ensure!(
+                inside,
+                "{}: image `{}` is not a path inside the store (no `..`, no absolute path): the manifest \
+                 is not one saccade wrote; re-create the store with `saccade data import`",
+                path.display(),
+                e.file
+            );
+            ensure!(
+                files.insert(e.file.as_str()),
+                "{}: image `{}` is listed twice: the manifest is not one saccade wrote; re-create the store",
+                path.display(),
+                e.file
+            );
             ensure!(
                 e.labels.len() == self.tasks.len(),
                 "{}: image {} has {} labels but there are {} tasks",
@@ -700,6 +768,15 @@ impl StoreDataset {
     pub fn image(&self, i: usize) -> Result<TiledImage> {
         let e = &self.manifest.entries[self.items[i]];
         let img = TiledImage::open(&self.dir.join(&e.file))?;
+        if let Some(want) = e.identity.filter(|&w| w != img.identity()) {
+            bail!(
+                "{} is not the image the store's manifest lists there (its checksum is {:08x}, the \
+                 manifest's {want:08x}): files were swapped or replaced; re-create the store with \
+                 `saccade data import` or `saccade data generate`",
+                img.path().display(),
+                img.identity()
+            );
+        }
         ensure!(
             img.channels() == self.manifest.channels && img.size() == self.manifest.size,
             "{}: {}x{}x{} but the manifest says {}x{}x{}",
@@ -788,29 +865,14 @@ mod tests {
     /// file. Needs a 200 KB tmpfs, so root; skipped with the reason otherwise.
     #[test]
     fn a_full_disk_is_an_error_and_leaves_no_temporary_file() {
-        use std::process::Command;
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=200k", "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !mounted {
-            println!("skipped: cannot mount a small tmpfs here (needs root)");
+        let Some(disk) = crate::files::small_disk::SmallDisk::mount("200k") else {
             return;
-        }
-        struct Unmount(PathBuf);
-        impl Drop for Unmount {
-            fn drop(&mut self) {
-                let _ = Command::new("umount").arg(&self.0).output();
-            }
-        }
-        let _unmount = Unmount(dir.path().to_path_buf());
+        };
         // 1 MB of pixels (1.3 MB with the pyramid) for 200 KB of disk.
         let img = InMemoryImage::new(vec![0.5; 1024 * 1024], 1, 1024, 1024, 1).unwrap();
-        let e = write_tiled(&dir.path().join("big.tiles"), &img).unwrap_err();
+        let e = write_tiled(&disk.path().join("big.tiles"), &img).unwrap_err();
         assert!(format!("{e:#}").contains("disk full"), "{e:#}");
-        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        let left: Vec<_> = fs::read_dir(disk.path()).unwrap().collect();
         assert!(left.is_empty(), "left behind: {left:?}");
     }
 
@@ -836,7 +898,7 @@ mod tests {
         let path = dir.path().join("a.tiles");
         let bytes = write_tiled(&path, &src).unwrap();
         let img = TiledImage::open(&path).unwrap();
-        assert_eq!(bytes, fs::metadata(&path).unwrap().len());
+        assert_eq!(bytes.bytes, fs::metadata(&path).unwrap().len());
         assert_eq!(img.levels(), pyramid_sizes(601, 530, PYRAMID_MIN_SIDE).len());
         // Level 0 is the source, quantized to u8 (the source already is).
         assert_eq!(full(&img, 0), src.level_data(0));
@@ -1023,13 +1085,13 @@ mod tests {
             assert_eq!(got, m);
             assert_eq!(got.tasks[0].name, DEFAULT_TASK);
         }
-        // A single task of another name or a multi-label one needs version 3.
+        // A single task of another name or a multi-label one needs version 4.
         for (name, multi_label) in [("kind", false), (DEFAULT_TASK, true)] {
             m.tasks[0].name = name.into();
             m.tasks[0].multi_label = multi_label;
             m.write(dir.path()).unwrap();
             let text = fs::read_to_string(dir.path().join(MANIFEST)).unwrap();
-            assert!(text.starts_with("saccade-store\t3\t"), "{text}");
+            assert!(text.starts_with("saccade-store\t4\t"), "{text}");
             assert_eq!(Manifest::read(dir.path()).unwrap(), m);
         }
     }
@@ -1105,6 +1167,7 @@ mod tests {
                     split: [Split::Train, Split::Valid, Split::Test][i % 3],
                     labels: [i % 12, i % 32, i % 3][..tasks].to_vec(),
                     file: format!("images/{i:07}.tiles"),
+                    identity: None,
                 })
                 .collect(),
         }
@@ -1190,11 +1253,12 @@ mod tests {
         let mut entries = Vec::new();
         for (i, split) in [Split::Train, Split::Train, Split::Test].into_iter().enumerate() {
             let file = format!("images/{i}.tiles");
-            write_tiled(&dir.path().join(&file), &random_image(1, 64, 64, i as u64)).unwrap();
+            let written = write_tiled(&dir.path().join(&file), &random_image(1, 64, 64, i as u64)).unwrap();
             entries.push(Entry {
                 split,
                 labels: vec![i % 2],
                 file,
+                identity: Some(written.identity),
             });
         }
         let m = Manifest {
@@ -1213,6 +1277,41 @@ mod tests {
         let s = ds.get(1).unwrap();
         assert_eq!((s.label(), s.proxy.len()), (1, 64));
         assert_eq!(ds.class_names()[1], "dog house");
+
+        // Two files swapped: each is refused as not the image listed there
+        // (it was read silently: 87.5% instead of 100% in eval).
+        let (a, b) = (
+            dir.path().join("images/0.tiles"),
+            dir.path().join("images/1.tiles"),
+        );
+        let tmp = dir.path().join("images/swap");
+        fs::rename(&a, &tmp).unwrap();
+        fs::rename(&b, &a).unwrap();
+        fs::rename(&tmp, &b).unwrap();
+        for i in 0..2 {
+            let err = format!("{:#}", ds.get(i).err().expect("a swapped file is refused"));
+            assert!(
+                err.contains("swapped") && err.contains(&format!("images/{i}.tiles")),
+                "{err}"
+            );
+        }
+        // A manifest pointing outside the store or listing a file twice.
+        for file in [
+            "../0.tiles",
+            "/tmp/0.tiles",
+            "images/../../0.tiles",
+            "images/1.tiles",
+        ] {
+            let mut bad = m.clone();
+            bad.entries[0].file = file.into();
+            let e = bad.write(dir.path()).unwrap_err().to_string();
+            let want = if file == "images/1.tiles" {
+                "listed twice"
+            } else {
+                "inside the store"
+            };
+            assert!(e.contains(want), "{file}: {e}");
+        }
 
         fs::remove_file(dir.path().join("images/1.tiles")).unwrap();
         let err = format!("{:#}", ds.get(1).err().unwrap());
