@@ -129,6 +129,30 @@ pub fn check_writable(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Held while a run writes into its folder (an exclusive advisory lock on
+/// the folder itself, released when the process ends, however it ends).
+pub struct RunLock {
+    _folder: fs::File,
+}
+
+/// Lock `dir` for this run: a second `saccade train` onto the same folder
+/// is refused, where the two overwrote each other's files and one died on a
+/// rename, its epoch lost.
+pub fn lock(dir: &Path) -> Result<RunLock> {
+    let f =
+        fs::File::open(dir).with_context(|| format!("cannot open the output folder {}", dir.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(RunLock { _folder: f }),
+        Err(fs::TryLockError::WouldBlock) => bail!(
+            "another saccade is training into {} right now: wait for it to finish, or choose another --out",
+            dir.display()
+        ),
+        Err(fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock the output folder {}", dir.display()))
+        }
+    }
+}
+
 /// Remove the run in `dir` (for `--overwrite`).
 pub fn clear_run(dir: &Path) -> Result<()> {
     for f in [CHECKPOINT, METRICS, SACCADES] {

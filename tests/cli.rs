@@ -1069,3 +1069,28 @@ fn an_out_folder_with_other_files_is_refused_and_left_alone() {
     assert_eq!(fs::read(d.join("mine/saccades.png")).unwrap(), b"my picture");
     assert_eq!(fs::read_dir(d.join("mine")).unwrap().count(), 1);
 }
+
+/// A second `train` onto a folder a run is writing into is refused before
+/// any work (two at once overwrote each other's files; one died on a rename
+/// and lost its epoch). Here this test holds the run's lock itself.
+#[test]
+fn a_second_train_into_a_folder_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fs::create_dir(d.join("run")).unwrap();
+    let held = saccade::runs::lock(&d.join("run")).unwrap();
+    let args = ["train", "--device", "cpu", "--train-size", "8", "--out", "run"];
+    let o = saccade_in(d, &args);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("another saccade is training into"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(fs::read_dir(d.join("run")).unwrap().count(), 0);
+    drop(held);
+    assert!(
+        saccade::runs::lock(&d.join("run")).is_ok(),
+        "the lock goes with its holder"
+    );
+}

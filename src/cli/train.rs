@@ -301,7 +301,7 @@ fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) ->
     let spec = trainer.cfg.dataset.clone();
     let [train_set, valid_set, test_set] = open_splits(&trainer.cfg)?;
     // The last check, as it makes the folder.
-    let out = prepare_out(&a)?;
+    let (out, _lock) = prepare_out(&a)?;
     eprintln!(
         "training on {spec}: {} train / {} valid / {} test images of {:?}, {} classes; {} parameters; device {device}; writing to {}",
         train_set.len(),
@@ -473,12 +473,13 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// checkpoint's folder when it is that folder's checkpoint.safetensors; a
 /// folder holding another run is refused unless --overwrite; without --out
 /// a new folder under runs/.
-fn prepare_out(a: &TrainArgs) -> Result<PathBuf, Failure> {
+fn prepare_out(a: &TrainArgs) -> Result<(PathBuf, runs::RunLock), Failure> {
     let own = a.resume.as_deref().map(checkpoint_dir);
     let Some(out) = a.out.clone().or(own.clone()) else {
         let dir = new_run_dir().map_err(usage)?;
         runs::check_writable(&dir).map_err(usage)?;
-        return Ok(dir);
+        let lock = runs::lock(&dir).map_err(usage)?;
+        return Ok((dir, lock));
     };
     let continuing = a
         .resume
@@ -495,6 +496,7 @@ fn prepare_out(a: &TrainArgs) -> Result<PathBuf, Failure> {
         )));
     }
     runs::check_writable(&out).map_err(usage)?;
+    let lock = runs::lock(&out).map_err(usage)?;
     if !continuing && !runs::holds_run(&out) {
         let other = std::fs::read_dir(&out)
             .ok()
@@ -512,12 +514,12 @@ fn prepare_out(a: &TrainArgs) -> Result<PathBuf, Failure> {
         }
     }
     if continuing {
-        return Ok(own.unwrap_or(out));
+        return Ok((own.unwrap_or(out), lock));
     }
     if a.overwrite {
         runs::clear_run(&out)?;
     }
-    Ok(out)
+    Ok((out, lock))
 }
 
 /// A new folder runs/<UTC time> for a run given no --out, with runs/latest
