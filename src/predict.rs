@@ -9,7 +9,7 @@ use anyhow::{ensure, Result};
 use image::RgbImage;
 
 use crate::autograd::Graph;
-use crate::data::decode::{has_image_ext, open_image_file, IMAGE_EXTS};
+use crate::data::decode::{has_image_ext, open_image_file, IMAGE_EXTS, IMAGE_KINDS};
 use crate::data::proxy::{AreaProxy, ProxyMaker};
 use crate::data::store::{Manifest, TiledImage, MANIFEST};
 use crate::data::{Batch, Dataset, ImageSource, Split, TaskSpec, DEFAULT_TASK};
@@ -146,7 +146,7 @@ pub fn collect_inputs(
             out.push(Err((
                 arg.clone(),
                 anyhow::anyhow!(
-                    "no PNG, JPEG or TIFF files (.{}) or stores in this folder or below",
+                    "no {IMAGE_KINDS} files (.{}) or stores in this folder or below",
                     IMAGE_EXTS.join(", .")
                 ),
             )));

@@ -8,6 +8,7 @@ use clap::Args;
 use super::config::probe;
 use super::data::SplitArg;
 use super::{select_device, usage, DeviceArgs, Failure};
+use crate::data::decode::IMAGE_KINDS;
 use crate::data::{self, Split, SplitSizes};
 use crate::models::{ResNet18, SaccadeConfig, Saccader, TiledResNet18};
 use crate::predict::Input;
@@ -54,8 +55,8 @@ pub(super) struct PredictArgs {
     /// Checkpoint written by `saccade train` or `saccade export` (a saccade model).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Image files (PNG, JPEG or TIFF), folders (walked recursively for .png, .jpg,
-    /// .jpeg, .tif, .tiff files, in sorted order) or store folders (`saccade data
+    /// Image files (PNG, JPEG, TIFF, WebP or BMP), folders (walked recursively for .png,
+    /// .jpg, .jpeg, .tif, .tiff, .webp, .bmp files, in sorted order) or store folders (`saccade data
     /// generate|import`; their true classes are shown).
     #[arg(required = true, value_name = "INPUT")]
     images: Vec<PathBuf>,
@@ -427,7 +428,7 @@ pub(super) fn run_predict(a: PredictArgs) -> Result<(), Failure> {
     }
     if skipped > 0 {
         eprintln!(
-            "skipped {skipped} files in the folders given that are not PNG, JPEG or TIFF by their extension"
+            "skipped {skipped} files in the folders given that are not {IMAGE_KINDS} by their extension"
         );
     }
     let mut report = PredictReport::default();

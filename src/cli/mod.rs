@@ -92,7 +92,7 @@ every result is printed (with --json, such inputs are records with an \"error\" 
 Exit 2: refused before any work (a bad flag, a --viz that would replace a file).
 
 Memory: an image file is decoded whole, with the decoder's allocations capped at 2 GiB \
-(a 16384x16384 RGB PNG, JPEG or TIFF needs 0.8 GB); a file over the cap is an error for that \
+(a 16384x16384 RGB image needs 0.8 GB); a file over the cap is an error for that \
 file. Images over 16 M values are then read through a temporary tiled file in the system's \
 temporary folder, freed as soon as they are predicted; store images are read tile by tile, \
 whatever their size. --viz draws from a 192-pixel overview, so its memory does not grow \

@@ -30,7 +30,9 @@ use super::source::{ImageSource, InMemoryImage, PYRAMID_MIN_SIDE};
 use super::store::{write_tiled, TiledImage};
 
 /// File name extensions taken from folders (any case).
-pub const IMAGE_EXTS: [&str; 5] = ["png", "jpg", "jpeg", "tif", "tiff"];
+pub const IMAGE_EXTS: [&str; 7] = ["png", "jpg", "jpeg", "tif", "tiff", "webp", "bmp"];
+/// [`IMAGE_EXTS`] in words, for messages.
+pub const IMAGE_KINDS: &str = "PNG, JPEG, TIFF, WebP or BMP";
 
 /// Most bytes the decoder may allocate for one file: 2 GiB, enough for a
 /// 16384² RGB image at 16 bits per channel (1.6 GB) or about 26000² RGB /
@@ -74,7 +76,7 @@ pub fn decode_file(path: &Path) -> Result<DynamicImage> {
              make it smaller (or split it) before predicting",
             MAX_DECODE_BYTES >> 30
         ),
-        e => anyhow::anyhow!("cannot decode as PNG, JPEG or TIFF: {e}"),
+        e => anyhow::anyhow!("cannot decode as {IMAGE_KINDS}: {e}"),
     })
 }
 

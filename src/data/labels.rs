@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::decode::has_image_ext;
+use super::decode::{has_image_ext, IMAGE_KINDS};
 use super::{Split, TaskSpec, DEFAULT_TASK, MAX_MULTI_LABEL_CLASSES};
 
 /// The labels CSV format, for `--help` texts.
@@ -54,60 +54,104 @@ pub struct Listing {
     pub notes: Vec<String>,
 }
 
-/// The images of `folder`, one class per subfolder (sorted by name): one
-/// task named [`DEFAULT_TASK`].
+/// The entries of folder `d`, sorted by name, without hidden ones (`.git`,
+/// `.DS_Store`).
+fn visible_entries(d: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = fs::read_dir(d)
+        .with_context(|| format!("cannot read folder {}", d.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    v.retain(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+    });
+    v.sort();
+    Ok(v)
+}
+
+/// The image files under `dir`, in its subfolders too, sorted; other files
+/// go to `skipped`.
+fn images_under(dir: &Path, skipped: &mut Vec<PathBuf>) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for path in visible_entries(dir)? {
+        if path.is_dir() {
+            found.extend(images_under(&path, skipped)?);
+        } else if has_image_ext(&path) {
+            found.push(path);
+        } else {
+            skipped.push(path);
+        }
+    }
+    Ok(found)
+}
+
+/// The images of `folder`, one class per subfolder (sorted by name), found
+/// in the class folder's subfolders too (torchvision's `ImageFolder`): one
+/// task named [`DEFAULT_TASK`]. Hidden folders and files are left out;
+/// class folders without images and files of other kinds are left out with
+/// a note.
 pub fn from_folders(folder: &Path) -> Result<Listing> {
-    let read = |d: &Path| -> Result<Vec<PathBuf>> {
-        let mut v: Vec<PathBuf> = fs::read_dir(d)
-            .with_context(|| format!("cannot read folder {}", d.display()))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<std::io::Result<_>>()?;
-        v.sort();
-        Ok(v)
-    };
-    let classes: Vec<PathBuf> = read(folder)?.into_iter().filter(|p| p.is_dir()).collect();
+    let classes: Vec<PathBuf> = visible_entries(folder)?
+        .into_iter()
+        .filter(|p| p.is_dir())
+        .collect();
     ensure!(
         !classes.is_empty(),
         "{} has no subfolders: put each class's images in its own subfolder, or list them in a \
          labels CSV (--labels)",
         folder.display()
     );
+    let mut notes = Vec::new();
+    let mut names = Vec::new();
+    let mut images = Vec::new();
+    let mut skipped = Vec::new();
     for dir in &classes {
         // Class names are lines of the tab-separated manifest.
-        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        let name = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
         ensure!(
             !name.chars().any(char::is_control),
             "class folder {:?} has a tab, newline or other control character in its name: rename it",
             dir.display()
         );
-    }
-    let mut images = Vec::new();
-    for (label, dir) in classes.iter().enumerate() {
-        for path in read(dir)? {
-            if has_image_ext(&path) {
-                let rel = path.strip_prefix(folder).unwrap_or(&path);
-                images.push(Listed {
-                    rel: rel.to_string_lossy().to_string(),
-                    path,
-                    labels: vec![label],
-                    split: None,
-                });
-            }
+        let found = images_under(dir, &mut skipped)?;
+        if found.is_empty() {
+            notes.push(format!(
+                "class folder {} holds no images: not a class of this store",
+                dir.display()
+            ));
+            continue;
         }
+        let label = names.len();
+        names.push(name);
+        images.extend(found.into_iter().map(|path| {
+            Listed {
+                rel: path
+                    .strip_prefix(folder)
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .to_string(),
+                path,
+                labels: vec![label],
+                split: None,
+            }
+        }));
     }
     ensure!(
         !images.is_empty(),
-        "no PNG, JPEG or TIFF images under {}",
+        "no {IMAGE_KINDS} images under {}",
         folder.display()
     );
-    let names = classes
-        .iter()
-        .map(|d| d.file_name().unwrap().to_string_lossy().to_string())
-        .collect();
+    if let Some(first) = skipped.first() {
+        notes.push(format!(
+            "{} files that are not {IMAGE_KINDS} images left out, such as {}",
+            skipped.len(),
+            first.display()
+        ));
+    }
     Ok(Listing {
         tasks: vec![TaskSpec::single(DEFAULT_TASK, names)],
         images,
-        notes: Vec::new(),
+        notes,
     })
 }
 
@@ -520,5 +564,39 @@ mod tests {
             err.contains("cannot read labels file") && err.contains("nope.csv"),
             "{err}"
         );
+    }
+
+    /// Class folders as torchvision's `ImageFolder` reads them: images in
+    /// their subfolders count (they were dropped: 3 of 5 imported), hidden
+    /// folders are no class (`.git` was one), an empty folder is no class and
+    /// a file of another kind is left out, each with a note.
+    #[test]
+    fn class_folders_are_walked_and_what_is_left_out_is_said() {
+        let dir = folder(
+            &[
+                "cat/1.png",
+                "cat/deep/er/2.JPG",
+                "cat/.DS_Store",
+                "dog/3.webp",
+                "dog/readme.txt",
+                ".git/objects/4.png",
+                "empty/.keep",
+            ],
+            "",
+        );
+        let got = from_folders(dir.path()).unwrap();
+        assert_eq!(got.tasks[0].class_names, ["cat", "dog"]);
+        let listed: Vec<(&str, usize)> = got.images.iter().map(|l| (l.rel.as_str(), l.labels[0])).collect();
+        assert_eq!(
+            listed,
+            [("cat/1.png", 0), ("cat/deep/er/2.JPG", 0), ("dog/3.webp", 1)]
+        );
+        let notes = got.notes.join("\n");
+        assert!(notes.contains("empty holds no images"), "{notes}");
+        assert!(
+            notes.contains("1 files that are not") && notes.contains("readme.txt"),
+            "{notes}"
+        );
+        assert!(!notes.contains(".git"), "{notes}");
     }
 }
