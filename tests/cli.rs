@@ -1094,3 +1094,79 @@ fn a_second_train_into_a_folder_in_use_is_refused() {
         "the lock goes with its holder"
     );
 }
+
+/// Flags that conflict, or that the run has no use for, are refused before
+/// any work, naming them (probe item 10: each was resolved silently).
+#[test]
+fn flags_that_conflict_or_do_not_apply_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let gen = [
+        "data",
+        "generate",
+        "--dataset",
+        "cluttered-mnist-1",
+        "--train",
+        "4",
+        "--valid",
+        "2",
+        "--test",
+        "2",
+    ];
+    let o = saccade_in(d, &[&gen[..], &["--out", "S"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = saccade_in(d, &[&gen[..], &["--format", "png", "--out", "P"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/pretrained/cluttered-mnist/model.safetensors"
+    );
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &[
+                "train",
+                "--dataset",
+                "cluttered-mnist,proxy=16",
+                "--proxy-size",
+                "64",
+            ],
+            "proxy= is given twice",
+        ),
+        (&["train", "--dataset", "cluttered-mnist@"], "no size after `@`"),
+        (
+            &["train", "--dataset", "S", "--train-size", "2"],
+            "a store's splits",
+        ),
+        (
+            &["train", "--tile", "100"],
+            "--tile, --tile-chunk and --checkpointing apply",
+        ),
+        (
+            &["train", "--checkpointing"],
+            "--tile, --tile-chunk and --checkpointing apply",
+        ),
+        (
+            &["train", "--resnet-width", "8"],
+            "--resnet-width applies to the baselines",
+        ),
+        (
+            &["train", "--threads", "100000"],
+            "--threads 100000: this machine has",
+        ),
+        (
+            &["predict", "--checkpoint", model, "--split", "test", "P/test"],
+            "no input is a store",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut args = args.to_vec();
+        args.extend(["--device", "cpu"]);
+        if args[0] == "train" {
+            args.extend(["--out", "R"]);
+        }
+        let o = saccade_in(d, &args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+        assert!(!d.join("R").exists(), "{args:?}: a run folder was made");
+    }
+}

@@ -136,9 +136,15 @@ pub(super) fn probe(spec: &str) -> Result<Arc<dyn data::Dataset>> {
 pub(super) fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     let spec = dataset_spec(a, "cluttered-mnist");
     let probe = probe(&spec)?;
-    let many = matches!(
-        DatasetSpec::parse(&spec)?.source,
-        data::spec::Source::Megapixel(_)
+    let source = DatasetSpec::parse(&spec)?.source;
+    let many = matches!(source, data::spec::Source::Megapixel(_));
+    ensure!(
+        !matches!(source, data::spec::Source::Store(_))
+            || [a.train_size, a.valid_size, a.test_size]
+                .iter()
+                .all(Option::is_none),
+        "--train-size, --valid-size and --test-size size generated datasets; a store's splits are \
+         the images its manifest lists (`saccade data inspect {spec}` shows them): leave them out"
     );
     let preset = a
         .preset
@@ -152,8 +158,24 @@ pub(super) fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         cfg.model = init_model(&cfg.model, init)?;
     }
     apply_flags(a, &mut cfg);
+    check_model_flags(a, &cfg)?;
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// Refuse a baseline's flags for a model that has no use for them (they
+/// were ignored silently).
+fn check_model_flags(a: &TrainArgs, cfg: &TrainConfig) -> Result<()> {
+    let tiled = matches!(cfg.baseline, Some(Baseline::TiledResNet18(_)));
+    ensure!(
+        tiled || (a.tile.is_none() && a.tile_chunk.is_none() && !a.checkpointing),
+        "--tile, --tile-chunk and --checkpointing apply to --model tiled-resnet18 only"
+    );
+    ensure!(
+        cfg.baseline.is_some() || a.resnet_width.is_none(),
+        "--resnet-width applies to the baselines (--model resnet18 or tiled-resnet18) only"
+    );
+    Ok(())
 }
 
 /// The model of `init`'s checkpoint on the data `data` describes: its

@@ -407,6 +407,12 @@ pub(super) fn run_predict(a: PredictArgs) -> Result<(), Failure> {
         SplitArg::Test => Split::Test,
     });
     let (mut inputs, skipped) = crate::predict::collect_inputs(&a.images, split, t.model.cfg.channels);
+    if split.is_some() && inputs.iter().all(|r| matches!(r, Ok(i) if !i.tiled)) {
+        return Err(usage(anyhow::anyhow!(
+            "--split picks the images of stores, and no input is a store (image files and folders of \
+             them are predicted whole): leave out --split"
+        )));
+    }
     // A store's true class the model does not know can be neither right nor
     // wrong: say so, and show no verdict (it printed "0 of 2 right").
     let mut unknown: Vec<String> = Vec::new();

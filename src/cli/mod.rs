@@ -232,6 +232,10 @@ fn run_kernels(command: KernelsCommand) -> Result<(), Failure> {
 /// the process should exit (see [`Failure`]).
 pub fn run(cli: Cli) -> ExitCode {
     if let Some(n) = cli.command.threads() {
+        if let Err(e) = check_threads(n) {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
         // Only fails when a pool already exists, which is harmless.
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     }
@@ -249,6 +253,19 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::from(f.code)
         }
     }
+}
+
+/// Refuse a `--threads` that can only slow the run down: 1000 threads on 2
+/// cores trained at 1 sample/s.
+fn check_threads(n: usize) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    anyhow::ensure!(
+        (1..=4 * cores).contains(&n),
+        "--threads {n}: this machine has {cores} cores; give 1 to {} (more threads than cores only \
+         wait for one another), or leave it out to use every core",
+        4 * cores
+    );
+    Ok(())
 }
 
 fn dispatch(command: Command) -> Result<(), Failure> {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use super::cluttered::{mnist_split, Mode, SceneConfig, SceneDataset, Task, BASE_SIDE};
 use super::megapixel::{self, MegapixelDataset};
@@ -99,10 +99,18 @@ impl DatasetSpec {
         let mut parts = spec.split(',');
         let head = parts.next().unwrap_or_default().trim();
         let (mut proxy, mut noise, mut digit) = (None, 0.0f32, None);
+        let mut seen = Vec::new();
         for kv in parts {
             let Some((k, v)) = kv.split_once('=') else {
                 bail!("dataset spec `{spec}`: `{kv}` is not KEY=VALUE\n\n{SPEC_HELP}");
             };
+            ensure!(
+                !seen.contains(&k.trim()),
+                "dataset spec `{spec}`: {}= is given twice (--proxy-size adds proxy=, --proxy-noise \
+                 adds noise=): give each once",
+                k.trim()
+            );
+            seen.push(k.trim());
             let bad = || anyhow::anyhow!("dataset spec `{spec}`: bad value in `{kv}`\n\n{SPEC_HELP}");
             match k.trim() {
                 "proxy" => {
@@ -131,6 +139,10 @@ impl DatasetSpec {
             }
         }
         let (name, rest) = head.split_once('@').unwrap_or((head, ""));
+        ensure!(
+            !head.contains('@') || !rest.split(':').next().unwrap_or_default().is_empty(),
+            "dataset spec `{spec}`: no size after `@`: give one (`{name}@2528`) or leave out the `@`"
+        );
         let parse_size = |text: &str, default: usize| -> Result<usize> {
             if text.is_empty() {
                 Ok(default)
@@ -282,6 +294,13 @@ mod tests {
             ("megapixel-mnist@2000:native", "takes no MODE"),
             ("megapixel-mnist,digit=64", "digits are 28 px"),
             ("megapixel-mnist@huge", "not a number"),
+            ("cluttered-mnist@", "no size after `@`"),
+            ("cluttered-mnist@:native", "no size after `@`"),
+            (
+                "cluttered-mnist,proxy=16,proxy=64",
+                "proxy= is given twice (--proxy-size adds",
+            ),
+            ("cluttered-mnist,noise=0.1,noise=0.2", "noise= is given twice"),
         ] {
             let err = DatasetSpec::parse(bad).err().unwrap().to_string();
             assert!(err.contains(needle), "{bad}: {err}");
