@@ -198,6 +198,84 @@ pub fn prepare<M: Model>(
     Ok((trainer, batch))
 }
 
+/// Bytes training with `cfg` holds at its peak, estimated on the CPU from
+/// steps of 4 and 8 images of `data` on fresh models (parameters, optimizer
+/// state and the batch included), extrapolated linearly (the growth per
+/// image falls with the batch: 2.0 MiB from 8 to 32 images of the small
+/// preset, 1.4 from 32 to 64, but 0.5 from 1 to 2), plus the loader's
+/// batches ahead. `None` for batches of 8 or fewer, which the first step
+/// measures well enough, and for datasets smaller than 8 images.
+pub fn step_memory<M: Model>(cfg: &TrainConfig, data: &Arc<dyn Dataset>) -> Result<Option<StepMemory>> {
+    const SMALL: usize = 4;
+    const LARGE: usize = 8;
+    if cfg.batch_size <= LARGE || data.len() < LARGE {
+        return Ok(None);
+    }
+    let peak = |b: usize| -> Result<usize> {
+        let dev = Device::cpu();
+        let mut c = cfg.clone();
+        c.batch_size = b;
+        let (mut trainer, batch) = prepare::<M>(c, data, &dev)?;
+        dev.reset_peak();
+        trainer.step(&batch)?;
+        Ok(dev.memory().peak_bytes)
+    };
+    // The loader's host copies: `workers × (prefetch + 1)` batches ahead and
+    // one in the making, each image whole where it is resident, and its proxy.
+    let l = LoaderConfig::default();
+    let (c, (h, w), (ph, pw)) = (data.channels(), data.image_size(), data.proxy_shape());
+    let resident = if h * w <= l.max_resident_pixels { h * w } else { 0 };
+    let host = 4 * c * (resident + ph * pw) * (l.workers * (l.prefetch + 1) + 1);
+    let (small, large) = (peak(SMALL)?, peak(LARGE)?);
+    let per_image = large.saturating_sub(small) / (LARGE - SMALL) + host;
+    let base = large.saturating_sub(per_image.saturating_sub(host) * LARGE);
+    Ok(Some(StepMemory {
+        base,
+        per_image,
+        need: base + per_image * cfg.batch_size,
+    }))
+}
+
+/// What [`step_memory`] found.
+#[derive(Clone, Copy, Debug)]
+pub struct StepMemory {
+    /// What does not grow with the batch (parameters, optimizer state).
+    pub base: usize,
+    /// Each image of the batch.
+    pub per_image: usize,
+    /// The whole batch.
+    pub need: usize,
+}
+
+impl StepMemory {
+    /// Refuse a batch that needs more than 90% of `available` bytes (the
+    /// process holds more than tensors), naming both and the largest batch
+    /// that fits.
+    pub fn check(&self, batch_size: usize, available: usize) -> Result<()> {
+        let room = available / 10 * 9;
+        let fits = room.saturating_sub(self.base) / self.per_image.max(1);
+        ensure!(
+            self.need <= room,
+            "--batch-size {batch_size}: training needs about {} ({:.1} MiB per image: a step's tensors, \
+             measured at 4 and 8 images, and the loader's batches ahead), more than this machine's {} of \
+             available memory allows: use --batch-size {fits} or less",
+            gib(self.need),
+            self.per_image as f64 / (1 << 20) as f64,
+            gib(available)
+        );
+        Ok(())
+    }
+}
+
+/// The memory the system can give this process now (`MemAvailable` of
+/// /proc/meminfo); `None` where it cannot say.
+pub fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -258,6 +336,20 @@ pub fn measure<M: Model>(
 pub fn compare(cfg: &BenchConfig, size: usize, fresh: &dyn Fn() -> Result<Device>) -> Result<Comparison> {
     let data = dataset(size, (cfg.steps + 1) * cfg.batch_size)?;
     let (sc, bc) = configs(cfg, data.as_ref());
+    if let Some(available) = available_memory() {
+        // A batch of 100 000 grew to 23.7 GB before the kernel killed it.
+        let eight = dataset(size, 8)?;
+        let needs = [
+            step_memory::<Saccader>(&sc, &eight)?,
+            match bc.baseline {
+                Some(Baseline::TiledResNet18(_)) => step_memory::<TiledResNet18>(&bc, &eight)?,
+                _ => step_memory::<ResNet18>(&bc, &eight)?,
+            },
+        ];
+        for m in needs.into_iter().flatten() {
+            m.check(cfg.batch_size, available)?;
+        }
+    }
     let (n, e) = (cfg.steps, cfg.epoch_images);
     let dev = fresh()?;
     let saccade = measure::<Saccader>("saccade", sc, &data, n, e, &dev)?;

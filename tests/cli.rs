@@ -1170,3 +1170,33 @@ fn flags_that_conflict_or_do_not_apply_are_refused_before_any_work() {
         assert!(!d.join("R").exists(), "{args:?}: a run folder was made");
     }
 }
+
+/// A batch whose training would not fit in this machine's memory is refused
+/// before any work, saying what it needs, what there is and what fits
+/// (probe item 22: a batch of 4096 of the paper preset asked for one 8 GiB
+/// allocation; `bench --batch-size 100000` grew until the kernel killed it).
+/// The paper preset needs about 14 MiB per image: 56 GiB at 4096.
+#[test]
+fn a_batch_beyond_the_machines_memory_is_refused_before_any_work() {
+    let available = saccade::bench::available_memory();
+    if available.is_none_or(|a| a > 40 << 30) {
+        println!("skipped: this machine has over 40 GiB available (or does not say): a batch of 4096 fits");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["train", "--preset", "paper", "--batch-size", "4096", "--out", "R"][..],
+        &["bench", "--step", "--preset", "paper", "--batch-size", "4096"][..],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--device", "cpu"]);
+        let o = saccade_in(dir.path(), &args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("--batch-size 4096: training needs about") && err.contains("use --batch-size"),
+            "{args:?}: {err}"
+        );
+        assert!(!dir.path().join("R").exists());
+    }
+}

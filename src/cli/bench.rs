@@ -110,6 +110,12 @@ pub(super) fn run_bench(a: BenchArgs) -> Result<(), Failure> {
             }
         };
         cfg.batch_size = batch_size;
+        if let Some(available) = crate::bench::available_memory() {
+            let eight = crate::bench::dataset_of(&cfg.dataset, 8)?;
+            if let Some(m) = crate::bench::step_memory::<crate::models::Saccader>(&cfg, &eight)? {
+                m.check(batch_size, available).map_err(usage)?;
+            }
+        }
         let data = crate::bench::dataset_of(&cfg.dataset, batch_size)?;
         if a.profile {
             print!("{}", crate::bench::profile(cfg, &data, a.steps)?);

@@ -300,6 +300,13 @@ fn train_model<M: Model>(a: TrainArgs, cfg: TrainConfig, picture: Picture<M>) ->
     }
     let spec = trainer.cfg.dataset.clone();
     let [train_set, valid_set, test_set] = open_splits(&trainer.cfg)?;
+    // On the CPU, the batch's memory against what the machine has (a batch
+    // of 4096 of the paper preset asked for one 8 GiB allocation).
+    if let (Device::Cpu(_), Some(available)) = (&device, crate::bench::available_memory()) {
+        if let Some(m) = crate::bench::step_memory::<M>(&trainer.cfg, &train_set)? {
+            m.check(trainer.cfg.batch_size, available).map_err(usage)?;
+        }
+    }
     // The last check, as it makes the folder.
     let (out, _lock) = prepare_out(&a)?;
     eprintln!(
