@@ -56,7 +56,7 @@ pub(super) struct TrainArgs {
     #[arg(long)]
     pub(super) batch_size: Option<usize>,
     /// Adam learning rate.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub(super) lr: Option<f32>,
     /// Learning-rate schedule over the run.
     #[arg(long, value_enum)]
@@ -77,11 +77,11 @@ pub(super) struct TrainArgs {
     #[arg(long)]
     pub(super) crop: Option<usize>,
     /// Largest glimpse as a fraction of the image side.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub(super) max_scale: Option<f32>,
     /// Smallest glimpse as a fraction of the image side (0.2 for the small preset, 0.1 for
     /// paper). Small glimpses are read from a finer pyramid level: they cost the same.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub(super) min_scale: Option<f32>,
     /// Where attention puts a glimpse: mean (the attention-weighted mean of all proxy cells; one
     /// object per image) or peak (the best unattended cell, refined over its neighbours; many
@@ -104,7 +104,7 @@ pub(super) struct TrainArgs {
     #[arg(long)]
     pub(super) task_pools: bool,
     /// Weight of the VRNN terms (proxy NLL + KL) against the classification loss.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub(super) beta: Option<f32>,
     /// Multiply the classification loss by the VRNN terms (the authors' code) instead of adding them (the paper).
     #[arg(long)]
@@ -139,17 +139,17 @@ pub(super) struct TrainArgs {
     #[arg(long)]
     pub(super) classifier_width: Option<usize>,
     /// Fix the posterior variance to this value instead of learning it (paper ablation, e.g. 0.6).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub(super) fixed_variance: Option<f32>,
     /// Proxy side in pixels (default 32; same as `,proxy=J` in the dataset spec).
     #[arg(long)]
     pub(super) proxy_size: Option<usize>,
     /// Standard deviation of Gaussian noise added to the proxy, robustness ablation
     /// (same as `,noise=S` in the dataset spec).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub(super) proxy_noise: Option<f32>,
     /// Clip gradient values to [-c, c] (0: off).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub(super) clip_value: Option<f32>,
     /// Seed of the data, the initialization and the training noise [default: 1].
     #[arg(long)]
