@@ -13,6 +13,9 @@ use anyhow::{bail, Context, Result};
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
 pub const METRICS: &str = "metrics.jsonl";
 pub const SACCADES: &str = "saccades.png";
+/// The metrics again, as CSV, and the run's whole configuration.
+pub const METRICS_CSV: &str = "metrics.csv";
+pub const CONFIG: &str = "config.json";
 
 /// Whether `dir` holds a run: a checkpoint or metrics file.
 pub fn holds_run(dir: &Path) -> bool {
@@ -117,7 +120,7 @@ pub fn check_writable(dir: &Path) -> Result<()> {
         )
     })?;
     fs::remove_file(&probe).with_context(|| format!("cannot remove {}", probe.display()))?;
-    for f in [CHECKPOINT, METRICS, SACCADES] {
+    for f in [CHECKPOINT, METRICS, SACCADES, METRICS_CSV, CONFIG] {
         let p = dir.join(f);
         if p.is_dir() {
             bail!(
@@ -155,7 +158,7 @@ pub fn lock(dir: &Path) -> Result<RunLock> {
 
 /// Remove the run in `dir` (for `--overwrite`).
 pub fn clear_run(dir: &Path) -> Result<()> {
-    for f in [CHECKPOINT, METRICS, SACCADES] {
+    for f in [CHECKPOINT, METRICS, SACCADES, METRICS_CSV, CONFIG] {
         let p = dir.join(f);
         match fs::remove_file(&p) {
             Err(e) if e.kind() != ErrorKind::NotFound => {

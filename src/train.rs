@@ -177,6 +177,10 @@ pub struct EpochMetrics {
     pub samples: usize,
     pub samples_per_second: f64,
     pub peak_bytes: usize,
+    /// The learning rate of the epoch's last step.
+    pub lr: f64,
+    /// When the epoch's training ended, seconds since 1970 (UTC).
+    pub unix_seconds: u64,
     /// The figures count the epoch's steps from this one on: it was resumed
     /// from a checkpoint written before checkpoints kept an epoch's sums.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -394,7 +398,7 @@ impl EpochSums {
     }
 
     /// The epoch's metrics, validation not yet filled in.
-    fn metrics(&self, epoch: usize, peak_bytes: usize) -> EpochMetrics {
+    fn metrics(&self, epoch: usize, peak_bytes: usize, lr: f32) -> EpochMetrics {
         let (n, seconds) = (self.steps.max(1) as f64, self.seconds);
         EpochMetrics {
             epoch,
@@ -408,6 +412,10 @@ impl EpochSums {
             samples: self.seen,
             samples_per_second: self.seen as f64 / seconds,
             peak_bytes,
+            lr: lr as f64,
+            unix_seconds: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             from_step: self.from_step,
         }
     }
@@ -673,6 +681,12 @@ impl<M: Model> Trainer<M> {
         self.save(&ck)?;
         let lines: String = self.history.iter().map(|m| format!("{m}\n")).collect();
         crate::files::write_atomic(&out.join(runs::METRICS), lines.as_bytes())?;
+        crate::files::write_atomic(
+            &out.join(runs::METRICS_CSV),
+            metrics_csv(&self.history).as_bytes(),
+        )?;
+        let config = serde_json::to_string_pretty(&self.cfg)? + "\n";
+        crate::files::write_atomic(&out.join(runs::CONFIG), config.as_bytes())?;
         Ok(ck)
     }
 
@@ -766,7 +780,7 @@ impl<M: Model> Trainer<M> {
             let epoch = self.progress.epoch;
             self.device.reset_peak();
             let (sums, end) = self.run_epoch(train, show_progress, stop, &ck_path)?;
-            let mut m = sums.metrics(epoch + 1, self.device.memory().peak_bytes);
+            let mut m = sums.metrics(epoch + 1, self.device.memory().peak_bytes, self.adam.config.lr);
             match end {
                 EpochEnd::Interrupted => {
                     report.last_checkpoint = Some(self.save_run(out)?);
@@ -948,6 +962,31 @@ impl<M: Model> Trainer<M> {
 /// Epochs 1..=`epochs` of an existing metrics.jsonl, the last line of each
 /// (for checkpoints written before they held their history). Stops at the
 /// first epoch missing: the history must list epochs in order.
+/// The metrics lines as CSV: a header of every key any line has (older
+/// lines lack the newer keys: empty cells).
+fn metrics_csv(history: &[serde_json::Value]) -> String {
+    let mut keys: Vec<&String> = Vec::new();
+    for m in history.iter().filter_map(|m| m.as_object()) {
+        for k in m.keys() {
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+    }
+    let mut csv = keys.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(",") + "\n";
+    for m in history {
+        let cells: Vec<String> = keys
+            .iter()
+            .map(|k| match &m[k.as_str()] {
+                serde_json::Value::Null => String::new(),
+                v => v.to_string(),
+            })
+            .collect();
+        csv += &(cells.join(",") + "\n");
+    }
+    csv
+}
+
 fn history_from(path: &Path, epochs: usize) -> Vec<serde_json::Value> {
     let text = fs::read_to_string(path).unwrap_or_default();
     let mut by_epoch = vec![None; epochs];

@@ -1200,3 +1200,31 @@ fn a_batch_beyond_the_machines_memory_is_refused_before_any_work() {
         assert!(!dir.path().join("R").exists());
     }
 }
+
+/// Every run folder holds the whole configuration (`config.json`, as timm's
+/// `args.yaml`) and its metrics as CSV too, each line with the learning rate
+/// and a timestamp.
+#[test]
+fn a_run_writes_its_configuration_and_metrics_as_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = train(dir.path(), &["--epochs", "2", "--lr", "0.002", "--out", "R"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = dir.path().join("R");
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(r.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["lr"].as_f64(), Some(0.002));
+    assert_eq!(config["epochs"], 2);
+    let csv = fs::read_to_string(r.join("metrics.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    let header: Vec<&str> = lines[0].split(',').collect();
+    for key in ["epoch", "lr", "unix_seconds", "train_loss", "valid_accuracy"] {
+        assert!(header.contains(&key), "{key} not in {header:?}");
+    }
+    let lr = header.iter().position(|k| *k == "lr").unwrap();
+    for line in &lines[1..] {
+        let rate: f64 = line.split(',').nth(lr).unwrap().parse().unwrap();
+        assert!(rate > 0.0 && rate <= 0.002 + 1e-9, "{line}");
+    }
+    assert_eq!(metric_epochs(&r.join("metrics.jsonl")), [1, 2]);
+}
