@@ -191,9 +191,17 @@ impl EpochMetrics {
     /// The line printed after the epoch.
     pub fn summary(&self) -> String {
         format!(
-            "epoch {}: loss {:.3}, train acc {:.1}%, valid acc {:.1}%{}, {:.0}s, {:.0} samples/s",
+            "epoch {}: loss {:.3}{}, train acc {:.1}%, valid acc {:.1}%{}, {:.0}s, {:.0} samples/s",
             self.epoch,
             self.train_loss,
+            // What the loss is made of, where it is more than the classification's.
+            Some(self.train_loss - self.train_ce)
+                .filter(|rest| rest.abs() > 5e-4)
+                .map(|rest| format!(
+                    " (classification {:.3} + glimpse and proxy terms {rest:.3})",
+                    self.train_ce
+                ))
+                .unwrap_or_default(),
             100.0 * self.train_accuracy,
             100.0 * self.valid_accuracy,
             self.valid_coverage
