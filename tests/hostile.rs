@@ -147,7 +147,7 @@ fn the_hostile_probe_finds_no_panic_hang_silent_wrong_or_loss() {
         (
             vec!["predict", "--checkpoint", model, "empty.jpg"],
             1,
-            "empty.jpg",
+            "empty.jpg: the file is empty (0 bytes)",
         ),
         (
             vec!["data", "import", "--folder", "flat", "--out", "I"],

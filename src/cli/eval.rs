@@ -219,7 +219,7 @@ pub(super) fn check_compatible(m: &SaccadeConfig, d: &dyn data::Dataset) -> Resu
         || d.proxy_shape() != (m.channels, m.proxy_size)
     {
         bail!(
-            "the model has {} channels, {} classes and {}x{} proxies but {} has {} channels, {} classes and {:?} proxies",
+            "the model has {} channels, {} classes and {}x{} proxies but {} has {} channels, {} classes and {}x{} proxies",
             m.channels,
             m.num_classes,
             m.proxy_size,
@@ -227,7 +227,8 @@ pub(super) fn check_compatible(m: &SaccadeConfig, d: &dyn data::Dataset) -> Resu
             d.describe(),
             d.channels(),
             d.num_classes(),
-            d.proxy_shape()
+            d.proxy_shape().1,
+            d.proxy_shape().1
         );
     }
     Ok(())

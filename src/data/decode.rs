@@ -56,6 +56,10 @@ pub fn has_image_ext(path: &Path) -> bool {
 /// the path: the caller names the file.
 pub fn decode_file(path: &Path) -> Result<DynamicImage> {
     crate::files::ensure_regular(path)?;
+    ensure!(
+        fs::metadata(path).context("cannot read")?.len() > 0,
+        "the file is empty (0 bytes): not an image"
+    );
     let mut reader = ImageReader::open(path)
         .context("cannot open")?
         .with_guessed_format()
