@@ -113,7 +113,7 @@ fn folders_are_walked_recursively_in_sorted_order() {
     // A folder with no image is a failure named on stderr, not silence.
     let o = predict(d, &["empty", "in/b.png"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o.stderr).contains("error: empty: no PNG, JPEG or TIFF"));
+    assert!(text(&o.stderr).contains("error: empty: no PNG, JPEG, TIFF, WebP or BMP"));
     assert_eq!(predicted(&o).len(), 1);
 }
 

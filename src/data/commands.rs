@@ -1060,7 +1060,7 @@ mod tests {
             ]
         );
         let manifest = fs::read_to_string(store.join("manifest.tsv")).unwrap();
-        assert!(manifest.starts_with("saccade-store\t3\t"), "{manifest}");
+        assert!(manifest.starts_with("saccade-store\t4\t"), "{manifest}");
 
         // A bad row: the error names it, and nothing is written.
         fs::write(
