@@ -131,6 +131,21 @@ fn the_hostile_probe_finds_no_panic_hang_silent_wrong_or_loss() {
         (vec!["train", "--dataset", "cluttered-mnist@"], 2, "no size"),
         (vec!["train", "--dataset", "S", "--train-size", "2"], 2, "store"),
         (vec!["train", "--tile", "64"], 2, "--tile"),
+        (
+            vec!["train", "--checkpointing"],
+            2,
+            "apply to --model tiled-resnet18 only",
+        ),
+        (
+            vec!["train", "--resnet-width", "8"],
+            2,
+            "applies to the baselines",
+        ),
+        (
+            vec!["train", "--threads", "100000"],
+            2,
+            "--threads 100000: this machine has",
+        ),
         (vec!["train", "--resume", model], 2, "weights only"),
         (
             vec!["predict", "--checkpoint", model, "--split", "test", "P/test"],
