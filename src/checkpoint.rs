@@ -234,9 +234,8 @@ impl Checkpoint {
                 (p.name.clone(), p.value.shape().to_vec())
             };
             match self.tensors.get(&format!("param/{name}")) {
-                Some((shape, _)) if *shape == want => {
-                    let t = self.tensor(&format!("param/{name}"), dev)?.expect("present");
-                    params.set(id, t)?;
+                Some((shape, data)) if *shape == want => {
+                    params.set(id, Tensor::from_vec(data.clone(), shape, dev)?)?;
                     r.loaded.push(name);
                 }
                 Some((shape, _)) => r
