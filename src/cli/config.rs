@@ -263,7 +263,7 @@ fn apply_flags(a: &TrainArgs, cfg: &mut TrainConfig) {
     m.glimpse_position |= a.glimpse_position;
     m.ink_prior |= a.ink_prior;
     m.fixed_query |= a.fixed_query;
-    m.task_pools |= a.task_pools;
+    m.task_pools = (m.task_pools || a.task_pools) && !a.no_task_pools;
     m.beta = a.beta.unwrap_or(m.beta);
     m.policy_warmup = a.policy_warmup.unwrap_or(m.policy_warmup);
     m.policy_gradient &= !a.no_policy_gradient;
@@ -456,7 +456,7 @@ fn flag_of(field: &str) -> &'static str {
         "glimpse_position" => "--glimpse-position",
         "ink_prior" => "--ink-prior",
         "fixed_query" => "--fixed-query",
-        "task_pools" => "--task-pools",
+        "task_pools" => "--task-pools/--no-task-pools",
         "beta" => "--beta",
         "multiplicative" => "--multiplicative",
         "fixed_variance" => "--fixed-variance",

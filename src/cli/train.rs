@@ -100,9 +100,13 @@ pub(super) struct TrainArgs {
     #[arg(long)]
     pub(super) fixed_query: bool,
     /// Each task weighs the glimpses by its own attention, which may favour glimpses by their
-    /// place (the highest digit); needs --glimpse-pool attention or relevance.
-    #[arg(long)]
+    /// place (the highest digit); needs --glimpse-pool attention or relevance [default: on for
+    /// the many-objects preset].
+    #[arg(long, conflicts_with = "no_task_pools")]
     pub(super) task_pools: bool,
+    /// One pooling for every task (ablation of the many-objects preset's --task-pools).
+    #[arg(long)]
+    pub(super) no_task_pools: bool,
     /// Weight of the VRNN terms (proxy NLL + KL) against the classification loss.
     #[arg(long, allow_negative_numbers = true)]
     pub(super) beta: Option<f32>,
