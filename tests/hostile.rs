@@ -109,11 +109,6 @@ fn the_hostile_probe_finds_no_panic_hang_silent_wrong_or_loss() {
         (vec!["train", "--minutes", "1e300"], 2, "--minutes"),
         (vec!["train", "--proxy-noise", "inf"], 2, "--proxy-noise"),
         (vec!["train", "--batch-size", "0"], 2, "--batch-size"),
-        (
-            vec!["train", "--preset", "paper", "--batch-size", "4096"],
-            2,
-            "--batch-size",
-        ),
         (vec!["train", "--threads", "0"], 2, "--threads"),
         (vec!["train", "--lr", "-0.1"], 2, "--lr"),
         // Conflicting or idle flags.
@@ -171,6 +166,17 @@ fn the_hostile_probe_finds_no_panic_hang_silent_wrong_or_loss() {
         ),
         (vec!["data", "inspect", "S", "--out", "mine.png"], 2, "mine.png"),
     ];
+    // The paper preset at batch 4096 needs about 56 GiB: refused where
+    // there is less (a larger machine would start training it).
+    if saccade::bench::available_memory().is_some_and(|a| a < 40 << 30) {
+        cases.push((
+            vec!["train", "--preset", "paper", "--batch-size", "4096"],
+            2,
+            "--batch-size",
+        ));
+    } else {
+        println!("skipped the memory case: over 40 GiB available here (or unknown)");
+    }
     if fifo {
         cases.push((
             vec!["predict", "--checkpoint", model, "fifo.png"],
