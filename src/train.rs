@@ -107,6 +107,16 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// How the run's splits are opened: its seed and split sizes.
+    pub fn data_config(&self) -> crate::data::DataConfig {
+        let [train, valid, test] = self.sizes;
+        crate::data::DataConfig {
+            seed: self.seed,
+            sizes: crate::data::SplitSizes { train, valid, test },
+            mnist_dir: None,
+        }
+    }
+
     /// Refuse a configuration that cannot train or run, naming the field
     /// and its `saccade train` flag.
     pub fn validate(&self) -> Result<()> {

@@ -176,13 +176,7 @@ fn fit_policy_warmup(cfg: &mut TrainConfig) -> Result<()> {
     if cfg.baseline.is_some() || !m.policy_gradient || m.policy_warmup == 0 {
         return Ok(());
     }
-    let [train, valid, test] = cfg.sizes;
-    let data_cfg = data::DataConfig {
-        seed: cfg.seed,
-        sizes: SplitSizes { train, valid, test },
-        mnist_dir: None,
-    };
-    let images = cfg.epochs * data::open_dataset(&cfg.dataset, Split::Train, &data_cfg)?.len();
+    let images = cfg.epochs * data::open_dataset(&cfg.dataset, Split::Train, &cfg.data_config())?.len();
     if m.policy_warmup > images / 4 {
         eprintln!(
             "note: the preset's policy warmup ({} images) is longer than a quarter of this run's {images} \

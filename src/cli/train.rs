@@ -11,7 +11,7 @@ use clap::Args;
 use super::config::{resume_config, train_config, ModelChoice, Preset};
 use super::eval::{check_compatible, coverage_line};
 use super::{handle_ctrlc, interrupted, select_device, usage, DeviceArgs, Failure, AFTER_TRAINING, STOP};
-use crate::data::{self, Split, SplitSizes};
+use crate::data::{self, Split};
 use crate::models::{Focus, GlimpsePool, ResNet18, Saccader, TiledResNet18};
 use crate::runs;
 use crate::train::{Baseline, Coverage, LrSchedule, Model, TrainConfig, Trainer};
@@ -410,12 +410,7 @@ fn after_training(ck: &Path, test: usize) -> Result<(), Failure> {
 /// The run's train, valid and test splits, checked against its model and
 /// refused when one is empty.
 fn open_splits(cfg: &TrainConfig) -> Result<[Arc<dyn data::Dataset>; 3], Failure> {
-    let [train, valid, test] = cfg.sizes;
-    let data_cfg = data::DataConfig {
-        seed: cfg.seed,
-        sizes: SplitSizes { train, valid, test },
-        mnist_dir: None,
-    };
+    let data_cfg = cfg.data_config();
     let spec = &cfg.dataset;
     let train_set = data::open_dataset(spec, Split::Train, &data_cfg)?;
     let valid_set = data::open_dataset(spec, Split::Valid, &data_cfg)?;
