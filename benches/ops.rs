@@ -55,9 +55,43 @@ struct ConvCase {
     pad: usize,
 }
 
-const CONV_CASES: [ConvCase; 5] = [
-    // The crop classifier's strided convs at the default model's shapes
-    // (4 glimpses x batch 32, 24x24 crops): channels-last columns on the CPU.
+const CONV_CASES: [ConvCase; 9] = [
+    // Every conv of the default model's step: the VRNN's encoder over the
+    // batch of 32 proxies of 32x32, then the crop classifier over 4 glimpses
+    // x batch 32 crops of 24x24 (from 16 input channels the CPU lays the
+    // columns out channels-last).
+    ConvCase {
+        name: "encoder3x3s2_n32_1to16_32x32",
+        x: [32, 1, 32, 32],
+        out: 16,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    },
+    ConvCase {
+        name: "encoder3x3s2_n32_16to32_16x16",
+        x: [32, 16, 16, 16],
+        out: 32,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    },
+    ConvCase {
+        name: "encoder3x3_n32_32to32_8x8",
+        x: [32, 32, 8, 8],
+        out: 32,
+        k: 3,
+        stride: 1,
+        pad: 1,
+    },
+    ConvCase {
+        name: "classifier3x3_n128_1to16_24x24",
+        x: [128, 1, 24, 24],
+        out: 16,
+        k: 3,
+        stride: 1,
+        pad: 1,
+    },
     ConvCase {
         name: "classifier3x3s2_n128_16to32_24x24",
         x: [128, 16, 24, 24],

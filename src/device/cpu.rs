@@ -153,17 +153,6 @@ impl<'a> Mat<'a> {
 /// `c (m x n) = a (m x k) * b (k x n) + (accumulate ? c : 0)`, row-major.
 /// Threads with rayon above a size where it pays.
 pub fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
-    gemm_into(m, n, k, a, b, c, false, accumulate);
-}
-
-/// [`sgemm`] with `c` stored transposed, as `n x m` row-major: the product
-/// lands in the layout its consumer wants without a transpose pass.
-pub fn sgemm_ct(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
-    gemm_into(m, n, k, a, b, c, true, accumulate);
-}
-
-#[allow(clippy::too_many_arguments)]
-fn gemm_into(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], c_trans: bool, accumulate: bool) {
     assert!(a.data.len() >= m * k && b.data.len() >= k * n && c.len() >= m * n);
     if m == 0 || n == 0 {
         return;
@@ -177,7 +166,6 @@ fn gemm_into(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], c_tran
     // gemm takes (column stride, row stride) per operand.
     let (a_cs, a_rs) = if a.trans { (m as isize, 1) } else { (1, k as isize) };
     let (b_cs, b_rs) = if b.trans { (k as isize, 1) } else { (1, n as isize) };
-    let (c_cs, c_rs) = if c_trans { (m as isize, 1) } else { (1, n as isize) };
     let flops = 2 * m * n * k;
     let par = if flops >= 1 << 18 && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(0)
@@ -192,8 +180,8 @@ fn gemm_into(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], c_tran
             n,
             k,
             c.as_mut_ptr(),
-            c_cs,
-            c_rs,
+            1,
+            n as isize,
             accumulate,
             a.data.as_ptr(),
             a_cs,

@@ -26,7 +26,7 @@ use rayon::prelude::*;
 
 use super::for_chunks;
 use crate::autograd::{Graph, Var};
-use crate::device::cpu::{sgemm, sgemm_ct, Mat};
+use crate::device::cpu::{sgemm, Mat};
 use crate::device::CpuDevice;
 use crate::tensor::{fmt_shape, Storage, Tensor};
 
@@ -321,6 +321,16 @@ fn from_rows(src: &[f32], rows: usize, hw: usize, dst: &mut [f32]) {
     });
 }
 
+/// `[g*hw, rows] -> [g, rows, hw]`: a group's product with one row per
+/// output pixel as the output grids.
+fn from_pixel_rows(src: &[f32], rows: usize, hw: usize, dst: &mut [f32]) {
+    for (q, d) in dst.chunks_exact_mut(hw).enumerate() {
+        let (gi, r) = (q / rows, q % rows);
+        let pixels = src[gi * hw * rows..][..hw * rows].chunks_exact(rows);
+        d.iter_mut().zip(pixels).for_each(|(v, p)| *v = p[r]);
+    }
+}
+
 /// `buf` as `len` floats to be overwritten entirely, from `dev`'s pool
 /// unless it has that length already.
 fn sized<'a>(dev: &CpuDevice, buf: &'a mut Vec<f32>, len: usize) -> &'a mut [f32] {
@@ -447,16 +457,18 @@ fn apply_cpu(
                 }
                 None => group_cols(dev, g, x, &mut s.cols, &mut s.hwc),
             };
-            // Channels-last columns are the left operand: `y^T = cols · W^T`.
-            let product = |out: &mut [f32]| match g.channels_last() {
-                true => sgemm_ct(m, o, ck, Mat::n(cols), Mat::t(w), out, false),
-                false => sgemm(o, m, ck, Mat::n(w), Mat::n(cols), out, false),
-            };
-            if m == hw {
-                product(y);
+            let rows = sized(dev, &mut s.rows, y.len());
+            if g.channels_last() {
+                // Channels-last columns are the left operand: `y^T = cols · W^T`,
+                // written row-major and transposed after: gemm stores a
+                // transposed `[o, m]` result 1.15-1.5x slower at these shapes
+                // (o = 32-64, m = 225-1536, k = 144-576; AVX2 EPYC).
+                sgemm(m, o, ck, Mat::n(cols), Mat::t(w), rows, false);
+                from_pixel_rows(rows, o, hw, y);
+            } else if m == hw {
+                sgemm(o, m, ck, Mat::n(w), Mat::n(cols), y, false);
             } else {
-                let rows = sized(dev, &mut s.rows, y.len());
-                product(rows);
+                sgemm(o, m, ck, Mat::n(w), Mat::n(cols), rows, false);
                 from_rows(rows, o, hw, y);
             }
         },

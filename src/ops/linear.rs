@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use crate::autograd::{Graph, Var};
 use crate::device::cpu::{sgemm, Mat};
+use crate::device::CpuDevice;
 use crate::tensor::{fmt_shape, Storage, Tensor};
 
 /// Batched product of `[batch, m, k]` views; `a_batched`/`b_batched` false
@@ -14,6 +15,7 @@ use crate::tensor::{fmt_shape, Storage, Tensor};
 /// stored `[k, m]` / `[n, k]`.
 #[allow(clippy::too_many_arguments)]
 fn bmm_cpu(
+    dev: &CpuDevice,
     batch: usize,
     (m, n, k): (usize, usize, usize),
     a: &[f32],
@@ -23,7 +25,7 @@ fn bmm_cpu(
     tb: bool,
     b_batched: bool,
 ) -> Vec<f32> {
-    let mut out = vec![0.0; batch * m * n];
+    let mut out = dev.buffer(batch * m * n);
     let one = |i: usize, c: &mut [f32]| {
         let ai = if a_batched {
             &a[i * m * k..(i + 1) * m * k]
@@ -59,9 +61,15 @@ fn bmm_cpu(
 /// Sum of `batch` products `a_i^T b_i` (or `a_i b_i^T`) into one matrix: the
 /// gradient of a matrix shared across the batch. Stacking the batch into the
 /// reduction dimension turns it into one GEMM.
-fn shared_grad_cpu(rows_total: usize, (m, n): (usize, usize), a: &[f32], b: &[f32]) -> Vec<f32> {
+fn shared_grad_cpu(
+    dev: &CpuDevice,
+    rows_total: usize,
+    (m, n): (usize, usize),
+    a: &[f32],
+    b: &[f32],
+) -> Vec<f32> {
     // a: [rows_total, m], b: [rows_total, n] -> a^T b : [m, n]
-    let mut out = vec![0.0; m * n];
+    let mut out = dev.buffer(m * n);
     sgemm(m, n, rows_total, Mat::t(a), Mat::n(b), &mut out, false);
     out
 }
@@ -93,7 +101,17 @@ pub fn matmul_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     *shape.last_mut().unwrap() = n;
     match a.storage() {
         Storage::Cpu(_) => {
-            let data = bmm_cpu(batch, (m, n, k), a.cpu()?, false, true, b.cpu()?, false, !shared);
+            let data = bmm_cpu(
+                a.host(),
+                batch,
+                (m, n, k),
+                a.cpu()?,
+                false,
+                true,
+                b.cpu()?,
+                false,
+                !shared,
+            );
             Tensor::from_vec(data, &shape, &a.device())
         }
         Storage::Cuda(xa) => {
@@ -121,12 +139,12 @@ pub fn matmul_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Te
         Storage::Cpu(_) => {
             let (av, bv, gv) = (a.cpu()?, b.cpu()?, g.cpu()?);
             // da = g b^T : [m, n] x [n, k]
-            let da = bmm_cpu(batch, (m, k, n), gv, false, true, bv, true, !shared);
+            let da = bmm_cpu(a.host(), batch, (m, k, n), gv, false, true, bv, true, !shared);
             // db = a^T g : [k, m] x [m, n]
             let db = if shared {
-                shared_grad_cpu(batch * m, (k, n), av, gv)
+                shared_grad_cpu(a.host(), batch * m, (k, n), av, gv)
             } else {
-                bmm_cpu(batch, (k, n, m), av, true, true, gv, false, true)
+                bmm_cpu(a.host(), batch, (k, n, m), av, true, true, gv, false, true)
             };
             Ok((a.same_shape(da)?, b.same_shape(db)?))
         }
@@ -226,7 +244,7 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Te
             let (xv, wv, gv) = (x.cpu()?, w.cpu()?, g.cpu()?);
             let mut dx = x.host().zeros(nb * fin);
             sgemm(nb, fin, fout, Mat::n(gv), Mat::n(wv), &mut dx, false);
-            let dw = shared_grad_cpu(nb, (fout, fin), gv, xv);
+            let dw = shared_grad_cpu(x.host(), nb, (fout, fin), gv, xv);
             let mut db = vec![0.0f32; fout];
             for r in gv.chunks(fout) {
                 db.iter_mut().zip(r).for_each(|(d, v)| *d += v);

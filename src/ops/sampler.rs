@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::autograd::{Graph, Var};
 use crate::device::cuda::CudaStorage;
-use crate::device::Device;
+use crate::device::{CpuDevice, Device};
 use crate::tensor::{fmt_shape, Storage, Tensor};
 
 /// An image read a rectangle at a time at pyramid levels, so that large
@@ -99,15 +99,15 @@ pub fn affine_grid_forward(theta: &Tensor, out_h: usize, out_w: usize) -> Result
     match theta.storage() {
         Storage::Cuda(ts) => cuda::affine_grid(ts, n, out_h, out_w),
         Storage::Cpu(_) => {
-            let out = affine_grid_cpu(theta.cpu()?, out_h, out_w);
+            let out = affine_grid_cpu(theta.host(), theta.cpu()?, out_h, out_w);
             Tensor::from_vec(out, &[n, out_h, out_w, 2], &theta.device())
         }
     }
 }
 
 /// The host loop of [`affine_grid_forward`] over thetas `t` (6 values each).
-fn affine_grid_cpu(t: &[f32], out_h: usize, out_w: usize) -> Vec<f32> {
-    let mut out = vec![0.0; t.len() / 6 * out_h * out_w * 2];
+fn affine_grid_cpu(dev: &CpuDevice, t: &[f32], out_h: usize, out_w: usize) -> Vec<f32> {
+    let mut out = dev.buffer(t.len() / 6 * out_h * out_w * 2);
     out.par_chunks_mut(out_h * out_w * 2)
         .zip(t.par_chunks(6))
         .for_each(|(o, t)| {
@@ -566,7 +566,9 @@ pub fn localized_crop_forward(
         // every tap.
         let host_grid = match grid.storage() {
             Storage::Cpu(_) => Cow::Borrowed(grid.cpu()?),
-            Storage::Cuda(_) => Cow::Owned(affine_grid_cpu(&theta.to_vec()?, out_h, out_w)),
+            Storage::Cuda(_) => {
+                Cow::Owned(affine_grid_cpu(&CpuDevice::new(), &theta.to_vec()?, out_h, out_w))
+            }
         };
         ensure!(
             host_grid.iter().all(|v| v.is_finite()),
