@@ -166,8 +166,12 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumu
     // gemm takes (column stride, row stride) per operand.
     let (a_cs, a_rs) = if a.trans { (m as isize, 1) } else { (1, k as isize) };
     let (b_cs, b_rs) = if b.trans { (k as isize, 1) } else { (1, n as isize) };
+    // Threads from 4 MFLOP (about 70 us on one AVX2 core): below it, waking
+    // the other threads costs more than they save. At 256 kFLOP the default
+    // step's 32-row VRNN products were threaded, and the step took 1.10x as
+    // long (6 alternated rounds, 2-core AVX2 EPYC; 1 MFLOP: 1.12x).
     let flops = 2 * m * n * k;
-    let par = if flops >= 1 << 18 && rayon::current_num_threads() > 1 {
+    let par = if flops >= 1 << 22 && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
