@@ -14,6 +14,7 @@ use image::{Rgb, RgbImage};
 
 use crate::data::font::draw_text;
 use crate::data::ImageSource;
+use crate::models::saccader::glimpse_box;
 
 /// Glimpse colours, one per step (cycled).
 const COLORS: [[u8; 3]; 6] = [
@@ -182,10 +183,9 @@ fn draw_row(canvas: &mut RgbImage, row: &SaccadeRow, y0: u32) -> Result<()> {
     let (c, h, w, data) = panel_image(row.source)?;
     blit(canvas, (GAP, y0), PANEL, (c, h, w), &data);
     for (t, g) in row.glimpses.iter().enumerate() {
-        let [s, tx, ty] = *g;
-        let to_px = |v: f32, o: u32| o as f32 + (v + 1.0) / 2.0 * PANEL as f32;
-        let (x0, x1) = (to_px(tx - s, GAP), to_px(tx + s, GAP));
-        let (ya, yb) = (to_px(ty - s, y0), to_px(ty + s, y0));
+        let [x0, ya, x1, yb] = glimpse_box(*g, PANEL as f32, PANEL as f32);
+        let (x0, x1) = (x0 + GAP as f32, x1 + GAP as f32);
+        let (ya, yb) = (ya + y0 as f32, yb + y0 as f32);
         let color = COLORS[t % COLORS.len()];
         rect(
             canvas,

@@ -181,6 +181,24 @@ fn a_store_input_shows_true_classes_and_its_accuracy() {
     assert!(p
         .iter()
         .all(|r| r["truth"].is_string() && r["correct"].is_boolean()));
+    // Each glimpse's box in the image's pixels (100x100 here): a square
+    // whose centre lies on the image.
+    for r in p {
+        let boxes = r["glimpses"].as_array().unwrap();
+        assert!(!boxes.is_empty(), "{r}");
+        for b in boxes {
+            let v: Vec<f64> = b
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            let [x0, y0, x1, y1] = v[..] else { panic!("{b}") };
+            assert!(x1 > x0 && ((x1 - x0) - (y1 - y0)).abs() < 1e-3, "{b}");
+            let (cx, cy) = ((x0 + x1) / 2.0, (y0 + y1) / 2.0);
+            assert!((0.0..=100.0).contains(&cx) && (0.0..=100.0).contains(&cy), "{b}");
+        }
+    }
 }
 
 /// The verdict bar under the image panel (x 6..198, y 200..206 of a row).

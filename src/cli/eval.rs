@@ -10,6 +10,7 @@ use super::data::SplitArg;
 use super::{select_device, usage, DeviceArgs, Failure};
 use crate::data::decode::IMAGE_KINDS;
 use crate::data::{self, Split, SplitSizes};
+use crate::models::saccader::glimpse_box;
 use crate::models::{ResNet18, SaccadeConfig, Saccader, TiledResNet18};
 use crate::predict::Input;
 use crate::train::{checkpoint_config, Baseline, Coverage, Model, TrainConfig, Trainer};
@@ -74,7 +75,8 @@ pub(super) struct PredictArgs {
     top: usize,
     #[command(flatten)]
     pub(super) device: DeviceArgs,
-    /// Print one JSON object instead of text: a record per input, with "top" or "error".
+    /// Print one JSON object instead of text: a record per input, with "top" and
+    /// "glimpses" (each glimpse's box as [x0, y0, x1, y1] in the image's pixels), or "error".
     #[arg(long)]
     json: bool,
 }
@@ -468,7 +470,13 @@ pub(super) fn run_predict(a: PredictArgs) -> Result<(), Failure> {
                 (task.name.clone(), ans.describe(task))
             })
             .collect();
-        let verdict = report.add(input, &top, &best, &others, a.json);
+        let (h, w) = p.source.level_size(0);
+        let boxes: Vec<[f32; 4]> = p
+            .glimpses
+            .iter()
+            .map(|&g| glimpse_box(g, w as f32, h as f32))
+            .collect();
+        let verdict = report.add(input, (&top, &best), &others, &boxes, a.json);
         if let Some(v) = viz.as_mut() {
             let caption = vec![
                 input.path.display().to_string(),
@@ -505,9 +513,9 @@ impl PredictReport {
     fn add(
         &mut self,
         input: &Input,
-        top: &[(String, f32)],
-        best: &str,
+        (top, best): (&[(String, f32)], &str),
         others: &[(String, String)],
+        glimpses: &[[f32; 4]],
         json: bool,
     ) -> Option<bool> {
         let verdict = input.truth.as_ref().map(|truth| truth == best);
@@ -528,7 +536,7 @@ impl PredictReport {
             let rest: String = others.iter().map(|(_, text)| format!("; {text}")).collect();
             println!("{}: {}{truth}{rest}", input.path.display(), s.join(", "));
         }
-        let mut row = serde_json::json!({"image": input.path, "top": top});
+        let mut row = serde_json::json!({"image": input.path, "top": top, "glimpses": glimpses});
         for (name, text) in others {
             row[name] = serde_json::json!(text);
         }

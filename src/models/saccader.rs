@@ -449,9 +449,22 @@ pub struct Forward {
     pub crops: Var,
 }
 
+/// The box a glimpse `[s, tx, ty]` reads, `[x0, y0, x1, y1]` on an image of
+/// `width x height` pixels (normalized coordinates run from -1 at the left
+/// edge to 1 at the right; the box may reach past the border).
+pub fn glimpse_box([s, tx, ty]: [f32; 3], width: f32, height: f32) -> [f32; 4] {
+    let at = |v: f32, side: f32| (v + 1.0) / 2.0 * side;
+    [
+        at(tx - s, width),
+        at(ty - s, height),
+        at(tx + s, width),
+        at(ty + s, height),
+    ]
+}
+
 impl Forward {
     /// Per sample, per glimpse `[s, tx, ty]`: half-side and centre in
-    /// normalized image coordinates.
+    /// normalized image coordinates (see [`glimpse_box`]).
     pub fn glimpses(&self, g: &Graph) -> Result<Vec<Vec<[f32; 3]>>> {
         let b = g.shape(self.logits[0])[0];
         let mut out = vec![Vec::with_capacity(self.thetas.len()); b];
