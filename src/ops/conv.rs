@@ -457,17 +457,18 @@ fn apply_cpu(
                 }
                 None => group_cols(dev, g, x, &mut s.cols, &mut s.hwc),
             };
-            let rows = sized(dev, &mut s.rows, y.len());
             if g.channels_last() {
                 // Channels-last columns are the left operand: `y^T = cols · W^T`,
                 // written row-major and transposed after: gemm stores a
                 // transposed `[o, m]` result 1.15-1.5x slower at these shapes
                 // (o = 32-64, m = 225-1536, k = 144-576; AVX2 EPYC).
+                let rows = sized(dev, &mut s.rows, y.len());
                 sgemm(m, o, ck, Mat::n(cols), Mat::t(w), rows, false);
                 from_pixel_rows(rows, o, hw, y);
             } else if m == hw {
                 sgemm(o, m, ck, Mat::n(w), Mat::n(cols), y, false);
             } else {
+                let rows = sized(dev, &mut s.rows, y.len());
                 sgemm(o, m, ck, Mat::n(w), Mat::n(cols), rows, false);
                 from_rows(rows, o, hw, y);
             }
